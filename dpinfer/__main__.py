@@ -1,0 +1,3 @@
+from dpinfer.cli import main
+
+main()

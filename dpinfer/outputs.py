@@ -1,0 +1,43 @@
+"""What the client SDK hands back: ``GenerationResult`` and ``StreamDelta``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final result of one request."""
+
+    request_id: int
+    """The client-side request id."""
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    """``stop``, ``length``, ``abort`` or ``error``."""
+    error: str | None = None
+    """What went wrong when ``finish_reason`` is ``error`` (or why it was aborted)."""
+    rank: int = -1
+    """The engine rank that served it (-1 if none did)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from the rank's prefix cache."""
+    latency_s: float = 0.0
+    """Seconds from submission to the final reply, measured by the client."""
+
+    @property
+    def ok(self) -> bool:
+        return self.finish_reason in ("stop", "length")
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One piece of a streamed request. Concatenating every ``text`` gives the final text."""
+
+    request_id: int
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    result: GenerationResult | None = None
+    """Set on the last delta (``finished=True``)."""

@@ -1,0 +1,118 @@
+"""The wire protocol: round trips, validation, and garbage that must raise ProtocolError only."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from dpinfer import protocol as p
+from dpinfer.errors import InvalidRequestError, ProtocolError
+from dpinfer.sampling import SamplingParams
+
+SAMPLES: list[p.Message] = [
+    p.ClientHello(p.PROTOCOL_VERSION, "test"),
+    p.Submit((p.SubmitEntry(1, p.NO_RANK, False), p.SubmitEntry(2, 3, True)), (b"a", b"b")),
+    p.Abort((1, 2, 3)),
+    p.Control(7, p.Signal.PAUSE.value, {"drain": True}),
+    p.StatusQuery(1),
+    p.ClientBye(),
+    p.HelloAck(1, "running", 2),
+    p.Outputs((p.OutputEntry(1, True, 0),), (b"x",)),
+    p.ControlReply(7, "pause", True, "paused", (p.RankAck(0, True, "paused", ""),), ""),
+    p.StatusReply(1, (b"{}",)),
+    p.Error("bad", "what", 4),
+    p.Notice("shutdown", "bye"),
+    p.Register(1, 0, 123, "host", "cpu", "tiny-llama", 2048, 4096),
+    p.Heartbeat(1, 2, 3, 4, "running"),
+    p.EngineOutputs((p.EngineOutputEntry(5, False, 1),), (b"y",)),
+    p.ControlAck(7, "pause", True, "paused", ""),
+    p.Deregister("stopped"),
+    p.RegisterAck(0, "running", 0.5),
+    p.Requests((p.RequestEntry(5, True),), (b"z",)),
+    p.EngineAbort((5,)),
+    p.EngineControl(7, "stop", {}),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: p.Message) -> None:
+    assert p.decode(p.encode(msg)) == msg
+
+
+def test_every_kind_has_a_sample() -> None:
+    assert {m.KIND for m in SAMPLES} == set(p.Kind)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b""],
+        [b"\xc1"],
+        [msgpack.packb([])],
+        [msgpack.packb(["x"])],
+        [msgpack.packb([999])],
+        [msgpack.packb([int(p.Kind.CLIENT_HELLO), "1", "x"])],
+        [msgpack.packb([int(p.Kind.CLIENT_HELLO), 1])],
+        [msgpack.packb([int(p.Kind.SUBMIT), [[1, -1, False]]])],  # entry without body
+        [msgpack.packb([int(p.Kind.SUBMIT), [[1, -1]]]), b"x"],  # short entry
+        [msgpack.packb([int(p.Kind.ABORT), [1]]), b"extra"],
+        [msgpack.packb([int(p.Kind.CONTROL), 1, "pause", {1: 2}])],
+        [msgpack.packb({"kind": 1})],
+    ],
+)
+def test_invalid_frames_raise_protocol_error(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        p.decode(frames)
+
+
+def test_random_garbage_only_ever_raises_protocol_error() -> None:
+    rng = random.Random(0)
+    for _ in range(3000):
+        frames = [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.5:
+            kind = rng.choice(list(p.Kind))
+            fields = [rng.choice([0, -1, "s", b"b", 1.5, None, [], {}, [[1, 2, 3]]]) for _ in range(4)]
+            frames[0] = msgpack.packb([int(kind), *fields[: rng.randint(0, 4)]])
+        try:
+            p.decode(frames)
+        except ProtocolError:
+            pass
+
+
+def test_state_machine() -> None:
+    S, G = p.EngineState, p.Signal
+    assert p.next_state(S.RUNNING, G.PAUSE) is S.PAUSED
+    assert p.next_state(S.PAUSED, G.SUSPEND) is S.SUSPENDED
+    assert p.next_state(S.SUSPENDED, G.RESUME) is S.PAUSED
+    assert p.next_state(S.PAUSED, G.UNPAUSE) is S.RUNNING
+    with pytest.raises(ProtocolError, match="while running"):
+        p.next_state(S.RUNNING, G.RESUME)
+    with pytest.raises(ProtocolError, match="while running"):
+        p.next_state(S.RUNNING, G.SUSPEND)
+
+
+def test_output_body_round_trip() -> None:
+    body = p.OutputBody(text="hi", token_ids=(1, 2), finish_reason="stop", prompt_tokens=3)
+    assert p.OutputBody.from_bytes(body.to_bytes()) == body
+    with pytest.raises(ProtocolError):
+        p.OutputBody.from_bytes(msgpack.packb({"nope": 1}))
+
+
+def test_sampling_params_validation() -> None:
+    assert SamplingParams.from_dict(SamplingParams(top_k=3, stop="x").to_dict()).stop == ("x",)
+    for bad in (
+        {"max_new_tokens": 0},
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_new_tokens": "3"},
+        {"bogus": 1},
+        {"stop": [""]},
+        {"temperature": float("nan")},
+    ):
+        with pytest.raises(InvalidRequestError):
+            SamplingParams.from_dict(bad)
