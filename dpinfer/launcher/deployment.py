@@ -1,0 +1,195 @@
+"""One single-node deployment: a coordinator process plus ``torchrun`` for the ranks.
+
+``Deployment.start()`` launches both and returns once every rank has registered;
+``Deployment.stop()`` drains (or aborts) the ranks through the coordinator, waits for torchrun
+to exit, shuts the coordinator down and removes any shared memory the deployment left. Used by
+``dpinfer serve``, ``dpinfer demo``, ``dpinfer bench serve`` and the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpinfer.config import ConfigError, CoordinatorConfig, new_deployment_id
+from dpinfer.errors import DpinferError
+from dpinfer.log import get_logger
+
+logger = get_logger(__name__)
+
+ProgressFn = Callable[[str, dict[str, Any] | None], None]
+
+
+class DeploymentError(DpinferError):
+    """The deployment could not start (a rank failed, or not every rank became ready in time)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``dpinfer serve`` starts. ``engine_args`` are passed to every rank unchanged."""
+
+    dp: int = 1
+    """Number of data-parallel ranks on this node."""
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    engine_args: tuple[str, ...] = ()
+    """Engine options (see ``dpinfer.launcher.options``) as command-line arguments."""
+    max_restarts: int = 0
+    """How often a dead rank is restarted; the other ranks keep serving either way."""
+    threads_per_rank: int = 0
+    """torch threads per rank on CPU (0: cores / dp)."""
+    deployment_id: str = field(default_factory=new_deployment_id)
+    ready_timeout_s: float = 600.0
+    stop_deadline_s: float = 10.0
+    """How long ranks may drain in-flight requests on stop before they are aborted."""
+    log_path: str | None = None
+    """Where torchrun's output goes (default: inherit this process's stdout/stderr)."""
+
+    def __post_init__(self) -> None:
+        if self.dp < 1:
+            raise ConfigError(f"--dp must be >= 1, got {self.dp}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+
+
+class Deployment:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.address = ""
+        self._coordinator: Any = None
+        self._torchrun: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, progress: ProgressFn | None = None) -> str:
+        progress = progress or (lambda _msg, _status: None)
+        from dpinfer.coordinator.process import start_coordinator
+
+        try:
+            progress("starting the coordinator", None)
+            self._coordinator = start_coordinator(self.config.coordinator)
+            self.address = self._coordinator.address
+            progress(f"coordinator listening on {self.address}; launching {self.config.dp} rank(s)", None)
+            self._torchrun = self._launch_torchrun()
+            self._wait_ready(progress)
+        except BaseException:
+            self.stop(drain=False)
+            raise
+        return self.address
+
+    def torchrun_command(self) -> list[str]:
+        cfg = self.config
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--standalone", f"--nproc_per_node={cfg.dp}", "--max-restarts=0",
+            "--module", "dpinfer.launcher.worker",
+            "--coordinator", self.address,
+            "--deployment-id", cfg.deployment_id,
+            "--max-restarts", str(cfg.max_restarts),
+            "--threads-per-rank", str(cfg.threads_per_rank),
+            *cfg.engine_args,
+        ]  # fmt: skip
+
+    def _launch_torchrun(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        out: Any = None
+        if self.config.log_path:
+            self._log_file = open(self.config.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            out = self._log_file
+        # Its own session: a Ctrl-C in the terminal reaches `serve`, which stops the ranks in order.
+        return subprocess.Popen(
+            self.torchrun_command(), env=env, stdout=out, stderr=out, start_new_session=True
+        )
+
+    def _wait_ready(self, progress: ProgressFn) -> None:
+        from dpinfer.client.sync_client import InferenceClient
+
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        last_seen = -1
+        with InferenceClient(self.address, timeout_s=10.0) as client:
+            while True:
+                status = client.status()
+                alive = [r for r in status.get("ranks", []) if r.get("alive")]
+                if len(alive) != last_seen:
+                    last_seen = len(alive)
+                    progress(f"{len(alive)}/{self.config.dp} rank(s) ready", status)
+                if len(alive) >= self.config.dp:
+                    return
+                assert self._torchrun is not None
+                if self._torchrun.poll() is not None:
+                    raise DeploymentError(
+                        f"torchrun exited with code {self._torchrun.returncode} before every rank was ready"
+                        + (f"; see {self.config.log_path}" if self.config.log_path else "")
+                    )
+                if time.monotonic() > deadline:
+                    raise DeploymentError(
+                        f"only {len(alive)} of {self.config.dp} rank(s) ready after "
+                        f"{self.config.ready_timeout_s:.0f} s"
+                    )
+                # Ranks take seconds to load a model; a short status poll is cheap and bounded.
+                time.sleep(0.2)
+
+    # ------------------------------------------------------------------ stop
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop the ranks (drain or abort, every request gets a reply), torchrun and the coordinator."""
+        if self._coordinator is not None and self._torchrun is not None and self._torchrun.poll() is None:
+            self._stop_ranks(drain)
+        if self._torchrun is not None:
+            self._wait_torchrun(self.config.stop_deadline_s + 30.0)
+        if self._coordinator is not None:
+            self._coordinator.stop()
+            self._coordinator = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self._cleanup_shared_memory()
+
+    def _stop_ranks(self, drain: bool) -> None:
+        from dpinfer.client.sync_client import InferenceClient
+
+        try:
+            with InferenceClient(self.address, timeout_s=self.config.stop_deadline_s + 20.0) as client:
+                client.stop_engines(drain=drain, deadline_s=self.config.stop_deadline_s)
+        except DpinferError as e:
+            logger.warning("stopping the ranks through the coordinator failed (%s); terminating torchrun", e)
+
+    def _wait_torchrun(self, timeout_s: float) -> None:
+        proc = self._torchrun
+        assert proc is not None
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("torchrun did not exit within %.0f s; sending SIGTERM", timeout_s)
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15.0)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self._torchrun = None
+
+    def _cleanup_shared_memory(self) -> None:
+        try:
+            from dpinfer.transport.shm import cleanup_stale_segments
+        except ImportError:
+            return
+        cleanup_stale_segments(self.config.deployment_id)
+
+    @property
+    def torchrun_pid(self) -> int | None:
+        return self._torchrun.pid if self._torchrun else None
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
