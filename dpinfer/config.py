@@ -112,6 +112,7 @@ class TransportMode(enum.StrEnum):
 
     ZMQ = "zmq"
     SHM = "shm"
+    TENSOR_QUEUE = "tensor_queue"
 
 
 class TensorTransportMode(enum.StrEnum):
@@ -172,6 +173,13 @@ class TransportConfig:
     """Size of the pre-allocated shared-memory region of the ``shm`` transport."""
     cuda_pool_bytes: int = 256 << 20
     """Size of the GPU workspace of ``cuda_ipc_pool``."""
+    inline_bytes: int = 256 << 10
+    """Tensors smaller than this are pickled inline (latency-bound anyway) in every mode."""
+    shm_wait_s: float = 1.0
+    """How long a sender waits for room in a full shm region before pickling inline (counted)."""
+    shm_copy_out: bool = False
+    """``shm`` receiver copies each tensor out and frees its slot at once; default: hand out a
+    view of the slot (fastest) that frees the slot when the last reference to it is dropped."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transport", _choice(TransportMode, self.transport, "--transport"))
@@ -182,6 +190,8 @@ class TransportConfig:
         )
         _positive(self.shm_region_bytes, "--shm-region-bytes")
         _positive(self.cuda_pool_bytes, "--cuda-pool-bytes")
+        _positive(self.inline_bytes, "--inline-bytes", allow_zero=True)
+        _positive(self.shm_wait_s, "--shm-wait-s", allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,9 @@ def run_case(model: str, dp: int, workload: Workload, engine_args: tuple[str, ..
 @click.option("--requests", "num_requests", default=Workload.num_requests, show_default=True)
 @click.option("--max-running-requests", default=64, show_default=True, help="Per rank.")
 @json_option
-def command(model: str, dps: tuple[int, ...], num_requests: int, max_running_requests: int, as_json: bool) -> None:  # fmt: skip
+def command(
+    model: str, dps: tuple[int, ...], num_requests: int, max_running_requests: int, as_json: bool
+) -> None:
     """The full deployment under a fixed request stream, dp=1 vs dp=2 side by side."""
     from rich.progress import Progress
 

@@ -1,0 +1,20 @@
+"""The client SDK: ``InferenceClient`` (blocking) and ``AsyncInferenceClient`` (asyncio).
+
+Both speak ``dpinfer.protocol`` to a coordinator over one DEALER socket and share
+``ClientSession`` (session.py) for the meaning of every message. ``inputs.py`` turns prompts,
+chat messages, images and sampling params into request bodies; ``commands.py`` and
+``render.py`` are the CLI on top.
+"""
+
+from dpinfer.client.async_client import AsyncInferenceClient, RequestFuture, RequestStream
+from dpinfer.client.session import ControlAcknowledgement, ControlError
+from dpinfer.client.sync_client import InferenceClient
+
+__all__ = [
+    "AsyncInferenceClient",
+    "ControlAcknowledgement",
+    "ControlError",
+    "InferenceClient",
+    "RequestFuture",
+    "RequestStream",
+]
