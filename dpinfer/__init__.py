@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "InferenceClient": "dpinfer.client.sync_client",
     "AsyncInferenceClient": "dpinfer.client.async_client",
+    "ControlAcknowledgement": "dpinfer.client.session",
     "SamplingParams": "dpinfer.sampling",
     "GenerationResult": "dpinfer.outputs",
     "StreamDelta": "dpinfer.outputs",
@@ -19,6 +20,7 @@ _EXPORTS = {
 
 __all__ = [
     "AsyncInferenceClient",
+    "ControlAcknowledgement",
     "GenerationResult",
     "InferenceClient",
     "SamplingParams",
@@ -28,6 +30,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from dpinfer.client.async_client import AsyncInferenceClient
+    from dpinfer.client.session import ControlAcknowledgement
     from dpinfer.client.sync_client import InferenceClient
     from dpinfer.outputs import GenerationResult, StreamDelta
     from dpinfer.sampling import SamplingParams

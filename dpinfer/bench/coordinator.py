@@ -1,0 +1,396 @@
+"""``dpinfer bench coordinator``: what the hub costs, against talking to a rank directly.
+
+One run measures ``direct`` (the load generator against one null rank that binds its own
+ROUTER; no hub) and ``coordinator`` (the same load through a hub with 1, 2, 4... null
+ranks): throughput at a fixed window in flight (best of alternating rounds, so background
+load hits both alike), round-trip latency at concurrency 1 (p50/p99), and the hub's own CPU
+time per request (``/proc/<pid>``, every thread). The generator is a raw DEALER speaking the
+protocol with pre-packed bodies that refills the window in one batch per receive wake-up,
+the same code for both cases. The SDK is measured too (``InferenceClient`` latency,
+``AsyncInferenceClient`` throughput). Null ranks answer at once, so every figure is pure
+messaging overhead; all processes share the machine's cores, so compare ratios within a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import click
+import msgpack
+import zmq
+
+from dpinfer import protocol
+from dpinfer.bench.report import (
+    Column,
+    emit,
+    json_option,
+    latency_summary_us,
+    machine_info,
+    process_cpu_s,
+    render_table,
+)
+from dpinfer.errors import RequestTimeoutError
+
+BODY = protocol.pack_body({"prompt": "x", "sampling": {"max_new_tokens": 1}})
+TARGETS = {"ratio_vs_direct_min": 0.6, "coordinator_cpu_us_per_req_max": 20.0, "added_p50_us_max": 100.0}
+_KIND_SUBMIT = int(protocol.Kind.SUBMIT)
+_KIND_REQUESTS = int(protocol.Kind.REQUESTS)
+_REPLY_KINDS = {int(protocol.Kind.OUTPUTS), int(protocol.Kind.ENGINE_OUTPUTS)}
+_KIND_ERROR = int(protocol.Kind.ERROR)
+_packb = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+
+
+class RawLoad:
+    """The load generator: one DEALER speaking the protocol with no SDK in between.
+
+    ``via_coordinator`` picks the dialect: ``Submit``/``Outputs`` to a coordinator (after the
+    ``ClientHello`` handshake), or ``Requests``/``EngineOutputs`` straight to a direct rank.
+    Everything else (batching, window refill, timing) is the same code for both.
+    """
+
+    def __init__(self, address: str, via_coordinator: bool, timeout_s: float = 10.0) -> None:
+        self.via_coordinator = via_coordinator
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        self._sock.connect(address)
+        self._next_id = 1
+        if via_coordinator:
+            self._sock.send_multipart(
+                protocol.encode(protocol.ClientHello(protocol.PROTOCOL_VERSION, "bench"))
+            )
+            reply = protocol.decode(self._recv())
+            if not isinstance(reply, protocol.HelloAck):
+                raise RuntimeError(f"coordinator handshake failed: {reply}")
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+    def _recv(self) -> list[bytes]:
+        try:
+            return self._sock.recv_multipart()
+        except zmq.Again:  # RCVTIMEO passed
+            raise RequestTimeoutError("the benchmark target stopped answering") from None
+
+    def _send(self, count: int) -> None:
+        first = self._next_id
+        self._next_id += count
+        ids = range(first, first + count)
+        if self.via_coordinator:
+            header = _packb((_KIND_SUBMIT, [(i, protocol.NO_RANK, False) for i in ids]))
+        else:
+            header = _packb((_KIND_REQUESTS, [(i, False) for i in ids]))
+        self._sock.send_multipart([header, *([BODY] * count)])
+
+    def _finals(self, frames: list[bytes]) -> int:
+        arr = _unpackb(frames[0])
+        if arr[0] not in _REPLY_KINDS:
+            detail = f"{arr[1]}: {arr[2]}" if arr[0] == _KIND_ERROR else f"kind {arr[0]}"
+            raise RuntimeError(f"unexpected reply during the benchmark: {detail}")
+        # The last body stands for the batch: a failing target fails every request alike.
+        last = _unpackb(frames[-1])
+        if last.get("finish_reason") != "stop":
+            raise RuntimeError(f"request failed during the benchmark: {last.get('error')}")
+        return sum(1 for entry in arr[1] if entry[1])
+
+    def _recv_finals(self) -> int:
+        """Block for one message, then drain what else is queued; the number of finished requests."""
+        done = self._finals(self._recv())
+        sock = self._sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            done += self._finals(sock.recv_multipart())
+        return done
+
+    def latency(self, num_requests: int) -> list[float]:
+        """Round-trip seconds of ``num_requests`` requests sent one at a time."""
+        out = []
+        clock = time.perf_counter
+        for _ in range(num_requests):
+            start = clock()
+            self._send(1)
+            while not self._recv_finals():
+                pass
+            out.append(clock() - start)
+        return out
+
+    def throughput(self, num_requests: int, window: int) -> float:
+        """Seconds to complete ``num_requests`` with ``window`` in flight (refilled in batches)."""
+        start = time.perf_counter()
+        sent = min(window, num_requests)
+        self._send(sent)
+        done = 0
+        while done < num_requests:
+            finished = self._recv_finals()
+            done += finished
+            refill = min(finished, num_requests - sent)
+            if refill:
+                self._send(refill)
+                sent += refill
+        return time.perf_counter() - start
+
+
+class Target:
+    """One system under load (the direct rank or a coordinator) and what was measured on it.
+
+    ``pid`` is the coordinator's process (its CPU clock is read around each phase), or None.
+    """
+
+    def __init__(self, load: RawLoad, pid: int | None) -> None:
+        self.load = load
+        self.pid = pid
+        self.round_s: list[float] = []
+        self.num_requests = 0
+        self.cpu_s = 0.0
+        self.latencies: list[float] = []
+        self.latency_cpu_s = 0.0
+
+    def _cpu(self) -> float:
+        return process_cpu_s(self.pid) if self.pid else 0.0
+
+    def throughput_round(self, requests: int, window: int) -> None:
+        cpu0 = self._cpu()
+        self.round_s.append(self.load.throughput(requests, window))
+        self.cpu_s += self._cpu() - cpu0
+        self.num_requests += requests
+
+    def latency_round(self, requests: int) -> None:
+        cpu0 = self._cpu()
+        self.latencies.extend(self.load.latency(requests))
+        self.latency_cpu_s += self._cpu() - cpu0
+
+    def stats(self, requests: int) -> dict[str, Any]:
+        """Best round's throughput (the least disturbed by other load), all latency samples, mean CPU."""
+        summary = latency_summary_us(self.latencies)
+        per_req = self.pid is not None
+        return {
+            "req_per_s": round(requests / min(self.round_s), 1),
+            "req_per_s_rounds": [round(requests / s, 1) for s in self.round_s],
+            "p50_us": summary["p50_us"],
+            "p99_us": summary["p99_us"],
+            "coordinator_cpu_us_per_req": round(self.cpu_s / self.num_requests * 1e6, 2) if per_req else None,
+            "coordinator_cpu_us_per_req_c1": (
+                round(self.latency_cpu_s / len(self.latencies) * 1e6, 2) if per_req else None
+            ),
+        }
+
+
+def interleave(
+    targets: Sequence[Target], requests: int, window: int, latency_requests: int, rounds: int
+) -> None:
+    """Warm up, then alternate the targets round by round so background load hits them alike."""
+    for target in targets:
+        target.load.throughput(min(requests, 2000), window)
+    per_round = max(1, latency_requests // rounds)
+    for _ in range(rounds):
+        for target in targets:
+            target.throughput_round(requests, window)
+        for target in targets:
+            target.latency_round(per_round)
+
+
+def wait_for_ranks(address: str, num_ranks: int, timeout_s: float = 30.0) -> None:
+    """Poll the coordinator's status until ``num_ranks`` ranks are live (bounded by ``timeout_s``)."""
+    from dpinfer.client.sync_client import InferenceClient
+
+    deadline = time.monotonic() + timeout_s
+    with InferenceClient(address, timeout_s=timeout_s) as client:
+        while client.status()["totals"]["live_ranks"] < num_ranks:
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError(f"{num_ranks} null ranks did not register within {timeout_s:g} s")
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def null_deployment(num_ranks: int) -> Iterator[tuple[str, int]]:
+    """A coordinator with ``num_ranks`` live null ranks: ``(address, coordinator pid)``; all ended after."""
+    from dpinfer.config import CoordinatorConfig
+    from dpinfer.coordinator.process import start_coordinator
+    from dpinfer.engine.null_engine import start_null_engines
+
+    handle = start_coordinator(CoordinatorConfig(port=0))
+    procs: list[Any] = []
+    try:
+        procs = start_null_engines(handle.address, ranks=list(range(num_ranks)), stream_chunks=0)
+        wait_for_ranks(handle.address, num_ranks)
+        yield handle.address, handle.pid
+    finally:
+        handle.stop()  # SHUTDOWN stops the ranks too
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def _measure_sdk(address: str, requests: int, window: int, latency_requests: int) -> dict[str, Any]:
+    from dpinfer.client.async_client import AsyncInferenceClient
+    from dpinfer.client.sync_client import InferenceClient
+    from dpinfer.sampling import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=1)
+    latencies = []
+    with InferenceClient(address) as client:
+        client.generate("x", sampling)
+        for _ in range(latency_requests):
+            start = time.perf_counter()
+            client.generate("x", sampling)
+            latencies.append(time.perf_counter() - start)
+
+    async def windowed() -> float:
+        async with AsyncInferenceClient(address) as aclient:
+            remaining = requests
+
+            async def worker() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    await aclient.add_request("x", sampling)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(window)))
+            return time.perf_counter() - start
+
+    sync = latency_summary_us(latencies)
+    async_req_per_s = round(requests / asyncio.run(windowed()), 1)
+    return {"sync_p50_us": sync["p50_us"], "sync_p99_us": sync["p99_us"], "async_req_per_s": async_req_per_s}
+
+
+def run_benchmark(
+    ranks: Sequence[int] = (1, 2, 4),
+    requests: int = 10000,
+    concurrency: int = 128,
+    latency_requests: int = 2000,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Every case in one run; the report dict that ``--json`` prints.
+
+    The direct rank stays up for the whole run and is measured in alternation with each
+    coordinator case; throughput is the best of ``rounds`` rounds of ``requests`` requests, and
+    ``ratio_vs_direct`` the median over rounds of coordinator/direct throughput (each round
+    paired with the direct round just before it).
+    """
+    if not ranks or min(ranks) < 1 or min(requests, concurrency, latency_requests, rounds) < 1:
+        raise click.BadParameter("ranks, requests, concurrency, latency requests and rounds must be >= 1")
+    from dpinfer.engine.null_engine import start_direct_null_engine
+
+    proc, direct_address = start_direct_null_engine(stream_chunks=0)
+    direct = Target(RawLoad(direct_address, via_coordinator=False), None)
+    cases: list[dict[str, Any]] = []
+    sdk: dict[str, Any] | None = None
+    try:
+        for num_ranks in sorted(set(ranks)):
+            with null_deployment(num_ranks) as (address, pid):
+                hub = Target(RawLoad(address, via_coordinator=True), pid)
+                try:
+                    interleave([direct, hub], requests, concurrency, latency_requests, rounds)
+                finally:
+                    hub.load.close()
+                # Paired with the direct rounds run just before each of its own: robust to drifting load.
+                paired = [d / h for d, h in zip(direct.round_s[-rounds:], hub.round_s, strict=True)]
+                case = {"case": "coordinator", "ranks": num_ranks, **hub.stats(requests)}
+                cases.append(case | {"ratio_vs_direct": round(statistics.median(paired), 3)})
+                if sdk is None:
+                    sdk = _measure_sdk(address, requests, concurrency, latency_requests)
+    finally:
+        direct.load.close()
+        proc.kill()
+        proc.join(5)
+    direct_case = {"case": "direct", "ranks": 1, **direct.stats(requests)}
+    for case in cases:
+        case["added_p50_us"] = round(case["p50_us"] - direct_case["p50_us"], 1)
+    cases.insert(0, direct_case)
+    one_rank = next((c for c in cases[1:] if c["ranks"] == 1), cases[1])
+    assert sdk is not None
+    sdk["sync_added_p50_us"] = round(sdk["sync_p50_us"] - cases[1]["p50_us"], 1)
+    settings = dict(requests=requests, concurrency=concurrency, latency_requests=latency_requests)
+    settings["rounds"] = rounds
+    return {
+        "benchmark": "coordinator",
+        "ratio_vs_direct": one_rank["ratio_vs_direct"],
+        "ratio_ranks": one_rank["ranks"],
+        "cases": cases,
+        "sdk": sdk,
+        "targets": TARGETS,
+        "settings": settings,
+        "machine": machine_info(),
+    }
+
+
+_COLUMNS = [
+    Column("case", "case", justify="left"),
+    Column("ranks", "ranks", "{:d}"),
+    Column("req_per_s", "req/s", "{:,.0f}"),
+    Column("ratio_vs_direct", "vs direct", "{:.2f}"),
+    Column("p50_us", "p50 µs"),
+    Column("p99_us", "p99 µs"),
+    Column("added_p50_us", "+p50 µs"),
+    Column("coordinator_cpu_us_per_req", "hub CPU µs/req"),
+    Column("coordinator_cpu_us_per_req_c1", "at c=1"),
+]
+_SDK_COLUMNS = [
+    Column("sync_p50_us", "sync p50 µs"),
+    Column("sync_p99_us", "sync p99 µs"),
+    Column("sync_added_p50_us", "vs raw p50 µs"),
+    Column("async_req_per_s", "async req/s", "{:,.0f}"),
+]
+
+
+def _tables(report: dict[str, Any]) -> list[Any]:
+    title = (
+        f"coordinator overhead: req/s = best of {report['settings']['rounds']} rounds of "
+        f"{report['settings']['requests']:,} requests at {report['settings']['concurrency']} in flight "
+        "(vs direct: median of paired rounds); latency at concurrency 1"
+    )
+    tables = [render_table(title, _COLUMNS, report["cases"])]
+    if report.get("sdk"):
+        tables.append(render_table("SDK through the coordinator (1 rank)", _SDK_COLUMNS, [report["sdk"]]))
+    return tables
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    cases = report["cases"][1:]
+    worst_cpu = max(c["coordinator_cpu_us_per_req"] for c in cases)
+    worst_added = max(c["added_p50_us"] for c in cases)
+    checks = [
+        f"ratio vs direct {report['ratio_vs_direct']:.2f} (target >= {TARGETS['ratio_vs_direct_min']})",
+        f"coordinator CPU {worst_cpu:.1f} µs/req (target <= {TARGETS['coordinator_cpu_us_per_req_max']:g})",
+        f"added p50 {worst_added:.0f} µs (target <= {TARGETS['added_p50_us_max']:g})",
+    ]
+    machine = report["machine"]
+    return [
+        "targets: " + "; ".join(checks),
+        f"{machine['cpus']} CPUs, load {machine['load_avg_1m']}: generator, hub and ranks share them; "
+        "compare ratios within one run.",
+    ]
+
+
+_INT = click.IntRange(min=1)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option(
+    "--ranks", multiple=True, type=_INT, help="Null ranks per coordinator case (repeatable) [1, 2, 4]."
+)
+@click.option("--requests", type=_INT, default=10000, help="Requests per throughput round.")
+@click.option("--concurrency", type=_INT, default=128, help="Requests in flight during throughput rounds.")
+@click.option("--latency-requests", type=_INT, default=2000, help="Requests sent one at a time, per case.")
+@click.option(
+    "--rounds", type=_INT, default=3, help="Alternating direct/coordinator rounds; best one counts."
+)
+@json_option
+def command(
+    ranks: tuple[int, ...], requests: int, concurrency: int, latency_requests: int, rounds: int, as_json: bool
+) -> None:
+    """Coordinator overhead vs a direct client<->rank baseline (null ranks, loopback)."""
+    report = run_benchmark(ranks or (1, 2, 4), requests, concurrency, latency_requests, rounds)
+    emit(report, as_json, _tables, _notes(report))

@@ -1,0 +1,339 @@
+"""``AsyncInferenceClient``: the asyncio SDK for many requests in flight from one thread.
+
+Receiving is event-driven: one task awaits the ``zmq.asyncio`` socket (and one its monitor),
+so nothing sleeps or polls on a timer. Sending is batched: every request added during one
+event-loop tick is queued and goes out in a single ``Submit`` when the loop next runs its
+callbacks, so thousands of ``add_request`` calls cost a handful of messages.
+
+A request the service fails resolves its future with a ``GenerationResult`` whose
+``finish_reason`` is ``"error"``; a lost coordinator (``Notice(shutdown)`` or a dropped
+connection) fails every pending future and stream with ``ConnectionLostError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dpinfer import protocol as p
+from dpinfer.client.connection import MONITOR_EVENTS, connect_dealer, monitor_event, timeout_message
+from dpinfer.client.inputs import ImageInput, Prompt, SamplingInput, request_body
+from dpinfer.client.session import ClientSession, ControlAcknowledgement, check_acknowledgement, service_error
+from dpinfer.config import default_address
+from dpinfer.errors import ConnectionLostError, RequestTimeoutError
+from dpinfer.log import get_logger
+from dpinfer.outputs import GenerationResult, StreamDelta
+
+logger = get_logger(__name__)
+
+
+class RequestFuture(asyncio.Future[GenerationResult]):
+    """The future of one request; ``request_id`` is what ``abort_request`` takes."""
+
+    request_id: int
+
+
+class RequestStream(AsyncIterator[StreamDelta]):
+    """An async iterator of one streamed request's deltas; the last has ``finished=True``."""
+
+    def __init__(self, request_id: int) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._finished = item.finished
+        return item
+
+
+class AsyncInferenceClient(ClientSession):
+    """Asyncio client of a dpinfer coordinator; ``async with`` starts and stops it.
+
+    ``timeout_s`` bounds ``start()`` (the handshake) and every control or status call.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        curve_dir: str | None = None,
+        client_name: str = "dpinfer-async-client",
+    ) -> None:
+        super().__init__(address or default_address(), client_name)
+        self.timeout_s = timeout_s
+        self._curve_dir = curve_dir
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: Any = None
+        self._futures: dict[int, RequestFuture] = {}
+        self._streams: dict[int, RequestStream] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._hello_waiter: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outbox_entries: list[p.SubmitEntry] = []
+        self._outbox_bodies: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect and complete the handshake; ``RequestTimeoutError`` if nobody answers in ``timeout_s``."""
+        if self._sock is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._ctx = zmq.asyncio.Context()
+        self._sock = connect_dealer(self._ctx, self.address, self._curve_dir)
+        monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
+        self._hello_waiter = self._loop.create_future()
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="dpinfer-client-recv"),
+            asyncio.create_task(self._monitor_loop(monitor), name="dpinfer-client-monitor"),
+        ]
+        self._sock.send_multipart(self.hello_frames())
+        try:
+            await asyncio.wait_for(self._hello_waiter, self.timeout_s)
+        except TimeoutError:
+            await self.stop()
+            raise RequestTimeoutError(timeout_message(self.address, self.timeout_s)) from None
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            self._hello_waiter = None
+
+    async def stop(self) -> None:
+        """Fail whatever is pending with ``ConnectionLostError``, say goodbye, close the socket."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._sock is None:
+            return
+        if self.hello is not None and self.lost_reason is None:
+            self._flush()
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart(self.bye_frames())
+        self.connection_lost("the client was stopped")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._sock.disable_monitor()
+        self._sock.close()
+        assert self._ctx is not None
+        self._ctx.term()
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def num_ranks(self) -> int:
+        return self.hello.num_ranks if self.hello else 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingInput = None,
+        images: Sequence[ImageInput] | None = None,
+        rank: int | None = None,
+    ) -> RequestFuture:
+        """Queue one request (sent with the others added in this loop tick); returns its future.
+
+        The future resolves to a ``GenerationResult`` (``finish_reason="error"`` when the service
+        failed the request) or fails with ``ConnectionLostError``.
+        """
+        body = request_body(prompt, sampling_params, images)
+        entry = self._enqueue(body, stream=False, rank=rank)
+        assert self._loop is not None
+        future = RequestFuture(loop=self._loop)
+        future.request_id = entry.client_request_id
+        self._futures[entry.client_request_id] = future
+        return future
+
+    def add_request_streaming(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingInput = None,
+        images: Sequence[ImageInput] | None = None,
+        rank: int | None = None,
+    ) -> RequestStream:
+        """Queue one streamed request; iterate the returned stream with ``async for``."""
+        body = request_body(prompt, sampling_params, images)
+        entry = self._enqueue(body, stream=True, rank=rank)
+        stream = RequestStream(entry.client_request_id)
+        self._streams[entry.client_request_id] = stream
+        return stream
+
+    async def abort_request(self, request_id: int) -> None:
+        """Ask the service to abort a request; its future/stream then ends with ``finish_reason="abort"``.
+
+        Unknown or finished ids are ignored.
+        """
+        if not self.is_inflight(request_id) or self._sock is None or self.lost_reason is not None:
+            return
+        self._flush()  # the Submit must reach the coordinator before its Abort
+        self._sock.send_multipart(self.abort_frames([request_id]))
+
+    # ------------------------------------------------------------------ control
+
+    async def pause_engines(self) -> ControlAcknowledgement:
+        return await self._control(p.Signal.PAUSE, {})
+
+    async def unpause_engines(self) -> ControlAcknowledgement:
+        return await self._control(p.Signal.UNPAUSE, {})
+
+    async def suspend_engines(self) -> ControlAcknowledgement:
+        return await self._control(p.Signal.SUSPEND, {})
+
+    async def resume_engines(self) -> ControlAcknowledgement:
+        return await self._control(p.Signal.RESUME, {})
+
+    async def stop_engines(self, drain: bool = True, deadline_s: float = 30.0) -> ControlAcknowledgement:
+        args = {"drain": drain, "deadline_s": float(deadline_s)}
+        return await self._control(p.Signal.STOP, args, deadline_s)
+
+    async def update_weights(self, path: str) -> ControlAcknowledgement:
+        return await self._control(p.Signal.UPDATE_WEIGHTS, {"path": str(path)})
+
+    async def status(self) -> dict[str, Any]:
+        query_id, frames = self.status_frames()
+        return await self._call(query_id, frames, self.timeout_s)
+
+    async def _control(
+        self, signal: p.Signal, args: dict[str, Any], extra_s: float = 0.0
+    ) -> ControlAcknowledgement:
+        control_id, frames = self.control_frames(signal, args)
+        return check_acknowledgement(await self._call(control_id, frames, self.timeout_s + extra_s))
+
+    async def _call(self, call_id: int, frames: list[Any], timeout_s: float) -> Any:
+        self._check_usable()
+        assert self._loop is not None
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._calls[call_id] = waiter
+        self._flush()
+        self._sock.send_multipart(frames)
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(f"no reply after {timeout_s:g} s at {self.address}") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_usable(self) -> None:
+        if self.lost_reason is not None:
+            raise ConnectionLostError(self.lost_reason)
+        if self.hello is None:
+            raise ConnectionLostError("not connected: call `await client.start()` first")
+
+    def _enqueue(self, body: bytes, stream: bool, rank: int | None) -> p.SubmitEntry:
+        self._check_usable()
+        entry = self.add(stream, rank)
+        self._outbox_entries.append(entry)
+        self._outbox_bodies.append(body)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        return entry
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._outbox_entries or self.lost_reason is not None:
+            return
+        frames = self.submit_frames(self._outbox_entries, self._outbox_bodies)
+        self._outbox_entries, self._outbox_bodies = [], []
+        self._sock.send_multipart(frames)
+
+    async def _receive_loop(self) -> None:
+        sock = self._sock
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError as e:
+                self.connection_lost(f"socket error: {e}")
+                return
+            self.dispatch(frames)
+
+    async def _monitor_loop(self, monitor: Any) -> None:
+        try:
+            while True:
+                reason = monitor_event(await monitor.recv_multipart())
+                if reason is not None:
+                    self.connection_lost(f"{reason} ({self.address})")
+        finally:
+            monitor.close(linger=0)
+
+    # ------------------------------------------------------------------ session hooks
+
+    def on_hello(self, msg: p.HelloAck) -> None:
+        if self._hello_waiter is not None and not self._hello_waiter.done():
+            self._hello_waiter.set_result(None)
+
+    def on_delta(self, delta: StreamDelta) -> None:
+        stream = self._streams.get(delta.request_id)
+        if stream is not None:
+            stream._queue.put_nowait(delta)
+
+    def on_result(self, result: GenerationResult, tail: StreamDelta | None) -> None:
+        if tail is not None:
+            stream = self._streams.pop(result.request_id, None)
+            if stream is not None:
+                stream._queue.put_nowait(tail)
+            return
+        future = self._futures.pop(result.request_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def on_control(self, control_id: int, ack: ControlAcknowledgement) -> None:
+        self._resolve_call(control_id, ack)
+
+    def on_status(self, query_id: int, status: dict[str, Any]) -> None:
+        self._resolve_call(query_id, status)
+
+    def _resolve_call(self, call_id: int, value: Any) -> None:
+        waiter = self._calls.get(call_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(value)
+
+    def on_error(self, code: str, message: str) -> None:
+        super().on_error(code, message)
+        if self._hello_waiter is not None and not self._hello_waiter.done():
+            self._hello_waiter.set_exception(service_error(code, message))
+
+    def on_lost(self, reason: str) -> None:
+        error = ConnectionLostError(reason)
+        if self._hello_waiter is not None and not self._hello_waiter.done():
+            self._hello_waiter.set_exception(error)
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(error)
+        for stream in self._streams.values():
+            stream._queue.put_nowait(error)
+        for waiter in self._calls.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._futures.clear()
+        self._streams.clear()
+        self._outbox_entries, self._outbox_bodies = [], []

@@ -1,0 +1,295 @@
+"""``InferenceClient``: the blocking SDK. One DEALER socket, no threads, no sleeps.
+
+Every call sends its messages and then blocks in ``zmq.Poller.poll`` (on the socket and its
+monitor) until the answer is complete, a deadline passes (``RequestTimeoutError``) or the
+connection goes away (``ConnectionLostError``). A request at concurrency 1 costs one send,
+one poll wake-up and one receive. The client is not thread-safe: use one per thread, or
+``AsyncInferenceClient`` for concurrency inside one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from dpinfer import protocol as p
+from dpinfer.client.connection import MONITOR_EVENTS, connect_dealer, monitor_event, timeout_message
+from dpinfer.client.inputs import (
+    ImageInput,
+    Prompt,
+    SamplingInput,
+    as_prompt_list,
+    as_sampling_list,
+    request_body,
+)
+from dpinfer.client.session import ClientSession, ControlAcknowledgement, check_acknowledgement, service_error
+from dpinfer.config import default_address
+from dpinfer.errors import ConnectionLostError, RequestTimeoutError, ServiceError
+from dpinfer.outputs import GenerationResult, StreamDelta
+
+DEFAULT_TIMEOUT_S = 60.0
+_NO_REPLY = object()
+
+
+class InferenceClient(ClientSession):
+    """Blocking client of a dpinfer coordinator; also a context manager.
+
+    ``timeout_s`` bounds the handshake (made in the constructor) and every control or status
+    call; ``request_timeout_s`` bounds each ``generate``/``generate_stream`` call (None: no
+    limit, a lost coordinator is still detected). A request the service fails comes back as a
+    ``GenerationResult`` with ``finish_reason="error"`` and ``error`` set, not as an
+    exception; exceptions mean the call itself failed (timeout, lost connection, refused
+    control signal).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        request_timeout_s: float | None = None,
+        curve_dir: str | None = None,
+        client_name: str = "dpinfer-client",
+    ) -> None:
+        super().__init__(address or default_address(), client_name)
+        self.timeout_s = timeout_s
+        self.request_timeout_s = request_timeout_s
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._sock = connect_dealer(self._ctx, self.address, curve_dir)
+        self._monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._results: dict[int, GenerationResult] = {}
+        self._deltas: dict[int, deque[StreamDelta]] = {}
+        self._replies: dict[int, Any] = {}
+        self._error: ServiceError | None = None
+        self._closed = False
+        try:
+            self._sock.send_multipart(self.hello_frames())
+            self._wait(lambda: self.hello is not None, timeout_s, timeout_message(self.address, timeout_s))
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingInput | Sequence[SamplingInput] = None,
+        *,
+        rank: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for one prompt or a list of prompts; results come back in input order.
+
+        A prompt is a str, a list of token ids, or a map with ``prompt`` (or chat ``messages``)
+        and optional ``images``. ``sampling_params`` is one value for all prompts or a list
+        with one per prompt. ``rank`` pins every request to one engine rank. ``timeout_s``
+        overrides ``request_timeout_s``; on timeout the requests are aborted.
+        """
+        prompt_list = as_prompt_list(prompts)
+        sampling = as_sampling_list(sampling_params, len(prompt_list))
+        bodies = [request_body(pr, sp) for pr, sp in zip(prompt_list, sampling, strict=True)]
+        entries = self._submit(bodies, stream=False, rank=rank)
+        ids = [e.client_request_id for e in entries]
+        budget = self.request_timeout_s if timeout_s is None else timeout_s
+        results = self._results
+        try:
+            self._wait(lambda: all(i in results for i in ids), budget, f"{len(ids)} request(s) unfinished")
+        except BaseException:  # timeout, lost connection, Ctrl-C: stop tracking (and abort) the rest
+            self._abandon([i for i in ids if i not in results])
+            raise
+        finally:
+            done = [results.pop(i) for i in ids if i in results]
+        return done
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingInput = None,
+        *,
+        images: Sequence[ImageInput] | None = None,
+        rank: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[StreamDelta]:
+        """Stream one request: ``StreamDelta``s whose texts concatenate to the final text.
+
+        The request is sent when iteration starts. The last delta has ``finished=True`` and
+        carries the ``GenerationResult``. Leaving the loop early aborts the request.
+        ``timeout_s`` bounds the wait for each delta.
+        """
+        body = request_body(prompt, sampling_params, images)
+        (entry,) = self._submit([body], stream=True, rank=rank)
+        request_id = entry.client_request_id
+        queue: deque[StreamDelta] = deque()
+        self._deltas[request_id] = queue
+        budget = self.request_timeout_s if timeout_s is None else timeout_s
+        finished = False
+        try:
+            while not finished:
+                self._wait(lambda: bool(queue), budget, f"stream {request_id} sent nothing")
+                while queue:
+                    delta = queue.popleft()
+                    finished = delta.finished
+                    yield delta
+        finally:
+            self._deltas.pop(request_id, None)
+            if not finished:
+                self._abandon([request_id])
+
+    # ------------------------------------------------------------------ control
+
+    def pause_engines(self) -> ControlAcknowledgement:
+        """Stop scheduling on every rank; in-flight requests keep their KV cache. RUNNING -> PAUSED."""
+        return self._control(p.Signal.PAUSE, {})
+
+    def unpause_engines(self) -> ControlAcknowledgement:
+        """PAUSED -> RUNNING."""
+        return self._control(p.Signal.UNPAUSE, {})
+
+    def suspend_engines(self) -> ControlAcknowledgement:
+        """Release KV cache memory while paused (requests are recomputed later). PAUSED -> SUSPENDED."""
+        return self._control(p.Signal.SUSPEND, {})
+
+    def resume_engines(self) -> ControlAcknowledgement:
+        """SUSPENDED -> PAUSED (then ``unpause_engines`` to run)."""
+        return self._control(p.Signal.RESUME, {})
+
+    def stop_engines(self, drain: bool = True, deadline_s: float = 30.0) -> ControlAcknowledgement:
+        """Stop every rank: finish in-flight work for up to ``deadline_s`` (``drain``) or abort it."""
+        return self._control(p.Signal.STOP, {"drain": drain, "deadline_s": float(deadline_s)}, deadline_s)
+
+    def update_weights(self, path: str) -> ControlAcknowledgement:
+        """Load new weights from ``path`` (a directory every rank can read) while PAUSED."""
+        return self._control(p.Signal.UPDATE_WEIGHTS, {"path": str(path)})
+
+    def status(self) -> dict[str, Any]:
+        """The coordinator's status map: ``state``, ``ranks`` (one map each), ``totals``, counters."""
+        query_id, frames = self.status_frames()
+        return self._call(query_id, frames, self.timeout_s)
+
+    def _control(
+        self, signal: p.Signal, args: dict[str, Any], extra_s: float = 0.0
+    ) -> ControlAcknowledgement:
+        control_id, frames = self.control_frames(signal, args)
+        return check_acknowledgement(self._call(control_id, frames, self.timeout_s + extra_s))
+
+    def _call(self, call_id: int, frames: list[Any], timeout_s: float) -> Any:
+        self._send(frames)
+        replies = self._replies
+        replies[call_id] = _NO_REPLY  # a late reply to an abandoned call is dropped, not kept
+        try:
+            self._wait(lambda: replies[call_id] is not _NO_REPLY, timeout_s, "no reply")
+        finally:
+            reply = replies.pop(call_id)
+        return reply
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Say goodbye and release the socket (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.hello is not None and self.lost_reason is None:
+            try:
+                self._sock.send_multipart(self.bye_frames(), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close()
+        self._ctx.term()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def num_ranks(self) -> int:
+        """Ranks registered when the client connected."""
+        return self.hello.num_ranks if self.hello else 0
+
+    # ------------------------------------------------------------------ internals
+
+    def _submit(self, bodies: list[bytes], stream: bool, rank: int | None) -> list[p.SubmitEntry]:
+        self._check_usable()
+        entries = [self.add(stream, rank) for _ in bodies]
+        self._send(self.submit_frames(entries, bodies))
+        return entries
+
+    def _send(self, frames: list[Any]) -> None:
+        self._check_usable()
+        self._sock.send_multipart(frames)
+
+    def _abandon(self, request_ids: list[int]) -> None:
+        if request_ids and self.lost_reason is None and not self._closed:
+            self._sock.send_multipart(self.abort_frames(request_ids))
+        self.forget(request_ids)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ConnectionLostError("the client is closed")
+        if self.lost_reason is not None:
+            raise ConnectionLostError(f"{self.lost_reason}; create a new client to reconnect")
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float | None, what: str) -> None:
+        """Receive and dispatch until ``done()``; raise on timeout, lost connection or error reply."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        sock, monitor = self._sock, self._monitor
+        while not done():
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            self._check_usable()
+            timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RequestTimeoutError(
+                    what if self.hello is None else f"{what} after {timeout_s:g} s at {self.address}"
+                )
+            events = dict(self._poller.poll(timeout_ms))
+            if monitor in events:
+                reason = monitor_event(monitor.recv_multipart())
+                if reason is not None:
+                    self.connection_lost(f"{reason} ({self.address})")
+            if sock in events:
+                self.dispatch(sock.recv_multipart())
+                # Drain what else is queued; EVENTS is cheaper than raising zmq.Again per wake-up.
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self.dispatch(sock.recv_multipart())
+
+    # ------------------------------------------------------------------ session hooks
+
+    def on_delta(self, delta: StreamDelta) -> None:
+        queue = self._deltas.get(delta.request_id)
+        if queue is not None:
+            queue.append(delta)
+
+    def on_result(self, result: GenerationResult, tail: StreamDelta | None) -> None:
+        if tail is None:
+            self._results[result.request_id] = result
+            return
+        queue = self._deltas.get(result.request_id)
+        if queue is not None:
+            queue.append(tail)
+
+    def on_control(self, control_id: int, ack: ControlAcknowledgement) -> None:
+        if control_id in self._replies:
+            self._replies[control_id] = ack
+
+    def on_status(self, query_id: int, status: dict[str, Any]) -> None:
+        if query_id in self._replies:
+            self._replies[query_id] = status
+
+    def on_error(self, code: str, message: str) -> None:
+        super().on_error(code, message)
+        if self.hello is None:  # the handshake was refused (e.g. version_mismatch)
+            self._error = service_error(code, message)
