@@ -1,0 +1,290 @@
+"""``dpinfer bench engine``: the in-process Scheduler against ``transformers`` ``generate``.
+
+Both run in this process on the same model, with the same number of torch threads.
+Workloads (fixed seed, random token ids, greedy, ``ignore_eos`` so output lengths hold):
+
+- ``mixed``: prompts of 16-512 tokens, outputs of 8-256; the baseline is ``generate`` on
+  static, left-padded batches of 16 (each batch runs until its longest output).
+- ``shared_prefix``: every prompt is one 400-token prefix plus a short suffix; the
+  Scheduler with its radix cache on against the same with it off.
+
+The Scheduler gets every request at t=0 and each output token is timestamped when the step
+that produced it returns; ``generate`` tokens are timestamped by a logits processor at the
+step that produced them. TTFT counts from t=0 (queueing included), TPOT is
+``(last - first) / (n - 1)`` per request.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from dpinfer.bench.report import Column, emit, json_option, machine_info, percentile, render_table
+
+HF_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+def make_mixed(
+    n: int, vocab: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int
+) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))] for _ in range(n)]
+    return Workload("mixed", prompts, [rng.randint(*output_range) for _ in range(n)])
+
+
+def make_shared_prefix(
+    n: int,
+    vocab: int,
+    prefix_len: int,
+    suffix_range: tuple[int, int],
+    output_range: tuple[int, int],
+    seed: int,
+) -> Workload:
+    rng = random.Random(seed + 1)
+    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+    prompts = [
+        prefix + [rng.randrange(3, vocab) for _ in range(rng.randint(*suffix_range))] for _ in range(n)
+    ]
+    return Workload("shared_prefix", prompts, [rng.randint(*output_range) for _ in range(n)])
+
+
+def summarize(
+    workload: Workload, system: str, t0: float, stamps: list[list[float]], end: float, cpu_s: float
+) -> dict[str, Any]:
+    """One ``cases`` entry from per-request token timestamps (and the CPU seconds it used)."""
+    ttft = [(s[0] - t0) * 1e3 for s in stamps if s]
+    tpot = [(s[-1] - s[0]) * 1e3 / (len(s) - 1) for s in stamps if len(s) > 1]
+    num_tokens = sum(len(s) for s in stamps)
+    duration = end - t0
+    return {
+        "workload": workload.name,
+        "system": system,
+        "num_requests": len(workload.prompts),
+        "output_tokens": num_tokens,
+        "duration_s": round(duration, 3),
+        "cpu_s": round(cpu_s, 3),
+        "output_tok_per_s": round(num_tokens / duration, 1),
+        "ttft_p50_ms": round(percentile(ttft, 50), 1),
+        "ttft_p99_ms": round(percentile(ttft, 99), 1),
+        "tpot_p50_ms": round(percentile(tpot, 50), 2),
+        "tpot_p99_ms": round(percentile(tpot, 99), 2),
+    }
+
+
+def run_dpinfer(runner: Any, workload: Workload, radix: bool, system: str) -> dict[str, Any]:
+    from dpinfer.config import SchedulerConfig
+    from dpinfer.sampling import SamplingParams
+    from dpinfer.scheduler.io import TokenizedRequest
+    from dpinfer.scheduler.scheduler import Scheduler
+
+    config = SchedulerConfig(max_running_requests=64, max_prefill_tokens=2048, enable_radix_cache=radix)
+    scheduler = Scheduler(runner, config)
+    stamps: list[list[float]] = [[] for _ in workload.prompts]
+    cached = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
+        params = SamplingParams(max_new_tokens=out_len, temperature=0.0, ignore_eos=True)
+        errors = scheduler.add_request(TokenizedRequest(i, prompt, params, stream=True))
+        if errors:
+            raise click.ClickException(f"request {i} rejected: {errors[0].error}")
+    done = 0
+    while done < len(workload.prompts):
+        outputs = scheduler.step()
+        now = time.perf_counter()
+        for out in outputs:
+            stamps[out.request_id].extend([now] * len(out.new_token_ids))
+            if out.finished:
+                done += 1
+                cached += out.cached_len
+                if out.finish_reason != "length":
+                    raise click.ClickException(f"request {out.request_id} ended with {out.finish_reason}")
+    case = summarize(workload, system, t0, stamps, time.perf_counter(), time.process_time() - cpu0)
+    case.update(cached_tokens=cached, retractions=scheduler.num_retractions)
+    return case
+
+
+def run_hf_generate(model: Any, workload: Workload, pad_id: int) -> dict[str, Any]:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return scores
+
+    stamps: list[list[float]] = []
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for start in range(0, len(workload.prompts), HF_BATCH_SIZE):
+        prompts = workload.prompts[start : start + HF_BATCH_SIZE]
+        out_lens = workload.output_lens[start : start + HF_BATCH_SIZE]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        clock = StepClock()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(out_lens),
+                min_new_tokens=max(out_lens),  # no EOS: every request runs its full length
+                do_sample=False,
+                pad_token_id=pad_id,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+        stamps.extend(clock.times[:n] for n in out_lens)
+    return summarize(workload, "hf_generate", t0, stamps, time.perf_counter(), time.process_time() - cpu0)
+
+
+def warm_up(runner: Any, model: Any) -> None:
+    """One short request through each system, so allocation and lazy init are not timed."""
+    warm = Workload("warmup", [list(range(3, 40)), list(range(5, 20))], [4, 4])
+    run_dpinfer(runner, warm, radix=True, system="warmup")
+    run_hf_generate(model, warm, pad_id=0)
+
+
+def run_bench(
+    model_name: str, threads: int, workloads: list[str], num_requests: int, sizes: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpinfer.config import ModelConfig, SchedulerConfig
+    from dpinfer.runner.model_runner import ModelRunner
+
+    torch.set_num_threads(threads)
+    runner = ModelRunner(ModelConfig(model=model_name), SchedulerConfig(max_running_requests=64))
+    model = AutoModelForCausalLM.from_pretrained(runner.spec.path, dtype=torch.float32).eval()
+    pad_id = model.generation_config.pad_token_id or 0
+    vocab = runner.vocab_size
+    warm_up(runner, model)
+    cases, speedup = [], {}
+    if "mixed" in workloads:
+        wl = make_mixed(num_requests, vocab, sizes["prompt"], sizes["output"], seed)
+        ours, base = run_dpinfer(runner, wl, radix=True, system="dpinfer"), run_hf_generate(model, wl, pad_id)
+        cases += [ours, base]
+        speedup["mixed"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
+    if "shared_prefix" in workloads:
+        wl = make_shared_prefix(
+            num_requests, vocab, sizes["prefix"], sizes["suffix"], sizes["shared_output"], seed
+        )
+        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer")
+        base = run_dpinfer(runner, wl, radix=False, system="dpinfer_no_cache")
+        cases += [ours, base]
+        speedup["shared_prefix"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
+    return {
+        "bench": "engine",
+        "model": model_name,
+        "device": "cpu",
+        "dtype": "float32",
+        "torch_threads": threads,
+        "machine": machine_info(),
+        "cases": cases,
+        "speedup": speedup,
+        "targets": {"mixed": 2.0, "shared_prefix": 1.5},
+    }
+
+
+COLUMNS = [
+    Column("workload", "workload"),
+    Column("system", "system"),
+    Column("output_tokens", "out tokens", "{:,}"),
+    Column("duration_s", "time s", "{:.2f}"),
+    Column("cpu_s", "cpu s", "{:.2f}"),
+    Column("output_tok_per_s", "out tok/s"),
+    Column("ttft_p50_ms", "TTFT p50 ms"),
+    Column("ttft_p99_ms", "TTFT p99 ms"),
+    Column("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"),
+    Column("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
+]
+
+
+def _tables(report: dict[str, Any]) -> list[Any]:
+    title = f"engine: {report['model']}, cpu fp32, {report['torch_threads']} torch threads"
+    rows = [{"workload": k, "system": "speedup", "output_tok_per_s": v} for k, v in report["speedup"].items()]
+    return [render_table(title, COLUMNS, [*report["cases"], *rows])]
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        low, high = int(lo), int(hi or lo)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a range like 16-512") from None
+    if not 0 < low <= high:
+        raise click.BadParameter(f"{text!r}: need 0 < low <= high")
+    return low, high
+
+
+@click.command("engine")
+@click.option(
+    "--model", default="tiny-llama", show_default=True, help="Built-in model name or local HF directory."
+)
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch threads, the same for both systems (1 is steadiest on a shared machine).",
+)
+@click.option(
+    "--workload",
+    "workloads",
+    multiple=True,
+    type=click.Choice(["mixed", "shared_prefix"]),
+    help="Workloads to run (default: both).",
+)
+@click.option(
+    "--num-requests", default=64, show_default=True, type=click.IntRange(min=1), help="Requests per workload."
+)
+@click.option("--prompt-len", default="16-512", show_default=True, help="mixed: prompt length range.")
+@click.option("--output-len", default="8-256", show_default=True, help="mixed: output length range.")
+@click.option("--prefix-len", default=400, show_default=True, help="shared_prefix: shared prefix length.")
+@click.option("--suffix-len", default="16-64", show_default=True, help="shared_prefix: suffix length range.")
+@click.option(
+    "--shared-output-len", default="8-64", show_default=True, help="shared_prefix: output length range."
+)
+@click.option("--seed", default=0, show_default=True, help="Workload seed.")
+@json_option
+def command(
+    model: str,
+    threads: int,
+    workloads: tuple[str, ...],
+    num_requests: int,
+    prompt_len: str,
+    output_len: str,
+    prefix_len: int,
+    suffix_len: str,
+    shared_output_len: str,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """The in-process Scheduler against transformers generate (static batches of 16)."""
+    sizes = {
+        "prompt": _range(prompt_len),
+        "output": _range(output_len),
+        "prefix": prefix_len,
+        "suffix": _range(suffix_len),
+        "shared_output": _range(shared_output_len),
+    }
+    report = run_bench(
+        model, threads, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed
+    )
+    notes = [
+        f"Both systems in one process, {threads} torch threads each; greedy, ignore_eos.",
+        "speedup: mixed = dpinfer / hf_generate, shared_prefix = dpinfer / dpinfer_no_cache (output tok/s).",
+    ]
+    emit(report, as_json, _tables, notes)

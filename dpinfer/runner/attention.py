@@ -1,0 +1,171 @@
+"""Attention over the paged KV pool, plugged into ``transformers`` model code.
+
+The model is called on one flattened sequence (all requests' new tokens back to back,
+``position_ids`` restarting per request, ``use_cache=False``) with a ``ForwardBatch`` passed
+as the keyword argument ``dp_batch``; Llama-family models forward unknown keyword arguments
+to the attention function of every layer, which is ``paged_attention`` once
+``register()`` has run and the model selected ``ATTENTION_NAME``.
+
+Contract of the attention function (checked against transformers 5.23): it receives
+``query [1, H, T, D]`` and ``key/value [1, Hkv, T, D]`` with rotary embeddings applied, and
+returns ``(out, None)`` with ``out`` laid out ``[1, T, H, D]``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpinfer.runner.kv_pool import KVPool
+
+ATTENTION_NAME = "dpinfer_paged"
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"
+    """Several new tokens per request (prefill, or a prefill chunk after a cached prefix)."""
+    DECODE = "decode"
+    """Exactly one new token per request."""
+
+
+@dataclass
+class ExtendSeq:
+    """One request inside an extend batch."""
+
+    q_start: int
+    """Offset of its first new token in the flattened batch."""
+    q_len: int
+    prefix_len: int
+    """Tokens whose KV is already in the pool (cached prefix or earlier chunks)."""
+    kv_indices: torch.Tensor | None = None
+    """Slots of all ``prefix_len + q_len`` tokens (only when ``prefix_len > 0``)."""
+    mask: torch.Tensor | None = None
+    """Bottom-right aligned causal mask ``[q_len, prefix_len + q_len]`` (only with a prefix)."""
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward pass needs besides the model (built once, read by every layer)."""
+
+    mode: ForwardMode
+    kv_pool: KVPool
+    input_ids: torch.Tensor
+    """``[T]`` new tokens, flattened over requests."""
+    positions: torch.Tensor
+    """``[T]`` position of each new token in its own request."""
+    out_cache_loc: torch.Tensor
+    """``[T]`` slot each new token's K/V is written to."""
+    logits_indices: torch.Tensor | None = None
+    """Rows of ``[T]`` whose logits are returned; ``None`` returns all (decode)."""
+    extend_seqs: list[ExtendSeq] = field(default_factory=list)
+    kv_indices: torch.Tensor | None = None
+    """Padded decode: ``[B, Lmax]`` slots of every request's tokens, padded with slot 0."""
+    kv_mask: torch.Tensor | None = None
+    """Padded decode: ``[B, 1, 1, Lmax]`` True where ``kv_indices`` is a real token."""
+    kv_rows: list[torch.Tensor] | None = None
+    """Ragged decode: the slots of each request's tokens (one tensor per request)."""
+
+
+def bottom_right_causal_mask(q_len: int, prefix_len: int, device: torch.device) -> torch.Tensor:
+    """``mask[i, j]`` is True when query ``i`` (at position ``prefix_len + i``) may see key ``j``."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + prefix_len
+    cols = torch.arange(prefix_len + q_len, device=device).unsqueeze(0)
+    return cols <= rows
+
+
+def _extend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    batch: ForwardBatch,
+    layer: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    _, num_heads, total, head_dim = query.shape
+    out = query.new_empty(1, total, num_heads, head_dim)
+    k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
+    for seq in batch.extend_seqs:
+        end = seq.q_start + seq.q_len
+        q = query[:, :, seq.q_start : end]
+        if seq.prefix_len == 0:
+            k, v = key[:, :, seq.q_start : end], value[:, :, seq.q_start : end]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            assert seq.kv_indices is not None and seq.mask is not None
+            k = k_buf.index_select(0, seq.kv_indices).transpose(0, 1).unsqueeze(0)
+            v = v_buf.index_select(0, seq.kv_indices).transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seq.mask, scale=scaling, enable_gqa=True)
+        out[0, seq.q_start : end] = o[0].transpose(0, 1)
+    return out
+
+
+def _decode_ragged(
+    query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None
+) -> torch.Tensor:
+    # One small attention per request: on CPU this beats one padded call, which gathers
+    # and attends over max_len for every request (measured ~2x at lengths 30-500).
+    assert batch.kv_rows is not None
+    k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
+    outs = []
+    for i, slots in enumerate(batch.kv_rows):
+        k = k_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        v = v_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        q = query[:, :, i : i + 1]
+        outs.append(F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _decode(query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None) -> torch.Tensor:
+    if batch.kv_rows is not None:
+        return _decode_ragged(query, batch, layer, scaling)
+    assert batch.kv_indices is not None and batch.kv_mask is not None
+    _, num_heads, bsz, head_dim = query.shape
+    k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
+    max_len = batch.kv_indices.shape[1]
+    flat = batch.kv_indices.view(-1)
+    k = k_buf.index_select(0, flat).view(bsz, max_len, *k_buf.shape[1:]).transpose(1, 2)
+    v = v_buf.index_select(0, flat).view(bsz, max_len, *v_buf.shape[1:]).transpose(1, 2)
+    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.kv_mask, scale=scaling, enable_gqa=True)
+    return o.view(1, bsz, num_heads, head_dim)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    dp_batch: ForwardBatch | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Write this layer's new K/V into the pool, then attend over each request's full KV."""
+    if dp_batch is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs a ForwardBatch (dp_batch=...)")
+    layer = module.layer_idx
+    pool = dp_batch.kv_pool
+    loc = dp_batch.out_cache_loc
+    pool.k_buffers[layer].index_copy_(0, loc, key[0].transpose(0, 1))
+    pool.v_buffers[layer].index_copy_(0, loc, value[0].transpose(0, 1))
+    if dp_batch.mode is ForwardMode.DECODE:
+        return _decode(query, dp_batch, layer, scaling), None
+    return _extend(query, key, value, dp_batch, layer, scaling), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make ``ATTENTION_NAME`` selectable with ``model.set_attn_implementation``."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, paged_attention)
+        _registered = True

@@ -1,0 +1,160 @@
+"""ModelRunner: one ``transformers`` causal LM running flattened batches on a paged KV pool.
+
+It owns the model, the KV pool memory, the slot allocator and the request->slot table; the
+Scheduler decides what to run and keeps the per-request state. ``forward`` takes a
+``ForwardBatch`` (see ``attention.py``) and returns the logits of the rows it asks for;
+``sample`` turns them into next tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dpinfer.config import ConfigError, ModelConfig, SchedulerConfig
+from dpinfer.log import get_logger
+from dpinfer.runner import attention
+from dpinfer.runner.attention import ForwardBatch
+from dpinfer.runner.kv_pool import KVLayout, KVPool, ReqToTokenPool, SlotAllocator, kv_pool_tokens
+from dpinfer.runner.registry import ModelSpec, load_model, resolve_model
+from dpinfer.runner.sampler import SamplingInfo, sample
+
+logger = get_logger(__name__)
+
+
+class ModelRunner:
+    """Loads the model of ``model_config`` and a KV pool sized by ``scheduler_config``."""
+
+    supports_images = False
+    """Whether requests may carry ``mm_inputs`` (a vision-language runner sets it)."""
+
+    def __init__(self, model_config: ModelConfig, scheduler_config: SchedulerConfig) -> None:
+        self.model_config = model_config
+        self.spec: ModelSpec = resolve_model(model_config)
+        self.device = torch.device(model_config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {model_config.device}: CUDA is not available on this machine")
+        self.dtype: torch.dtype = getattr(torch, model_config.dtype)
+        attention.register()
+        self.model = load_model(self.spec, model_config.device, model_config.dtype)
+        self.model.set_attn_implementation(attention.ATTENTION_NAME)
+        text = self.model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.layout = KVLayout(
+            num_layers=text.num_hidden_layers,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=head_dim,
+            dtype=self.dtype,
+        )
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.num_slots = kv_pool_tokens(scheduler_config, self.layout, self.device)
+        self.max_context_len = min(
+            self.spec.context_len, self.num_slots, _sliding_window(text, self.spec.context_len)
+        )
+        """Longest prompt + output a request may reach (model limit or whole pool, if smaller)."""
+        self.kv_pool = KVPool(self.layout, self.num_slots, self.device)
+        self.allocator = SlotAllocator(self.num_slots, self.device)
+        self.req_to_token_pool = ReqToTokenPool(
+            scheduler_config.max_running_requests + 2, self.max_context_len, self.device
+        )
+        logger.info(
+            "model %s on %s (%s): KV pool %d tokens (%.1f MiB), max context %d",
+            self.spec.name,
+            self.device,
+            model_config.dtype,
+            self.num_slots,
+            self.kv_pool.size_bytes / 2**20,
+            self.max_context_len,
+        )
+
+    # ------------------------------------------------------------------ compute
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the model on ``batch``; return fp32 logits ``[N, V]`` of the kept rows."""
+        keep = batch.logits_indices if batch.logits_indices is not None else 0
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=batch.input_ids.unsqueeze(0),
+                position_ids=batch.positions.unsqueeze(0),
+                attention_mask=None,
+                use_cache=False,
+                logits_to_keep=keep,
+                dp_batch=batch,
+            )
+        return out.logits[0].float()
+
+    def sample(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
+        with torch.inference_mode():
+            return sample(logits, info)
+
+    # ------------------------------------------------------------------ memory
+
+    def release_kv(self) -> None:
+        """Free the KV pool memory (suspend); every slot must already be free."""
+        self.kv_pool.release()
+        self.allocator.clear()
+
+    def allocate_kv(self) -> None:
+        """Re-create the KV pool memory (resume)."""
+        self.kv_pool.allocate()
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, path: str) -> int:
+        """Copy weights from a HF directory or ``.safetensors`` file into the live model.
+
+        Every tensor is checked (known name, same shape) before anything is copied, so a
+        bad checkpoint raises ``ConfigError`` and leaves the model untouched. Returns the
+        number of tensors loaded.
+        """
+        from safetensors.torch import load_file
+
+        files = _safetensors_files(Path(path).expanduser())
+        params = self.model.state_dict()
+        loaded: dict[str, torch.Tensor] = {}
+        for file in files:
+            for name, tensor in load_file(str(file)).items():
+                target = params.get(name)
+                if target is None:
+                    raise ConfigError(f"update_weights: {file.name} has unknown tensor {name!r}")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ConfigError(
+                        f"update_weights: {name} has shape {tuple(tensor.shape)}, "
+                        f"the model expects {tuple(target.shape)}"
+                    )
+                loaded[name] = tensor
+        if not loaded:
+            raise ConfigError(f"update_weights: no tensors in {path}")
+        with torch.no_grad():
+            for name, tensor in loaded.items():
+                params[name].copy_(tensor)
+        logger.info("loaded %d tensors from %s", len(loaded), path)
+        return len(loaded)
+
+
+def _sliding_window(text_config: object, context_len: int) -> int:
+    """The model's attention window, beyond which full attention (ours) would be wrong."""
+    window = getattr(text_config, "sliding_window", None)
+    if not window or window >= context_len or getattr(text_config, "use_sliding_window", True) is False:
+        return context_len
+    logger.warning("sliding-window attention is not implemented: context capped at %d tokens", window)
+    return int(window)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"update_weights: {path} is not a .safetensors file")
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"update_weights: {path} does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"update_weights: no .safetensors files in {path}")
+    return files

@@ -1,0 +1,125 @@
+"""``Req``: one request's state inside the scheduler (tokens, KV bookkeeping, sampling)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpinfer.runner.radix_cache import TreeNode
+from dpinfer.runner.sampler import make_generator
+from dpinfer.scheduler.io import SchedulerOutput, TokenizedRequest
+from dpinfer.scheduler.stop import Finish, StopChecker
+
+
+class Req:
+    """A request from admission to finish.
+
+    KV bookkeeping: ``kv_len`` tokens of ``fill_ids`` have KV in the pool; their slots are
+    ``req_to_token[req_pool_idx, :kv_len]``. The first ``locked_len`` of them belong to the
+    prefix cache (locked through ``last_node``); the rest are owned by this request.
+    A retracted request loses all of it and is prefilled again from ``prompt + output``.
+    """
+
+    def __init__(
+        self, request: TokenizedRequest, eos_token_ids: tuple[int, ...], max_context_len: int
+    ) -> None:
+        self.request_id = request.request_id
+        self.origin_input_ids = list(request.input_ids)
+        self.sampling = request.sampling
+        self.stream = request.stream
+        self.mm_inputs: dict[str, Any] | None = request.mm_inputs
+        self.mm_hash = request.mm_hash
+        self.output_ids: list[int] = []
+        self.stop = StopChecker(request.sampling, eos_token_ids, max_context_len)
+        self.generator: torch.Generator | None = (
+            None if request.sampling.greedy else make_generator(request.sampling.seed)
+        )
+        self.finish: Finish | None = None
+        self.num_reported = 0
+        self.cached_len = 0
+        self.num_retractions = 0
+        self.admitted_once = False
+        self.reset_kv()
+
+    def reset_kv(self) -> None:
+        """Forget every KV slot (after release or retraction); the next prefill starts over."""
+        self.req_pool_idx: int | None = None
+        self.kv_len = 0
+        self.locked_len = 0
+        self.last_node: TreeNode | None = None
+        self.extend_len = 0
+        """New tokens this request computes in the current extend step."""
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.origin_input_ids)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Tokens whose KV a (re)prefill computes: the prompt, plus output kept across a retraction."""
+        return self.origin_input_ids + self.output_ids if self.output_ids else self.origin_input_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.kv_len >= self.fill_len
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.sampling.max_new_tokens - len(self.output_ids))
+
+    # ------------------------------------------------------------------ output
+
+    def append_token(self, token_id: int, decoder: Any | None) -> None:
+        self.output_ids.append(token_id)
+        self.finish = self.stop.check(self.prompt_len, self.output_ids, decoder)
+
+    @property
+    def num_visible(self) -> int:
+        hidden = 1 if self.finish is not None and self.finish.hide_last_token else 0
+        return len(self.output_ids) - hidden
+
+    def take_output(self) -> SchedulerOutput | None:
+        """The output to send now (``None`` when there is nothing to say yet)."""
+        finished = self.finish is not None
+        if not finished and not self.stream:
+            return None
+        new = self.output_ids[self.num_reported : self.num_visible]
+        if not new and not finished:
+            return None
+        self.num_reported = max(self.num_reported, self.num_visible)
+        return SchedulerOutput(
+            request_id=self.request_id,
+            new_token_ids=new,
+            finished=finished,
+            finish_reason=self.finish.reason.value if self.finish else None,
+            matched_stop=self.finish.matched_stop if self.finish else None,
+            prompt_len=self.prompt_len,
+            cached_len=self.cached_len,
+        )
+
+    def final_output(self, reason: str, error: str | None = None) -> SchedulerOutput:
+        """The last output of a request ended from outside (abort, error)."""
+        new = self.output_ids[self.num_reported :]
+        self.num_reported = len(self.output_ids)
+        return SchedulerOutput(
+            request_id=self.request_id,
+            new_token_ids=new,
+            finished=True,
+            finish_reason=reason,
+            error=error,
+            prompt_len=self.prompt_len,
+            cached_len=self.cached_len,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Req(id={self.request_id}, prompt={self.prompt_len}, out={len(self.output_ids)}, "
+            f"kv={self.kv_len}, locked={self.locked_len}, row={self.req_pool_idx})"
+        )

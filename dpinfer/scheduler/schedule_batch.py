@@ -1,0 +1,145 @@
+"""``ScheduleBatch``: the requests of one forward pass and the tensors describing them.
+
+Two shapes, named as in SGLang:
+
+- an *extend* batch (``prepare_for_extend``): admitted requests, each computing
+  ``req.extend_len`` new tokens after ``req.kv_len`` tokens already in the pool; built
+  fresh for every prefill step;
+- the *running* (decode) batch (``prepare_for_decode``): one new token per request. Its
+  per-request state lives in tensors (table rows, KV lengths, next input token, sampling
+  parameters) that are updated in place each step and only re-indexed when membership
+  changes (``filter``/``merge``), because rebuilding them from Python lists every step costs
+  as much as the model itself on small models. (On CPU the attention still gets one slot
+  view per request each step: B cheap slices, which measured faster than one padded call.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpinfer.runner.attention import ExtendSeq, ForwardBatch, ForwardMode, bottom_right_causal_mask
+from dpinfer.runner.model_runner import ModelRunner
+from dpinfer.runner.sampler import SamplingInfo
+from dpinfer.scheduler.req import Req
+
+
+def build_sampling_info(reqs: list[Req], runner: ModelRunner) -> SamplingInfo:
+    return SamplingInfo.build(
+        [r.sampling for r in reqs], [r.generator for r in reqs], runner.vocab_size, runner.device
+    )
+
+
+class ScheduleBatch:
+    """A list of requests plus the tensors a forward pass over them needs."""
+
+    def __init__(self, reqs: list[Req], runner: ModelRunner) -> None:
+        self.reqs = reqs
+        self.runner = runner
+        self.device = runner.device
+        self.sampling: SamplingInfo | None = None
+        # Decode state; set by ``start_decoding``.
+        self.req_pool_indices = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.seq_lens = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.input_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    # ------------------------------------------------------------------ extend
+
+    def prepare_for_extend(self) -> ForwardBatch:
+        """The forward pass of an extend batch; logits are kept for requests whose prefill
+        completes in this step (``sampling_reqs``), in order."""
+        table = self.runner.req_to_token_pool.req_to_token
+        ids: list[int] = []
+        positions, locs, seqs, keep = [], [], [], []
+        self.sampling_reqs: list[Req] = []
+        for req in self.reqs:
+            start, n = req.kv_len, req.extend_len
+            assert req.req_pool_idx is not None and n > 0
+            row = table[req.req_pool_idx]
+            seq = ExtendSeq(q_start=len(ids), q_len=n, prefix_len=start)
+            if start > 0:
+                seq.kv_indices = row[: start + n]
+                seq.mask = bottom_right_causal_mask(n, start, self.device)
+            seqs.append(seq)
+            ids.extend(req.fill_ids[start : start + n])
+            positions.append(torch.arange(start, start + n, device=self.device))
+            locs.append(row[start : start + n])
+            if start + n >= req.fill_len:
+                keep.append(len(ids) - 1)
+                self.sampling_reqs.append(req)
+        if self.sampling_reqs:
+            self.sampling = build_sampling_info(self.sampling_reqs, self.runner)
+        return ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            kv_pool=self.runner.kv_pool,
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=torch.cat(positions),
+            out_cache_loc=torch.cat(locs),
+            logits_indices=torch.tensor(keep, dtype=torch.int64, device=self.device),
+            extend_seqs=seqs,
+        )
+
+    # ------------------------------------------------------------------ decode
+
+    @classmethod
+    def start_decoding(cls, reqs: list[Req], next_ids: torch.Tensor, runner: ModelRunner) -> ScheduleBatch:
+        """A running batch of ``reqs`` whose next input tokens are ``next_ids``."""
+        batch = cls(reqs, runner)
+        dev = batch.device
+        batch.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=dev)
+        batch.seq_lens = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64, device=dev)
+        batch.input_ids = next_ids.to(dev)
+        batch.sampling = build_sampling_info(reqs, runner)
+        return batch
+
+    def prepare_for_decode(self, out_cache_loc: torch.Tensor) -> ForwardBatch:
+        """One decode step: each request's next token goes to its slot in ``out_cache_loc``.
+
+        On CPU attention runs per request over exactly its tokens (``kv_rows``); on GPU one
+        padded call (``kv_indices`` + ``kv_mask``) avoids a launch per request.
+        """
+        table = self.runner.req_to_token_pool.req_to_token
+        positions = self.seq_lens.clone()
+        table[self.req_pool_indices, positions] = out_cache_loc
+        self.seq_lens += 1
+        batch = ForwardBatch(
+            mode=ForwardMode.DECODE,
+            kv_pool=self.runner.kv_pool,
+            input_ids=self.input_ids,
+            positions=positions,
+            out_cache_loc=out_cache_loc,
+        )
+        if self.device.type == "cpu":
+            rows, lens = self.req_pool_indices.tolist(), self.seq_lens.tolist()
+            batch.kv_rows = [table[row, :n] for row, n in zip(rows, lens, strict=True)]
+            return batch
+        max_len = int(self.seq_lens.max())
+        kv_indices = table[self.req_pool_indices, :max_len]
+        mask = torch.arange(max_len, device=self.device).unsqueeze(0) < self.seq_lens.unsqueeze(1)
+        # Rows past a request's length hold stale slots: point them at the zeroed slot 0.
+        batch.kv_indices = kv_indices.masked_fill(~mask, 0)
+        batch.kv_mask = mask.view(len(self.reqs), 1, 1, max_len)
+        return batch
+
+    # ------------------------------------------------------------------ membership
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the requests at positions ``keep`` (in order)."""
+        if len(keep) == len(self.reqs):
+            return
+        index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+        self.reqs = [self.reqs[i] for i in keep]
+        self.req_pool_indices = self.req_pool_indices.index_select(0, index)
+        self.seq_lens = self.seq_lens.index_select(0, index)
+        self.input_ids = self.input_ids.index_select(0, index)
+        self.sampling = build_sampling_info(self.reqs, self.runner)
+
+    def merge(self, other: ScheduleBatch) -> None:
+        """Append ``other``'s requests (both must be decode batches)."""
+        self.reqs = self.reqs + other.reqs
+        self.req_pool_indices = torch.cat([self.req_pool_indices, other.req_pool_indices])
+        self.seq_lens = torch.cat([self.seq_lens, other.seq_lens])
+        self.input_ids = torch.cat([self.input_ids, other.input_ids])
+        self.sampling = build_sampling_info(self.reqs, self.runner)

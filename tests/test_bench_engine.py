@@ -1,0 +1,52 @@
+"""``dpinfer bench engine --json`` at tiny sizes: it runs and reports the documented shape."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from dpinfer.bench.engine import command, make_mixed, make_shared_prefix
+
+
+def test_workloads_are_seeded_and_in_range() -> None:
+    a = make_mixed(8, 384, (16, 32), (4, 8), seed=5)
+    b = make_mixed(8, 384, (16, 32), (4, 8), seed=5)
+    assert a == b
+    assert all(16 <= len(p) <= 32 for p in a.prompts) and all(4 <= n <= 8 for n in a.output_lens)
+    shared = make_shared_prefix(4, 384, 40, (2, 5), (3, 3), seed=5)
+    assert all(p[:40] == shared.prompts[0][:40] for p in shared.prompts)
+
+
+def test_bench_engine_json_shape() -> None:
+    args = [
+        "--threads=1",
+        "--num-requests=6",
+        "--prompt-len=8-40",
+        "--output-len=2-6",
+        "--prefix-len=48",
+        "--suffix-len=2-6",
+        "--shared-output-len=2-4",
+        "--json",
+    ]
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["torch_threads"] == 1
+    systems = {(c["workload"], c["system"]) for c in report["cases"]}
+    assert systems == {
+        ("mixed", "dpinfer"),
+        ("mixed", "hf_generate"),
+        ("shared_prefix", "dpinfer"),
+        ("shared_prefix", "dpinfer_no_cache"),
+    }
+    for case in report["cases"]:
+        for key in ("output_tok_per_s", "ttft_p50_ms", "tpot_p50_ms", "ttft_p99_ms", "tpot_p99_ms"):
+            assert isinstance(case[key], int | float) and case[key] >= 0, (case["system"], key)
+        assert case["num_requests"] == 6
+    mixed = [c for c in report["cases"] if c["workload"] == "mixed"]
+    assert mixed[0]["output_tokens"] == mixed[1]["output_tokens"], "same requested tokens on both systems"
+    assert set(report["speedup"]) == {"mixed", "shared_prefix"}
+    assert all(v > 0 for v in report["speedup"].values())
+    cached = {c["system"]: c["cached_tokens"] for c in report["cases"] if c["workload"] == "shared_prefix"}
+    assert cached["dpinfer"] > 0 and cached["dpinfer_no_cache"] == 0
