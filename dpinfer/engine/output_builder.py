@@ -1,0 +1,99 @@
+"""Turn scheduler token outputs into wire-ready ``OutputBody`` frames (pure logic, no I/O).
+
+``OutputBuilder.process(batch)`` is the whole job of the DetokenizerProcess: per request it
+keeps a ``RequestDetokenizer``; a streaming request gets a partial entry whenever new text
+is released (``delta_text`` + the token ids since the last partial), every request gets
+exactly one final entry with the whole text and token ids (a streaming one also carries
+the last unsent delta). ``EngineOutputEntry.num_tokens`` is the tokens generated so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dpinfer.engine.incremental_detok import DecodeFn, RequestDetokenizer
+from dpinfer.engine.messages import RankOutputs, RequestMeta, SchedulerBatch
+from dpinfer.log import get_logger
+from dpinfer.protocol import EngineOutputEntry, FinishReason, OutputBody
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class _Tracked:
+    meta: RequestMeta
+    detok: RequestDetokenizer
+    num_sent_tokens: int = 0
+    """Tokens already carried by partial outputs (the next delta starts here)."""
+
+
+class OutputBuilder:
+    """Per-request incremental detokenization state for one rank."""
+
+    def __init__(self, decode: DecodeFn) -> None:
+        self._decode = decode
+        self._requests: dict[int, _Tracked] = {}
+
+    @property
+    def num_tracked(self) -> int:
+        return len(self._requests)
+
+    def process(self, batch: SchedulerBatch) -> RankOutputs:
+        """Consume one scheduler batch; return the outputs to forward (in batch order)."""
+        for meta in batch.metas:
+            self._requests[meta.request_id] = _Tracked(
+                meta, RequestDetokenizer(self._decode, meta.stop, meta.prompt_tail)
+            )
+        entries: list[EngineOutputEntry] = []
+        bodies: list[bytes] = []
+        for out in batch.outputs:
+            built = self._one(out)
+            if built is not None:
+                entries.append(built[0])
+                bodies.append(built[1])
+        return RankOutputs(tuple(entries), tuple(bodies), batch.control_results, batch.load)
+
+    def _one(self, out: Any) -> tuple[EngineOutputEntry, bytes] | None:
+        rid = out.request_id
+        tracked = self._requests.get(rid)
+        if tracked is None:
+            # Outputs are preceded by their meta on the same ordered path; a missing one
+            # is a bug upstream, but the request must still get its reply.
+            logger.warning("output for unknown request %d; treating it as non-streaming", rid)
+            tracked = _Tracked(RequestMeta(rid, stream=False), RequestDetokenizer(self._decode))
+            self._requests[rid] = tracked
+        new_ids = tuple(out.new_token_ids or ())
+        if out.finished:
+            del self._requests[rid]
+            return self._final(tracked, out, new_ids)
+        delta = tracked.detok.step(new_ids)
+        if not (tracked.meta.stream and delta):
+            return None
+        ids = tracked.detok.token_ids
+        body = OutputBody(delta_text=delta, delta_token_ids=tuple(ids[tracked.num_sent_tokens :]))
+        tracked.num_sent_tokens = len(ids)
+        return EngineOutputEntry(rid, False, len(ids)), body.to_bytes()
+
+    def _final(
+        self, tracked: _Tracked, out: Any, new_ids: tuple[int, ...]
+    ) -> tuple[EngineOutputEntry, bytes]:
+        matched = out.matched_stop if isinstance(out.matched_stop, str) else None
+        delta = tracked.detok.finish(new_ids, matched)
+        ids = tuple(tracked.detok.token_ids)
+        stream = tracked.meta.stream
+        body = OutputBody(
+            text=tracked.detok.text,
+            token_ids=ids,
+            delta_text=delta if stream else "",
+            delta_token_ids=ids[tracked.num_sent_tokens :] if stream else (),
+            finish_reason=str(out.finish_reason or FinishReason.STOP.value),
+            error=out.error or None,
+            prompt_tokens=int(out.prompt_len or 0),
+            completion_tokens=len(ids),
+            cached_tokens=int(out.cached_len or 0),
+        )
+        return EngineOutputEntry(tracked.meta.request_id, True, len(ids)), body.to_bytes()
+
+    def drop(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)

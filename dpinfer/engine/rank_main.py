@@ -1,0 +1,299 @@
+"""The rank main's loop: relay requests in and outputs out, apply control, heartbeat, supervise.
+
+Sockets (local ones are ``ipc://``, names from ``engine.messages``):
+
+- ``conn.socket``: the DEALER link to the coordinator (``EngineConnection``).
+- ``recv_outputs`` (PULL, binds ``rank-outputs``): ``RankOutputs`` from the detokenizer
+  (outputs, control results, load) and from the tokenizer (error finals for bad requests).
+- ``send_to_tokenizer`` (PUSH): requests and aborts, in coordinator order.
+- ``send_to_scheduler`` (PUSH): lifecycle ``ControlCommand``\\ s.
+- each child's process sentinel, and a signal wake-up pipe (SIGTERM/SIGINT).
+
+This loop never runs the model, so heartbeats stay on time however busy the scheduler is.
+Every accepted request gets exactly one final reply (see ``engine.inflight``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from dpinfer import protocol
+from dpinfer.engine import messages as m
+from dpinfer.engine.inflight import DEFAULT_STOP_DEADLINE_S, InFlight, StopPlan
+from dpinfer.engine.signal_wakeup import SignalWakeup
+from dpinfer.engine.supervisor import Child, Supervisor
+from dpinfer.errors import ProtocolError
+from dpinfer.log import get_logger
+from dpinfer.protocol import EngineState, FinishReason, Signal
+
+logger = get_logger(__name__)
+
+MAX_DRAIN = 256
+_ORDER = (EngineState.RUNNING, EngineState.PAUSED, EngineState.SUSPENDED)
+
+
+class RankMain:
+    """The loop of one rank main; ``run_rank`` builds it once every child is ready."""
+
+    def __init__(self, rank: int, conn: Any, supervisor: Supervisor, sockets: dict[str, zmq.Socket]) -> None:
+        self.rank = rank
+        self.conn = conn
+        self.supervisor = supervisor
+        self.recv_outputs = sockets["recv_outputs"]
+        self.send_to_tokenizer = sockets["send_to_tokenizer"]
+        self.send_to_scheduler = sockets["send_to_scheduler"]
+        self.state = EngineState.RUNNING
+        self.target_state = EngineState.RUNNING
+        """The state once every control sent to the scheduler has been applied."""
+        self.inflight = InFlight()
+        self.load = m.LoadSnapshot()
+        self.stop: StopPlan | None = None
+        self.exit_code: int | None = None
+        self._sentinels = supervisor.sentinels()
+        self._wakeup = SignalWakeup()
+        self.poller = zmq.Poller()
+        for sock in (self.recv_outputs, conn.socket, self._wakeup.fd, *self._sentinels):
+            self.poller.register(sock, zmq.POLLIN)
+        self._dispatch = {
+            protocol.Requests: self.on_requests,
+            protocol.EngineAbort: self.on_abort,
+            protocol.EngineControl: self.on_control,
+            protocol.RegisterAck: self.on_reregistered,
+            protocol.Error: self.on_error,
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        """Serve until STOP (returns 0) or a dead child (returns 1)."""
+        self._wakeup.install()
+        try:
+            while self.exit_code is None:
+                events = dict(self.poller.poll(self._timeout_ms()))
+                if self.recv_outputs in events:
+                    self.on_outputs()
+                if self.conn.socket in events:
+                    for msg in self.conn.recv_ready():
+                        self.dispatch(msg)
+                if self._wakeup.fd in events:
+                    self.on_signal(self._wakeup.pop())
+                dead = [child for fd, child in self._sentinels.items() if fd in events]
+                if dead and self.exit_code is None:
+                    self.on_child_died(dead[0])
+                self.maybe_heartbeat()
+                self.check_stop()
+            return self.exit_code
+        finally:
+            self._wakeup.close()
+
+    def _timeout_ms(self) -> int:
+        timeout_s = self.conn.seconds_until_heartbeat()
+        if self.stop is not None:
+            timeout_s = min(timeout_s, self.stop.seconds_until_next_action())
+        return int(timeout_s * 1000) + 1
+
+    def dispatch(self, msg: protocol.Message) -> None:
+        handler = self._dispatch.get(type(msg))
+        if handler is None:
+            logger.error("unexpected %s from the coordinator; dropped", type(msg).__name__)
+            return
+        handler(msg)
+
+    def maybe_heartbeat(self) -> None:
+        if self.conn.seconds_until_heartbeat() > 0:
+            return
+        # In-flight counts are fresh here; the scheduler's figures may be up to 100 ms old.
+        num_running = min(self.load.num_running, len(self.inflight))
+        num_waiting = len(self.inflight) - num_running
+        self.conn.send_heartbeat(
+            num_waiting, num_running, self.load.kv_used_tokens, self.load.kv_free_tokens, self.state.value
+        )
+
+    # ------------------------------------------------------------------ coordinator -> rank
+
+    def on_requests(self, msg: protocol.Requests) -> None:
+        if self.stop is not None:
+            entries = [protocol.EngineOutputEntry(e.request_id, True, 0) for e in msg.entries]
+            body = protocol.error_body(f"rank {self.rank} is stopping; request not accepted")
+            self.conn.send_outputs(entries, [body] * len(entries))
+            return
+        raws = []
+        for entry, body in zip(msg.entries, msg.bodies, strict=True):
+            if not self.inflight.add(entry.request_id):
+                logger.warning("request %d is already in flight; duplicate dropped", entry.request_id)
+                continue
+            raws.append(m.RawRequest(entry.request_id, entry.stream, _to_bytes(body)))
+        if raws:
+            self.send_to_tokenizer.send_pyobj(m.TokenizeRequests(tuple(raws)))
+
+    def on_abort(self, msg: protocol.EngineAbort) -> None:
+        ids = tuple(rid for rid in msg.request_ids if rid in self.inflight)
+        if ids:
+            self.send_to_tokenizer.send_pyobj(m.AbortRequests(ids, "aborted by the client"))
+
+    def on_error(self, msg: protocol.Error) -> None:
+        logger.warning("coordinator error %s: %s", msg.code, msg.message)
+
+    def on_reregistered(self, ack: protocol.RegisterAck) -> None:
+        # The coordinator already re-dispatched or failed what we held: drop it here too.
+        if len(self.inflight):
+            self.send_to_tokenizer.send_pyobj(m.AbortRequests(self.inflight.ids(), "re-registered"))
+            self.inflight.clear()
+        self.apply_state(ack.state)
+
+    def apply_state(self, state: str) -> None:
+        """Bring the scheduler to the coordinator's state (a late joiner may start paused)."""
+        try:
+            target = EngineState(state)
+        except ValueError:
+            logger.error("coordinator sent unknown state %r; ignored", state)
+            return
+        if self.stop is not None:
+            return  # already on the way out
+        if target is EngineState.STOPPED:
+            self.begin_stop(m.INTERNAL_CONTROL_ID, Signal.STOP, {"drain": False})
+            return
+        here, there = _ORDER.index(self.target_state), _ORDER.index(target)
+        down, up = (Signal.PAUSE, Signal.SUSPEND), (Signal.UNPAUSE, Signal.RESUME)
+        steps = list(down[here:there]) if there > here else list(reversed(up[there:here]))
+        for sig in steps:
+            self.send_to_scheduler.send_pyobj(m.ControlCommand(m.INTERNAL_CONTROL_ID, sig.value))
+        self.target_state = target
+
+    def on_control(self, msg: protocol.EngineControl) -> None:
+        try:
+            sig = Signal(msg.signal)
+        except ValueError:
+            valid = ", ".join(s.value for s in Signal)
+            self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value,
+                                       f"unknown signal {msg.signal!r} (valid: {valid})")  # fmt: skip
+            return
+        if sig in (Signal.STOP, Signal.SHUTDOWN):
+            self.begin_stop(msg.control_id, sig, msg.args)
+            return
+        try:
+            if self.stop is not None:
+                raise ProtocolError(f"rank {self.rank} is stopping")
+            target = protocol.next_state(self.target_state, sig)
+        except ProtocolError as e:
+            self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value, str(e))
+            return
+        self.target_state = target
+        self.send_to_scheduler.send_pyobj(m.ControlCommand(msg.control_id, sig.value, dict(msg.args)))
+
+    # ------------------------------------------------------------------ children -> rank
+
+    def on_outputs(self) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                msg = self.recv_outputs.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not isinstance(msg, m.RankOutputs):
+                logger.error("unexpected %s on the outputs socket; dropped", type(msg).__name__)
+                continue
+            entries, bodies = self.inflight.filter_outputs(msg.entries, msg.bodies)
+            self.conn.send_outputs(entries, bodies)
+            for result in msg.control_results:
+                self.on_control_result(result)
+            if msg.load is not None:
+                self.load = msg.load
+
+    def on_control_result(self, result: m.ControlResult) -> None:
+        self.state = EngineState(result.state)
+        if not result.ok:
+            self.target_state = self.state
+            logger.warning("control %s failed: %s", result.signal, result.error)
+        if result.control_id != m.INTERNAL_CONTROL_ID:
+            self.conn.send_control_ack(
+                result.control_id, result.signal, result.ok, result.state, result.error
+            )
+
+    def on_child_died(self, child: Child) -> None:
+        child.process.join(timeout=1.0)
+        error = (
+            f"rank {self.rank}: the {child.name} process (pid {child.pid}) died unexpectedly "
+            f"(exit code {child.process.exitcode}); the rank is shutting down"
+        )
+        logger.error(error)
+        entries, bodies = self.inflight.fail_all(error)
+        self.conn.send_outputs(entries, bodies)
+        if self.stop is not None:
+            for control_id, sig in self.stop.control_ids:
+                self.conn.send_control_ack(control_id, sig, False, self.state.value, error)
+        self.conn.deregister(error)
+        self.exit_code = 1
+
+    # ------------------------------------------------------------------ stop
+
+    def begin_stop(self, control_id: int, sig: Signal, args: dict[str, Any]) -> None:
+        drain = args.get("drain", sig is Signal.STOP)
+        deadline_s = args.get("deadline_s", DEFAULT_STOP_DEADLINE_S)
+        valid_deadline = isinstance(deadline_s, int | float) and not isinstance(deadline_s, bool)
+        if not isinstance(drain, bool) or not valid_deadline or deadline_s < 0:
+            error = "stop takes args drain (bool) and deadline_s (number >= 0)"
+            self.conn.send_control_ack(control_id, sig.value, False, self.state.value, error)
+            return
+        if self.stop is None:
+            self.stop = StopPlan.start(drain, float(deadline_s))
+            self.state = self.target_state = EngineState.STOPPED
+            reason = f"rank {self.rank} stopped"
+            self.send_to_scheduler.send_pyobj(
+                m.ControlCommand(m.INTERNAL_CONTROL_ID, Signal.STOP.value, {"drain": drain, "reason": reason})
+            )
+            logger.info(
+                "stopping (drain=%s, deadline %.1f s, %d in flight)", drain, deadline_s, len(self.inflight)
+            )
+        elif not drain:
+            self.stop.deadline = min(self.stop.deadline, time.monotonic())
+        if control_id != m.INTERNAL_CONTROL_ID:
+            self.stop.control_ids.append((control_id, sig.value))
+
+    def check_stop(self) -> None:
+        stop = self.stop
+        if stop is None or self.exit_code is not None:
+            return
+        if not len(self.inflight):
+            self.finish_stop()
+        elif stop.should_abort():
+            logger.info("stop deadline: aborting %d request(s)", len(self.inflight))
+            self.send_to_tokenizer.send_pyobj(
+                m.AbortRequests(self.inflight.ids(), f"rank {self.rank} stopped")
+            )
+            stop.abort_sent_at = time.monotonic()
+        elif stop.abort_grace_over():
+            logger.warning("%d request(s) got no abort reply in time; failing them here", len(self.inflight))
+            entries, bodies = self.inflight.fail_all(f"rank {self.rank} stopped", FinishReason.ABORT)
+            self.conn.send_outputs(entries, bodies)
+            self.finish_stop()
+
+    def finish_stop(self) -> None:
+        assert self.stop is not None
+        for control_id, sig in self.stop.control_ids:
+            self.conn.send_control_ack(control_id, sig, True, EngineState.STOPPED.value)
+        self.conn.deregister("stopped")
+        self.exit_code = 0
+
+    # ------------------------------------------------------------------ signals
+
+    def on_signal(self, signum: int | None) -> None:
+        """First SIGTERM/SIGINT: stop without draining. Second: fail what is left and exit."""
+        if signum is None:
+            return
+        if self.stop is None:
+            logger.warning("signal %d: stopping (aborting in-flight requests)", signum)
+            self.begin_stop(m.INTERNAL_CONTROL_ID, Signal.STOP, {"drain": False})
+        else:
+            logger.warning("signal %d again: failing in-flight requests and exiting now", signum)
+            entries, bodies = self.inflight.fail_all(f"rank {self.rank} terminated", FinishReason.ABORT)
+            self.conn.send_outputs(entries, bodies)
+            self.finish_stop()
+
+
+def _to_bytes(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    return bytes(frame.buffer if hasattr(frame, "buffer") else frame)

@@ -1,0 +1,254 @@
+"""SchedulerProcess: the shell around ``Scheduler`` -- inputs in, steps, token outputs out.
+
+Sockets (all ``ipc://``, names from ``dpinfer.engine.messages``):
+
+- ``recv_from_tokenizer`` (``transport.channel`` receiver, binds ``scheduler-in``):
+  ``TokenizedRequest`` and ``AbortRequests`` in one ordered stream.
+- ``recv_control`` (PULL, binds ``scheduler-control``): ``ControlCommand`` and ``Shutdown``
+  from the rank main.
+- ``send_to_detokenizer`` (PUSH, connects ``detokenizer-in``): one ``SchedulerBatch`` per
+  loop iteration holding the new requests' metas, every output of the step, control results
+  (after the outputs they follow) and, at most every ``LOAD_INTERVAL_S``, the load.
+
+Loop: drain every input -> step while there is work (and the state allows it) -> send one
+batch -> when idle, ``IdleSleeper`` blocks on every input socket at once (never a busy loop,
+never a fixed long wait). The scheduler applies lifecycle signals itself and acknowledges
+them through the detokenizer, so an acknowledgement never overtakes earlier outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from dpinfer.config import RankConfig, ipc_address
+from dpinfer.engine import messages as m
+from dpinfer.log import get_logger
+from dpinfer.protocol import EngineState, FinishReason, Signal, next_state
+
+logger = get_logger(__name__)
+
+LOAD_INTERVAL_S = 0.1
+"""Most frequent load report while busy; an idle scheduler reports a change at once."""
+
+
+class IdleSleeper:
+    """Block until any of the scheduler's inputs is readable (or ``timeout_s`` passes).
+
+    Register EVERY socket the scheduler reads -- the request channel and the control socket
+    -- so no input ever waits for a timeout to be noticed.
+    """
+
+    def __init__(self, sockets: Sequence[zmq.Socket | int]) -> None:
+        self.poller = zmq.Poller()
+        for sock in sockets:
+            self.poller.register(sock, zmq.POLLIN)
+
+    def sleep(self, timeout_s: float | None = None) -> bool:
+        """Return True when an input is readable, False on timeout."""
+        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+        return bool(self.poller.poll(timeout_ms))
+
+
+class SchedulerProcess:
+    """Drives one ``Scheduler``; see the module docstring for the sockets and the loop."""
+
+    def __init__(
+        self, scheduler: Any, receiver: Any, recv_control: zmq.Socket, send_to_detokenizer: zmq.Socket
+    ):
+        self.scheduler = scheduler
+        self.receiver = receiver
+        self.recv_control = recv_control
+        self.send_to_detokenizer = send_to_detokenizer
+        self.sleeper = IdleSleeper([receiver.socket, recv_control])
+        self.state = EngineState.RUNNING
+        self.running = True
+        self._metas: list[m.RequestMeta] = []
+        self._outputs: list[Any] = []
+        self._results: list[m.ControlResult] = []
+        self._last_load: m.LoadSnapshot | None = None
+        self._last_load_at = 0.0
+        self._dispatch = {
+            m.AbortRequests: self.on_abort,
+            m.ControlCommand: self.on_control,
+            m.Shutdown: self.on_shutdown,
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def loop(self) -> None:
+        while self.running:
+            self.recv_inputs()
+            busy = self.can_step()
+            if busy:
+                self._outputs.extend(self.scheduler.step())
+            self.flush(idle=not busy)
+            if self.running and not busy and not self.can_step():
+                self.sleeper.sleep()
+
+    def can_step(self) -> bool:
+        # Paused and suspended schedulers keep their queues but must not spin on them.
+        return self.state in (EngineState.RUNNING, EngineState.STOPPED) and bool(self.scheduler.has_work)
+
+    def recv_inputs(self) -> None:
+        for obj in self.receiver.recv_ready():
+            self.dispatch(obj)
+        while True:
+            try:
+                obj = self.recv_control.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.dispatch(obj)
+
+    def dispatch(self, obj: Any) -> None:
+        from dpinfer.scheduler.io import TokenizedRequest
+
+        if isinstance(obj, TokenizedRequest):
+            self.on_request(obj)
+            return
+        handler = self._dispatch.get(type(obj))
+        if handler is None:
+            logger.error("unknown message %s; dropped", type(obj).__name__)
+            return
+        handler(obj)
+
+    def flush(self, idle: bool) -> None:
+        """Send what this iteration produced as one batch (plus the load when due)."""
+        load = self._due_load(idle)
+        if not (self._metas or self._outputs or self._results or load):
+            return
+        batch = m.SchedulerBatch(tuple(self._metas), tuple(self._outputs), tuple(self._results), load)
+        self._metas, self._outputs, self._results = [], [], []
+        self.send_to_detokenizer.send_pyobj(batch)
+
+    def _due_load(self, idle: bool) -> m.LoadSnapshot | None:
+        now = time.monotonic()
+        if not idle and now - self._last_load_at < LOAD_INTERVAL_S:
+            return None
+        report = self.scheduler.load()
+        load = m.LoadSnapshot(
+            report.num_waiting, report.num_running, report.kv_used_tokens, report.kv_free_tokens
+        )
+        if idle and load == self._last_load:
+            return None
+        self._last_load, self._last_load_at = load, now
+        return load
+
+    # ------------------------------------------------------------------ handlers
+
+    def on_request(self, req: Any) -> None:
+        stop = tuple(req.sampling.stop) if req.sampling is not None else ()
+        self._metas.append(m.RequestMeta(req.request_id, bool(req.stream), stop, tuple(req.input_ids[-8:])))
+        try:
+            self._outputs.extend(self.scheduler.add_request(req))
+        except Exception as e:
+            logger.exception("add_request(%d) failed", req.request_id)
+            self._outputs.append(
+                _error_output(req.request_id, len(req.input_ids), f"{type(e).__name__}: {e}")
+            )
+
+    def on_abort(self, msg: m.AbortRequests) -> None:
+        for rid in msg.request_ids:
+            self._outputs.extend(self.scheduler.abort_request(rid))
+
+    def on_shutdown(self, msg: m.Shutdown) -> None:
+        self.running = False
+
+    def on_control(self, cmd: m.ControlCommand) -> None:
+        try:
+            signal = Signal(cmd.signal)
+            if signal in (Signal.STOP, Signal.SHUTDOWN):
+                self._stop(bool(cmd.args.get("drain", True)), str(cmd.args.get("reason", "rank stopped")))
+            else:
+                target = next_state(self.state, signal)
+                self._apply(signal, cmd.args)
+                self.state = target
+            result = m.ControlResult(cmd.control_id, cmd.signal, True, self.state.value)
+        except Exception as e:  # noqa: BLE001 - a failed signal is acknowledged with its error
+            logger.warning("control %s failed: %s", cmd.signal, e)
+            result = m.ControlResult(cmd.control_id, cmd.signal, False, self.state.value, str(e))
+        self._results.append(result)
+
+    def _apply(self, signal: Signal, args: dict[str, Any]) -> None:
+        if signal is Signal.PAUSE:
+            self.scheduler.pause()
+        elif signal is Signal.UNPAUSE:
+            self.scheduler.unpause()
+        elif signal is Signal.SUSPEND:
+            self.scheduler.suspend()
+        elif signal is Signal.RESUME:
+            self.scheduler.resume()
+        elif signal is Signal.UPDATE_WEIGHTS:
+            path = args.get("path")
+            if not isinstance(path, str) or not path:
+                raise ValueError("update_weights needs args.path: a local model directory")
+            self.scheduler.update_weights(path)
+
+    def _stop(self, drain: bool, reason: str) -> None:
+        """Drain: run to completion (leaving pause/suspend); otherwise abort everything now."""
+        if drain:
+            if self.state is EngineState.SUSPENDED:
+                self.scheduler.resume()
+                self.state = EngineState.PAUSED
+            if self.state is EngineState.PAUSED:
+                self.scheduler.unpause()
+        else:
+            self._outputs.extend(self.scheduler.abort_all(reason) or ())
+        self.state = EngineState.STOPPED
+
+
+def _error_output(request_id: int, prompt_len: int, error: str) -> Any:
+    from dpinfer.scheduler.io import SchedulerOutput
+
+    return SchedulerOutput(
+        request_id=request_id,
+        new_token_ids=[],
+        finished=True,
+        finish_reason=FinishReason.ERROR.value,
+        matched_stop=None,
+        error=error,
+        prompt_len=prompt_len,
+        cached_len=0,
+    )
+
+
+def run_scheduler_process(config: RankConfig, report_ready: Any, tensor_queue: Any = None) -> None:
+    """Child entry: build the scheduler and sockets -> report ready -> loop -> close."""
+    from dpinfer.scheduler.scheduler import Scheduler
+    from dpinfer.transport.channel import make_receiver
+
+    dep, rank = config.deployment_id, config.rank
+    threads = os.environ.get("DPINFER_NUM_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))  # the launcher's per-rank share of the cores
+    scheduler = Scheduler.from_config(config.model, config.scheduler)
+    context = zmq.Context()
+    receiver = make_receiver(
+        config.transport, ipc_address(dep, rank, m.ADDR_SCHEDULER_IN), dep, rank, context, tensor_queue
+    )
+    recv_control = context.socket(zmq.PULL)
+    recv_control.setsockopt(zmq.LINGER, 0)
+    recv_control.bind(ipc_address(dep, rank, m.ADDR_SCHEDULER_CONTROL))
+    send_to_detokenizer = context.socket(zmq.PUSH)
+    send_to_detokenizer.setsockopt(zmq.LINGER, 2000)
+    send_to_detokenizer.connect(ipc_address(dep, rank, m.ADDR_DETOKENIZER_IN))
+    try:
+        load = scheduler.load()
+        report_ready(
+            {
+                "max_context_len": int(scheduler.max_context_len),
+                "kv_capacity_tokens": int(load.kv_capacity_tokens),
+            }
+        )
+        SchedulerProcess(scheduler, receiver, recv_control, send_to_detokenizer).loop()
+    finally:
+        receiver.close()
+        recv_control.close()
+        send_to_detokenizer.close()
+        context.term()

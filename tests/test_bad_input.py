@@ -1,0 +1,135 @@
+"""Request parsing: every bad input gets a clear ``InvalidRequestError``; good ones tokenize right."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from transformers import ByT5Tokenizer
+
+from dpinfer.engine.messages import RawRequest
+from dpinfer.engine.request_parsing import RequestParser, appends_eos
+from dpinfer.errors import InvalidRequestError
+from dpinfer.runner.builtin_models import TINY_CHAT_TEMPLATE
+
+MAX_PROMPT = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ByT5Tokenizer:
+    tok = ByT5Tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def parser(tokenizer: ByT5Tokenizer) -> RequestParser:
+    return RequestParser(
+        tokenizer=tokenizer,
+        model_name="tiny-llama",
+        vocab_size=384,
+        max_prompt_len=MAX_PROMPT,
+        add_special_tokens=not appends_eos(tokenizer),
+    )
+
+
+def raw(body: Any, request_id: int = 5, stream: bool = False) -> RawRequest:
+    data = body if isinstance(body, bytes) else msgpack.packb(body, use_bin_type=True)
+    return RawRequest(request_id, stream, data)
+
+
+def test_byt5_prompts_do_not_get_eos(parser: RequestParser, tokenizer: ByT5Tokenizer) -> None:
+    assert appends_eos(tokenizer) and not parser.add_special_tokens
+    req = parser.parse(raw({"prompt": "hé", "sampling": {"max_new_tokens": 3, "temperature": 0.0}}, 9, True))
+    assert req.input_ids == [ord("h") + 3, 0xC3 + 3, 0xA9 + 3]  # bytes at b+3, no EOS
+    assert req.request_id == 9 and req.stream is True
+    assert req.sampling.max_new_tokens == 3 and req.sampling.greedy
+
+
+def test_token_ids_and_chat_messages(parser: RequestParser, tokenizer: ByT5Tokenizer) -> None:
+    assert parser.parse(raw({"prompt": [3, 100, 383]})).input_ids == [3, 100, 383]
+    msgs = [{"role": "user", "content": "hi"}]
+    req = parser.parse(raw({"messages": msgs}))
+    expected = tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert req.input_ids == list(expected["input_ids"])
+    assert tokenizer.decode(req.input_ids).endswith("<|assistant|>")
+
+
+BAD_INPUTS: list[tuple[str, Any, str]] = [
+    ("empty prompt", {"prompt": ""}, "prompt is empty"),
+    ("empty token list", {"prompt": []}, "prompt is empty"),
+    ("too long", {"prompt": "x" * (MAX_PROMPT + 1)}, f"at most {MAX_PROMPT}"),
+    ("too long ids", {"prompt": [5] * (MAX_PROMPT + 1)}, "33 tokens"),
+    ("max_new_tokens 0", {"prompt": "a", "sampling": {"max_new_tokens": 0}}, "max_new_tokens must be >= 1"),
+    ("negative temperature", {"prompt": "a", "sampling": {"temperature": -0.5}}, "temperature must be >= 0"),
+    ("top_p 0", {"prompt": "a", "sampling": {"top_p": 0.0}}, "top_p must be in (0, 1]"),
+    ("top_p > 1", {"prompt": "a", "sampling": {"top_p": 1.5}}, "top_p must be in (0, 1]"),
+    ("top_k negative", {"prompt": "a", "sampling": {"top_k": -1}}, "top_k must be >= 0"),
+    ("unknown field", {"prompt": "a", "temperature": 0.1}, "unknown request field(s): temperature"),
+    (
+        "unknown sampling field",
+        {"prompt": "a", "sampling": {"best_of": 2}},
+        "unknown sampling field(s): best_of",
+    ),
+    ("prompt wrong type", {"prompt": 42}, "prompt must be a string or a list of token ids"),
+    (
+        "temperature wrong type",
+        {"prompt": "a", "sampling": {"temperature": "hot"}},
+        "temperature must be a number",
+    ),
+    ("max_new_tokens float", {"prompt": "a", "sampling": {"max_new_tokens": 2.5}}, "must be an integer"),
+    ("sampling not a map", {"prompt": "a", "sampling": [1, 2]}, "sampling params must be a map"),
+    ("token id too big", {"prompt": [3, 384]}, "prompt[1] = 384 is out of vocabulary"),
+    ("token id negative", {"prompt": [-1]}, "out of vocabulary"),
+    ("token id bool", {"prompt": [True]}, "prompt[0] must be an integer token id"),
+    ("token id str", {"prompt": ["a"]}, "must be an integer token id"),
+    ("both prompt and messages", {"prompt": "a", "messages": []}, "exactly one of 'prompt' or 'messages'"),
+    ("neither", {"sampling": {}}, "exactly one of 'prompt' or 'messages'"),
+    ("messages not a list", {"messages": "hi"}, "messages must be a non-empty list"),
+    ("empty messages", {"messages": []}, "messages must be a non-empty list"),
+    ("message not a map", {"messages": ["hi"]}, "messages[0] must be a map"),
+    (
+        "message bad content",
+        {"messages": [{"role": "user", "content": 3}]},
+        "messages[0].content must be a string",
+    ),
+    ("message no role", {"messages": [{"content": "x"}]}, "messages[0].role must be a non-empty string"),
+    ("message extra key", {"messages": [{"role": "u", "content": "x", "foo": 1}]}, "unknown field(s): foo"),
+    (
+        "images on text model",
+        {"prompt": "a", "images": [b"\x89PNG"]},
+        "text-only and does not accept 'images'",
+    ),
+    ("model_inputs on text model", {"prompt": "a", "model_inputs": {}}, "does not accept 'model_inputs'"),
+    ("body not a map", [1, 2, 3], "request body must be a map"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_rejected_with_a_clear_message(parser: RequestParser, body: Any, expected: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parser.parse(raw(body))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\xc1", b"\x92\x01", b"\xff" * 10])
+def test_undecodable_body(parser: RequestParser, garbage: bytes) -> None:
+    with pytest.raises(InvalidRequestError, match="request body"):
+        parser.parse(raw(garbage))
+
+
+def test_chat_without_template_is_an_error() -> None:
+    parser = RequestParser(ByT5Tokenizer(), "plain", 384, 100, add_special_tokens=False)
+    with pytest.raises(InvalidRequestError, match="has no chat template; send 'prompt' instead"):
+        parser.parse(raw({"messages": [{"role": "user", "content": "hi"}]}))
+
+
+def test_chat_template_exception_becomes_an_error(tokenizer: ByT5Tokenizer) -> None:
+    strict = ByT5Tokenizer()
+    strict.chat_template = "{{ raise_exception('roles must alternate') }}"
+    parser = RequestParser(strict, "strict", 384, 100, add_special_tokens=False)
+    with pytest.raises(InvalidRequestError, match="roles must alternate"):
+        parser.parse(raw({"messages": [{"role": "user", "content": "hi"}]}))

@@ -1,0 +1,104 @@
+"""Engine rank failures end to end: a child that cannot start, a child killed while serving."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_engine_e2e import (
+    CHILD_COMMS,
+    GREEDY,
+    child_pids,
+    pid_alive,
+    short_tmpdir,
+    start_rank,
+    submit_bodies,
+    wait_rank_live,
+)
+from wire import WireClient
+
+from dpinfer.config import CoordinatorConfig
+from dpinfer.coordinator.process import CoordinatorHandle, start_coordinator
+
+
+def processes_started_under(workdir: Path) -> list[int]:
+    """Live processes whose environment names ``workdir`` (everything a test rank started)."""
+    marker = f"DPINFER_IPC_DIR={workdir}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and pid_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def coordinator() -> Iterator[CoordinatorHandle]:
+    handle = start_coordinator(CoordinatorConfig(port=0, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0))
+    yield handle
+    handle.stop(timeout_s=5)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_bad_model_is_reported_and_the_rank_exits(coordinator: CoordinatorHandle, workdir: Path) -> None:
+    rank = start_rank(coordinator.address, workdir, 0, "no-such-model")
+    try:
+        code = rank.proc.wait(timeout=120)
+    finally:
+        rank.kill()
+    log = rank.log()
+    assert code == 1, log
+    assert "cannot start" in log and "'no-such-model'" in log and "tiny-llama" in log, log
+    assert "Traceback" not in log, "a user error is reported without a traceback"
+    deadline = time.monotonic() + 10
+    while processes_started_under(workdir) and time.monotonic() < deadline:
+        time.sleep(0.05)  # reaping by init is asynchronous; nothing to wait on
+    assert not processes_started_under(workdir), "processes left behind"
+
+
+def test_killed_child_fails_requests_and_the_rank_exits(
+    coordinator: CoordinatorHandle, workdir: Path
+) -> None:
+    rank = start_rank(coordinator.address, workdir, 1)
+    client = WireClient(coordinator.address)
+    try:
+        wait_rank_live(client, rank, rank_id=1)
+        children = child_pids(rank.proc.pid)
+        assert set(children) == set(CHILD_COMMS), children
+        body = {"prompt": "doomed", "sampling": {"max_new_tokens": 1900, "ignore_eos": True, **GREEDY}}
+        (rid,) = submit_bodies(client, [body], stream=True)
+        client.wait_for(
+            lambda: bool(client.results.get(rid) and client.results[rid].partials), 60, "a partial"
+        )
+        os.kill(children["dpinfer-detok"], signal.SIGKILL)
+        (res,) = client.wait_results([rid], 30)
+        assert res.final is not None and res.final.finish_reason == "error", res.final
+        assert "detokenizer" in (res.final.error or "") and "died" in (res.final.error or ""), res.final.error
+        assert res.num_finals == 1
+        assert rank.proc.wait(timeout=30) == 1, rank.log()
+        client.wait_ranks(
+            lambda s: not any(r["rank"] == 1 and r["alive"] for r in s["ranks"]), 10, "rank 1 gone"
+        )
+        deadline = time.monotonic() + 15
+        while processes_started_under(workdir) and time.monotonic() < deadline:
+            client.pump(0.1)
+        assert not processes_started_under(workdir), "processes left behind"
+    finally:
+        client.close()
+        rank.kill()
