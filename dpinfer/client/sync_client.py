@@ -205,7 +205,8 @@ class InferenceClient(ClientSession):
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close()
-        self._ctx.term()
+        # destroy, not term: term blocks forever if any message is still queued to a dead peer.
+        self._ctx.destroy(linger=0)
 
     def __enter__(self) -> InferenceClient:
         return self

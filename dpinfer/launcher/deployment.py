@@ -140,8 +140,10 @@ class Deployment:
 
     def stop(self, drain: bool = True) -> None:
         """Stop the ranks (drain or abort, every request gets a reply), torchrun and the coordinator."""
-        if self._coordinator is not None and self._torchrun is not None and self._torchrun.poll() is None:
-            self._stop_ranks(drain)
+        running = self._torchrun is not None and self._torchrun.poll() is None
+        if running and (self._coordinator is None or not self._stop_ranks(drain)):
+            assert self._torchrun is not None
+            _signal_group(self._torchrun, signal.SIGTERM)
         if self._torchrun is not None:
             self._wait_torchrun(self.config.stop_deadline_s + 30.0)
         if self._coordinator is not None:
@@ -152,14 +154,17 @@ class Deployment:
             self._log_file = None
         self._cleanup_shared_memory()
 
-    def _stop_ranks(self, drain: bool) -> None:
+    def _stop_ranks(self, drain: bool) -> bool:
+        """STOP through the coordinator (every request gets its final reply); False if that failed."""
         from dpinfer.client.sync_client import InferenceClient
 
         try:
-            with InferenceClient(self.address, timeout_s=self.config.stop_deadline_s + 20.0) as client:
+            with InferenceClient(self.address, timeout_s=5.0) as client:
                 client.stop_engines(drain=drain, deadline_s=self.config.stop_deadline_s)
+            return True
         except DpinferError as e:
             logger.warning("stopping the ranks through the coordinator failed (%s); terminating torchrun", e)
+            return False
 
     def _wait_torchrun(self, timeout_s: float) -> None:
         proc = self._torchrun

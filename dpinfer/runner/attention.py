@@ -68,6 +68,10 @@ class ForwardBatch:
     """Padded decode: ``[B, 1, 1, Lmax]`` True where ``kv_indices`` is a real token."""
     kv_rows: list[torch.Tensor] | None = None
     """Ragged decode: the slots of each request's tokens (one tensor per request)."""
+    image_positions: torch.Tensor | None = None
+    """Extend with images: ``[K]`` rows of ``[T]`` whose input embedding is an image feature."""
+    image_embeds: torch.Tensor | None = None
+    """Extend with images: ``[K, hidden]`` features written at ``image_positions``."""
 
 
 def bottom_right_causal_mask(q_len: int, prefix_len: int, device: torch.device) -> torch.Tensor:

@@ -32,6 +32,19 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+TINY_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""The tiny chat template, plus OpenAI-style content lists whose image parts become ``<image>``."""
+TINY_IMAGE_TOKEN = "<extra_id_0>"
+TINY_IMAGE_TOKEN_ID = 259
+TINY_IMAGE_SIZE = 64
+TINY_PATCH_SIZE = 8
 
 
 def default_cache_dir(cache_dir: str | None = None) -> Path:
@@ -210,3 +223,71 @@ def build_smollm2(out_dir: Path) -> None:
     model.generation_config = loaded.generation_config
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def tiny_llava_config() -> object:
+    """LLaVA: a 2-layer CLIP tower (64 px, patch 8, hidden 64) + the tiny-llama text model.
+
+    64 patches per image (CLS dropped: strategy ``default``) -> 64 image tokens, each the
+    projected feature of one patch from the second-to-last vision layer.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+        projection_dim=64,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=tiny_llama_config(),
+        image_token_index=TINY_IMAGE_TOKEN_ID,
+        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def tiny_llava_processor(tokenizer: object, image_processor: object | None = None) -> object:
+    """``LlavaProcessor`` for tiny-llava (Pillow-only CLIP preprocessing, byte tokenizer).
+
+    Built by hand: ``AutoProcessor`` cannot load a saved LLaVA directory whose tokenizer is
+    ``ByT5Tokenizer`` (transformers 5.23).
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    if image_processor is None:
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": TINY_IMAGE_SIZE},
+            crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=TINY_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token=TINY_IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # the CLS token, which strategy "default" drops
+        chat_template=TINY_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(out_dir: Path) -> None:
+    """Seeded random LLaVA weights + processor (image processor, tokenizer, chat template)."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(tiny_llava_config())
+    model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(out_dir)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = TINY_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    tiny_llava_processor(tokenizer).save_pretrained(out_dir)

@@ -4,6 +4,11 @@ It owns the model, the KV pool memory, the slot allocator and the request->slot 
 Scheduler decides what to run and keeps the per-request state. ``forward`` takes a
 ``ForwardBatch`` (see ``attention.py``) and returns the logits of the rows it asks for;
 ``sample`` turns them into next tokens.
+
+Vision-language models (LLaVA-style): only the language model runs on the KV pool; the
+vision tower keeps its own attention. ``image_features`` encodes requests' ``mm_inputs``
+(see ``vision.py``) and ``forward`` writes a batch's ``image_embeds`` into the input
+embeddings at ``image_positions``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dpinfer.runner.attention import ForwardBatch
 from dpinfer.runner.kv_pool import KVLayout, KVPool, ReqToTokenPool, SlotAllocator, kv_pool_tokens
 from dpinfer.runner.registry import ModelSpec, load_model, resolve_model
 from dpinfer.runner.sampler import SamplingInfo, sample
+from dpinfer.runner.vision import VisionEncoder
 
 logger = get_logger(__name__)
 
@@ -28,7 +34,7 @@ class ModelRunner:
     """Loads the model of ``model_config`` and a KV pool sized by ``scheduler_config``."""
 
     supports_images = False
-    """Whether requests may carry ``mm_inputs`` (a vision-language runner sets it)."""
+    """Whether requests may carry ``mm_inputs`` (set for a vision-language model)."""
 
     def __init__(self, model_config: ModelConfig, scheduler_config: SchedulerConfig) -> None:
         self.model_config = model_config
@@ -39,7 +45,14 @@ class ModelRunner:
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
         attention.register()
         self.model = load_model(self.spec, model_config.device, model_config.dtype)
-        self.model.set_attn_implementation(attention.ATTENTION_NAME)
+        self.vision: VisionEncoder | None = None
+        if self.spec.multimodal:
+            # The vision tower attends within each image: it keeps its stock attention.
+            self.model.set_attn_implementation({"text_config": attention.ATTENTION_NAME})
+            self.vision = VisionEncoder(self.model, self.spec)
+            self.supports_images = True
+        else:
+            self.model.set_attn_implementation(attention.ATTENTION_NAME)
         text = self.model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.layout = KVLayout(
@@ -75,8 +88,14 @@ class ModelRunner:
         """Run the model on ``batch``; return fp32 logits ``[N, V]`` of the kept rows."""
         keep = batch.logits_indices if batch.logits_indices is not None else 0
         with torch.inference_mode():
+            inputs: dict[str, torch.Tensor] = {"input_ids": batch.input_ids.unsqueeze(0)}
+            if batch.image_embeds is not None:
+                assert batch.image_positions is not None
+                embeds = self.model.get_input_embeddings()(batch.input_ids)
+                embeds.index_copy_(0, batch.image_positions, batch.image_embeds.to(embeds.dtype))
+                inputs = {"inputs_embeds": embeds.unsqueeze(0)}
             out = self.model(
-                input_ids=batch.input_ids.unsqueeze(0),
+                **inputs,
                 position_ids=batch.positions.unsqueeze(0),
                 attention_mask=None,
                 use_cache=False,
@@ -84,6 +103,17 @@ class ModelRunner:
                 dp_batch=batch,
             )
         return out.logits[0].float()
+
+    def image_features(self, mm_inputs_list: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per request, features ``[num_image_tokens, hidden]`` on the device (one vision call)."""
+        assert self.vision is not None, "image_features on a text-only model"
+        return self.vision.encode(mm_inputs_list)
+
+    def check_mm_inputs(self, input_ids: list[int], mm_inputs: object) -> str | None:
+        """Why ``mm_inputs`` cannot be served with ``input_ids`` (user message), or ``None``."""
+        if self.vision is None:
+            return f"model {self.spec.name} does not take images"
+        return self.vision.check(input_ids, mm_inputs)
 
     def sample(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
         with torch.inference_mode():

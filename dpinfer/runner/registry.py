@@ -6,8 +6,12 @@ from it. Both may be called in any process of a rank (tokenizer, scheduler, deto
 
 To add a built-in model, call ``register_model`` with a ``BuiltinModel`` (see the entries at
 the bottom of this file): ``build`` writes a Hugging Face directory once into the cache;
-``load_tokenizer`` / ``load_processor`` override how its tokenizer is loaded when
-``AutoTokenizer`` cannot do it.
+``load_tokenizer`` / ``load_processor`` override how its tokenizer (and, for a
+vision-language model, its ``transformers`` processor) is loaded when the ``Auto*`` classes
+cannot do it.
+
+A model is *multimodal* when its ``config.json`` has a ``vision_config`` (LLaVA-style:
+vision tower + projector + causal LM); it is loaded with ``AutoModelForImageTextToText``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class BuiltinModel:
     version: int = 1
     load_tokenizer: Callable[[Path], Any] | None = None
     """Overrides ``AutoTokenizer.from_pretrained(dir)`` for this model."""
+    load_processor: Callable[[Path], Any] | None = None
+    """Overrides ``AutoProcessor.from_pretrained(dir)`` (vision-language models only)."""
 
 
 MODELS: dict[str, BuiltinModel] = {}
@@ -64,6 +70,15 @@ class ModelSpec:
     has_chat_template: bool
     vocab_size: int
     builtin: bool = False
+    image_token_id: int | None = None
+    """Vision-language models: the placeholder token whose embeddings image features replace;
+    ``None`` for a text-only model."""
+    image_seq_length: int = 0
+    """Vision-language models: image tokens (= feature vectors) per image."""
+
+    @property
+    def multimodal(self) -> bool:
+        return self.image_token_id is not None
 
 
 def _model_dir(config: ModelConfig) -> tuple[Path, bool]:
@@ -116,6 +131,7 @@ def resolve_model(config: ModelConfig) -> ModelSpec:
     raw = json.loads((path / "config.json").read_text())
     text = _text_config(raw)
     archs = raw.get("architectures") or ["unknown"]
+    image_token_id, image_seq_length = _image_fields(raw)
     return ModelSpec(
         name=config.model,
         path=str(path),
@@ -125,7 +141,27 @@ def resolve_model(config: ModelConfig) -> ModelSpec:
         has_chat_template=_has_chat_template(path),
         vocab_size=int(text.get("vocab_size") or 0),
         builtin=builtin,
+        image_token_id=image_token_id,
+        image_seq_length=image_seq_length,
     )
+
+
+def _image_fields(config: dict[str, Any]) -> tuple[int | None, int]:
+    """``(image_token_id, image_seq_length)`` of a LLaVA-style config, ``(None, 0)`` otherwise."""
+    if "vision_config" not in config:
+        return None, 0
+    token = config.get("image_token_id", config.get("image_token_index"))
+    if token is None:
+        raise ConfigError("--model: vision-language config without image_token_id / image_token_index")
+    seq_len = config.get("image_seq_length")
+    if not seq_len:
+        vision = config["vision_config"] or {}
+        size, patch = vision.get("image_size"), vision.get("patch_size")
+        if not (size and patch):
+            raise ConfigError("--model: cannot tell image tokens per image (no image_seq_length)")
+        cls_kept = config.get("vision_feature_select_strategy", "default") == "full"
+        seq_len = (int(size) // int(patch)) ** 2 + int(cls_kept)
+    return int(token), int(seq_len)
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
@@ -136,17 +172,83 @@ def load_tokenizer(config: ModelConfig) -> Any:
         return entry.load_tokenizer(Path(spec.path))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.path)
+    try:
+        return AutoTokenizer.from_pretrained(spec.path)
+    except ValueError:
+        # transformers 5.23's AutoTokenizer ignores some slow classes (ByT5Tokenizer) that a
+        # directory names in tokenizer_config.json: try the named class before giving up.
+        named = _named_tokenizer_class(Path(spec.path))
+        if named is None:
+            raise
+        return named.from_pretrained(spec.path)
+
+
+def _named_tokenizer_class(path: Path) -> Any | None:
+    cfg = path / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    name = json.loads(cfg.read_text()).get("tokenizer_class")
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
+
+
+def load_processor(config: ModelConfig) -> Any:
+    """The ``transformers`` processor (image processor + tokenizer) of a vision-language model.
+
+    Built-in overrides first, then ``AutoProcessor``; a LLaVA directory whose tokenizer
+    ``AutoProcessor`` cannot load gets a ``LlavaProcessor`` assembled from
+    ``AutoImageProcessor`` and ``load_tokenizer``. Raises ``ConfigError`` for a text-only model.
+    """
+    spec = resolve_model(config)
+    if not spec.multimodal:
+        raise ConfigError(f"--model: {spec.name} is text-only and has no image processor")
+    entry = MODELS.get(config.model)
+    if entry is not None and entry.load_processor is not None:
+        return entry.load_processor(Path(spec.path))
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(spec.path)
+    except (OSError, ValueError, TypeError) as e:
+        if "Llava" not in spec.architecture:
+            raise ConfigError(f"--model: cannot load the processor of {spec.path}: {e}") from e
+        return _assemble_llava_processor(Path(spec.path), load_tokenizer(config))
+
+
+def _assemble_llava_processor(path: Path, tokenizer: Any) -> Any:
+    from transformers import AutoImageProcessor, LlavaProcessor
+
+    keys = ("patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")
+    saved: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (path / name).is_file():
+            saved = {k: v for k, v in json.loads((path / name).read_text()).items() if k in keys}
+            break
+    return LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(path),
+        tokenizer=tokenizer,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        **saved,
+    )
 
 
 def load_model(spec: ModelSpec, device: str, dtype: str) -> Any:
-    """The ``transformers`` causal LM in eval mode on ``device`` with ``dtype``."""
+    """The ``transformers`` model in eval mode on ``device`` with ``dtype``.
+
+    A causal LM, or for a multimodal spec the image-text-to-text model (vision tower,
+    projector and language model; ``get_image_features`` gives per-image features).
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=getattr(torch, dtype))
+    cls = AutoModelForImageTextToText if spec.multimodal else AutoModelForCausalLM
+    model = cls.from_pretrained(spec.path, dtype=getattr(torch, dtype))
     return model.to(device).eval()
 
 
@@ -162,6 +264,23 @@ register_model(
         description="random seeded 4-layer Llama (GQA 4/2 heads) + byte tokenizer; for tests",
         build=bm.build_tiny_llama,
         load_tokenizer=_load_byt5,
+    )
+)
+
+
+def _load_tiny_llava_processor(path: Path) -> Any:
+    from transformers import AutoImageProcessor
+
+    return bm.tiny_llava_processor(_load_byt5(path), AutoImageProcessor.from_pretrained(path))
+
+
+register_model(
+    BuiltinModel(
+        name="tiny-llava",
+        description="random seeded LLaVA: 64 px CLIP tower (2 layers) + the tiny-llama text model; for tests",
+        build=bm.build_tiny_llava,
+        load_tokenizer=_load_byt5,
+        load_processor=_load_tiny_llava_processor,
     )
 )
 register_model(

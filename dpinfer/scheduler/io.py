@@ -22,9 +22,13 @@ class TokenizedRequest:
     stream: bool = False
     """Send new tokens every step; otherwise one output when the request finishes."""
     mm_inputs: dict[str, Any] | None = None
-    """Model inputs for images (pixel values or vision features); only for multimodal models."""
+    """Images, for a vision-language model only: ``{"pixel_values": float [num_images, C, H, W]}``
+    (what ``dpinfer.engine.images.ImageProcessorAdapter`` makes) or precomputed
+    ``{"image_features": [num_images, image_seq_length, hidden]}``; ``input_ids`` then hold
+    ``image_seq_length`` image tokens per image, in image order (``dpinfer.runner.vision``)."""
     mm_hash: bytes | None = None
-    """Content hash of the prompt's images: requests with different hashes never share KV."""
+    """Content hash of the prompt's images: requests with different hashes never share KV.
+    Computed from ``mm_inputs`` when a request with images arrives without one."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import torch
 
 from dpinfer.runner.radix_cache import TreeNode
 from dpinfer.runner.sampler import make_generator
+from dpinfer.runner.vision import image_token_positions, mm_inputs_hash
 from dpinfer.scheduler.io import SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.stop import Finish, StopChecker
 
@@ -19,17 +20,32 @@ class Req:
     ``req_to_token[req_pool_idx, :kv_len]``. The first ``locked_len`` of them belong to the
     prefix cache (locked through ``last_node``); the rest are owned by this request.
     A retracted request loses all of it and is prefilled again from ``prompt + output``.
+
+    Images: ``image_positions`` are the prompt positions of its image tokens; their features
+    (``image_features``) are computed when a prefill chunk first needs them, sliced per chunk,
+    dropped once the last image token is in the pool, and recomputed after a retraction.
     """
 
     def __init__(
-        self, request: TokenizedRequest, eos_token_ids: tuple[int, ...], max_context_len: int
+        self,
+        request: TokenizedRequest,
+        eos_token_ids: tuple[int, ...],
+        max_context_len: int,
+        image_token_id: int | None = None,
     ) -> None:
         self.request_id = request.request_id
         self.origin_input_ids = list(request.input_ids)
         self.sampling = request.sampling
         self.stream = request.stream
-        self.mm_inputs: dict[str, Any] | None = request.mm_inputs
+        self.mm_inputs: dict[str, Any] | None = request.mm_inputs or None
         self.mm_hash = request.mm_hash
+        self.image_positions: torch.Tensor | None = None
+        if self.mm_inputs is not None:
+            assert image_token_id is not None, "validated: images only for a vision model"
+            self.image_positions = image_token_positions(self.origin_input_ids, image_token_id)
+            if self.mm_hash is None:  # never share KV with text or other images
+                self.mm_hash = mm_inputs_hash(self.mm_inputs)
+        self.image_features: torch.Tensor | None = None
         self.output_ids: list[int] = []
         self.stop = StopChecker(request.sampling, eos_token_ids, max_context_len)
         self.generator: torch.Generator | None = (
@@ -50,6 +66,7 @@ class Req:
         self.last_node: TreeNode | None = None
         self.extend_len = 0
         """New tokens this request computes in the current extend step."""
+        self.image_features = None
 
     # ------------------------------------------------------------------ tokens
 

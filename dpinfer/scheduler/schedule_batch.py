@@ -71,7 +71,7 @@ class ScheduleBatch:
                 self.sampling_reqs.append(req)
         if self.sampling_reqs:
             self.sampling = build_sampling_info(self.sampling_reqs, self.runner)
-        return ForwardBatch(
+        batch = ForwardBatch(
             mode=ForwardMode.EXTEND,
             kv_pool=self.runner.kv_pool,
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
@@ -80,6 +80,44 @@ class ScheduleBatch:
             logits_indices=torch.tensor(keep, dtype=torch.int64, device=self.device),
             extend_seqs=seqs,
         )
+        if any(r.image_positions is not None for r in self.reqs):
+            self._add_image_embeds(batch)
+        return batch
+
+    def _add_image_embeds(self, batch: ForwardBatch) -> None:
+        """Image features for the image tokens this step computes (``image_positions/embeds``).
+
+        A request's features are computed once (for every request that needs them, in one
+        vision call) and sliced per chunk; tokens already in the pool (cached prefix, earlier
+        chunks) are skipped, and the features are dropped after the last image token.
+        """
+        spans: list[tuple[Req, torch.Tensor, torch.Tensor, bool]] = []
+        for req, seq in zip(self.reqs, batch.extend_seqs, strict=True):
+            pos = req.image_positions
+            if pos is None or not len(pos):
+                continue
+            start = seq.prefix_len
+            rows = torch.nonzero((pos >= start) & (pos < start + seq.q_len)).flatten()
+            if len(rows):
+                covers_last = int(rows[-1]) == len(pos) - 1
+                spans.append((req, rows, pos[rows] - start + seq.q_start, covers_last))
+        if not spans:
+            return
+        missing = [req for req, _, _, _ in spans if req.image_features is None]
+        if missing:
+            inputs = [req.mm_inputs for req in missing if req.mm_inputs is not None]
+            assert len(inputs) == len(missing), "image positions come with mm_inputs"
+            for req, feats in zip(missing, self.runner.image_features(inputs), strict=True):
+                req.image_features = feats
+        embeds, where = [], []
+        for req, rows, flat_pos, covers_last in spans:
+            assert req.image_features is not None
+            embeds.append(req.image_features[rows.to(req.image_features.device)])
+            where.append(flat_pos)
+            if covers_last:
+                req.image_features = None  # every image token is now in the pool
+        batch.image_positions = torch.cat(where).to(self.device)
+        batch.image_embeds = torch.cat(embeds)
 
     # ------------------------------------------------------------------ decode
 

@@ -68,7 +68,9 @@ class Scheduler:
         if error is not None:
             logger.info("request %s rejected: %s", req.request_id, error)
             return [SchedulerOutput.for_error(req.request_id, len(req.input_ids), error)]
-        self.reqs[req.request_id] = r = Req(req, self.eos_token_ids, self.max_context_len)
+        self.reqs[req.request_id] = r = Req(
+            req, self.eos_token_ids, self.max_context_len, self.runner.spec.image_token_id
+        )
         self.waiting.append(r)
         return []
 

@@ -37,8 +37,12 @@ def validate_request(
             f"prompt of {len(req.input_ids)} tokens does not fit: prompt + output must stay "
             f"below {max_context_len} tokens (model context or KV pool size)"
         )
-    if req.mm_inputs and not runner.supports_images:
-        return f"model {runner.spec.name} does not take images"
+    if req.mm_inputs:
+        if not runner.supports_images:
+            return f"model {runner.spec.name} does not take images"
+        error = runner.check_mm_inputs(req.input_ids, req.mm_inputs)
+        if error is not None:
+            return error
     if req.sampling.stop:
         try:
             load_decoder()

@@ -1,0 +1,200 @@
+"""`dpinfer serve --dp 2` as a user runs it: examples, pause with requests in flight, a killed
+rank coming back (--max-restarts 1), and a clean stop that leaves no process or shm behind.
+
+One deployment serves the whole module; the tests run in file order and the last one stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dpinfer import AsyncInferenceClient, InferenceClient, SamplingParams
+from dpinfer.config import new_deployment_id
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 240
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (reads /proc; psutil is not a dependency)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Served:
+    def __init__(self, tmp: Path) -> None:
+        self.deployment_id = new_deployment_id()
+        self.ready_file = tmp / "ready"
+        self.log = tmp / "serve.log"
+        cmd = [
+            sys.executable, "-m", "dpinfer", "serve", "--model", "tiny-llama", "--dp", "2",
+            "--port", "0", "--max-restarts", "1", "--threads-per-rank", "1",
+            "--kv-cache-bytes", str(64 << 20), "--deployment-id", self.deployment_id,
+            "--ready-file", str(self.ready_file), "--log-file", str(tmp / "ranks.log"),
+        ]  # fmt: skip
+        # Its own process group, so the stop test can press "Ctrl-C" the way a terminal does.
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(self.log, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.address = self._wait_ready()
+        self.pids: set[int] = set()
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.ready_file.exists() and self.ready_file.read_text().strip():
+                return self.ready_file.read_text().strip()
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)  # waiting on another process's file: poll with a deadline
+        self.proc.kill()
+        pytest.fail(f"dpinfer serve did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    def remember_processes(self) -> None:
+        self.pids |= _descendants(self.proc.pid) | {self.proc.pid}
+
+    def leftovers(self) -> tuple[list[int], list[str]]:
+        alive = sorted(p for p in self.pids if _alive(p))
+        shm = sorted(n for n in os.listdir("/dev/shm") if self.deployment_id in n)
+        sockets = sorted(n for n in os.listdir("/tmp") if n.startswith(f"dpinfer-{self.deployment_id}"))
+        return alive, shm + sockets
+
+    def kill_all(self) -> None:
+        for pid in self.pids | _descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    s = Served(tmp_path_factory.mktemp("serve"))
+    s.remember_processes()
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.kill_all()
+
+
+def _status(address: str) -> dict:
+    with InferenceClient(address, timeout_s=10) as client:
+        return client.status()
+
+
+@pytest.mark.parametrize("example", ["quickstart.py", "streaming.py", "async_batch.py", "rl_pause_resume.py"])
+def test_examples_run_against_the_deployment(served: Served, example: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / example), served.address],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{example} failed:\n{done.stdout}\n{done.stderr}"
+    assert done.stdout.strip(), f"{example} printed nothing"
+
+
+def test_pause_with_requests_in_flight_completes_each_exactly_once_after_unpause(served: Served) -> None:
+    before = _status(served.address)["totals"]
+
+    async def scenario() -> None:
+        async with AsyncInferenceClient(served.address, timeout_s=60) as client:
+            params = SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+            futures = [client.add_request(f"paused request {i}", params) for i in range(24)]
+            await asyncio.sleep(0)  # let the batch go out before pausing
+            await client.pause_engines()
+            pending = {f for f in futures if not f.done()}
+            assert pending, "every request finished before the pause: make them longer"
+            done, _ = await asyncio.wait(pending, timeout=1.5, return_when=asyncio.FIRST_COMPLETED)
+            assert not done, f"{len(done)} request(s) completed while paused"
+            await client.unpause_engines()
+            results = await asyncio.wait_for(asyncio.gather(*futures), timeout=120)
+            assert all(r.ok and r.completion_tokens == 48 for r in results), results
+            assert len({r.request_id for r in results}) == len(futures)
+
+    asyncio.run(scenario())
+    after = _status(served.address)["totals"]
+    assert after["completed"] - before["completed"] == 24, (before, after)
+    assert after["in_flight"] == 0
+
+
+def test_killed_rank_other_keeps_serving_and_rank_comes_back(served: Served) -> None:
+    status = _status(served.address)
+    victim = next(r for r in status["ranks"] if r["rank"] == 1)
+    served.remember_processes()
+
+    async def scenario() -> list:
+        async with AsyncInferenceClient(served.address, timeout_s=60) as client:
+            params = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+            futures = [client.add_request(f"kill test {i}", params) for i in range(16)]
+            await asyncio.sleep(0.3)
+            os.kill(victim["pid"], signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+
+    results = asyncio.run(scenario())
+    for r in results:
+        assert r.ok or (r.finish_reason == "error" and r.error), r
+    assert any(r.ok and r.rank == 0 for r in results)
+    with InferenceClient(served.address, timeout_s=30) as client:
+        assert all(r.ok for r in client.generate(["still serving"] * 4, SamplingParams(max_new_tokens=4)))
+
+    deadline = time.monotonic() + 120
+    while True:
+        ranks = {r["rank"]: r for r in _status(served.address)["ranks"]}
+        back = ranks.get(1)
+        if back and back["alive"] and back["pid"] != victim["pid"]:
+            break
+        assert time.monotonic() < deadline, f"rank 1 did not come back: {ranks}"
+        time.sleep(0.5)  # the replacement loads a model: poll status with a deadline
+    served.remember_processes()
+    with InferenceClient(served.address, timeout_s=30) as client:
+        result = client.generate("pinned to the restarted rank", SamplingParams(max_new_tokens=4), rank=1)[0]
+    assert result.ok and result.rank == 1, result
+
+
+def test_sigint_stops_everything_and_leaves_nothing_behind(served: Served) -> None:
+    served.remember_processes()
+    os.killpg(served.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+    assert served.proc.wait(timeout=90) == 0, served.log.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while (left := served.leftovers()) != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the last children are being reaped
+    assert left == ([], []), f"left behind: processes {left[0]}, files {left[1]}"
