@@ -91,7 +91,16 @@ class RequestParser:
                 raise InvalidRequestError(f"images must be a list, got {type(images).__name__}")
             if model_inputs is not None and not isinstance(model_inputs, dict):
                 raise InvalidRequestError(f"model_inputs must be a map, got {type(model_inputs).__name__}")
-            result = self.mm_processor.process(input_ids, images or [], model_inputs)
+            if (
+                body.get("messages") is not None
+                and model_inputs is None
+                and hasattr(self.mm_processor, "prepare")
+            ):
+                # Chat: unmarked images go to the start of the first user turn, not before the
+                # whole templated prompt, so the adapter renders the template itself.
+                result = self.mm_processor.prepare(messages=body["messages"], images=images or [])
+            else:
+                result = self.mm_processor.process(input_ids, images or [], model_inputs)
             input_ids, mm_inputs, mm_hash = result.input_ids, result.mm_inputs, result.mm_hash
         self._check_len(input_ids)
         return TokenizedRequest(

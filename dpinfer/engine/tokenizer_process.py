@@ -119,8 +119,13 @@ def build_parser(config: RankConfig) -> RequestParser:
 
 
 def build_mm_processor(config: RankConfig, spec: Any, tokenizer: Any) -> Any:
-    """The multimodal seam: ``None`` for text-only models (they reject ``images``)."""
-    return None
+    """The multimodal seam: an image adapter for vision-language models, ``None`` for text-only
+    models (they reject ``images`` with a clear error)."""
+    if not spec.multimodal:
+        return None
+    from dpinfer.engine.images import ImageProcessorAdapter
+
+    return ImageProcessorAdapter(config.model, tokenizer=tokenizer)
 
 
 def run_tokenizer_process(config: RankConfig, report_ready: Any, tensor_queue: Any = None) -> None:

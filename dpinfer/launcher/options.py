@@ -53,6 +53,8 @@ ENGINE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--tensor-transport", default=_TRANSPORT.tensor_transport.value, show_default=True,
                  type=click.Choice([m.value for m in TensorTransportMode]),
                  help="How GPU tensors travel inside a rank."),
+    click.option("--shm-region-bytes", default=_TRANSPORT.shm_region_bytes, show_default=True,
+                 help="Size of the shared-memory region of the shm transport, per rank."),
     click.option("--deployment-id", default=None,
                  help="Names this launch's local sockets and shared memory (default: random)."),
     click.option("--rank-curve-dir", "curve_dir", default=None,
@@ -82,7 +84,10 @@ def rank_config_from_options(coordinator: str, rank: int = 0, **opts: Any) -> Ra
         enable_radix_cache=opts["radix_cache"],
     )
     transport = dataclasses.replace(
-        _TRANSPORT, transport=opts["transport"], tensor_transport=opts["tensor_transport"]
+        _TRANSPORT,
+        transport=opts["transport"],
+        tensor_transport=opts["tensor_transport"],
+        shm_region_bytes=opts.get("shm_region_bytes", _TRANSPORT.shm_region_bytes),
     )
     return RankConfig(
         coordinator=coordinator,
