@@ -1,0 +1,159 @@
+"""``dpinfer coordinator`` and ``dpinfer keys``: thin shells over the coordinator package."""
+
+from __future__ import annotations
+
+import click
+import zmq
+
+from dpinfer.config import ConfigError, CoordinatorConfig, RoutingPolicyName
+
+_DEFAULTS = CoordinatorConfig()
+
+
+@click.command()
+@click.option(
+    "--host",
+    default=_DEFAULTS.host,
+    show_default=True,
+    help="Interface to bind; listen beyond loopback only with --curve.",
+)
+@click.option(
+    "--port", default=_DEFAULTS.port, show_default=True, type=int, help="TCP port; 0 picks a free one."
+)
+@click.option(
+    "--routing",
+    default=_DEFAULTS.routing.value,
+    show_default=True,
+    type=click.Choice([p.value for p in RoutingPolicyName]),
+    help="How requests are spread over ranks.",
+)
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Order ranks by rank id so the same request sequence lands on the same ranks.",
+)
+@click.option(
+    "--heartbeat-interval-s",
+    default=_DEFAULTS.heartbeat_interval_s,
+    show_default=True,
+    type=float,
+    help="How often ranks report liveness and load.",
+)
+@click.option(
+    "--heartbeat-timeout-s",
+    default=_DEFAULTS.heartbeat_timeout_s,
+    show_default=True,
+    type=float,
+    help="A rank silent this long is declared dead; its requests are re-dispatched or failed.",
+)
+@click.option(
+    "--control-timeout-s",
+    default=_DEFAULTS.control_timeout_s,
+    show_default=True,
+    type=float,
+    help="How long a control signal waits for every rank's acknowledgement.",
+)
+@click.option(
+    "--no-rank-timeout-s",
+    default=_DEFAULTS.no_rank_timeout_s,
+    show_default=True,
+    type=float,
+    help="How long a request waits for any live rank before it fails.",
+)
+@click.option(
+    "--max-frame-bytes",
+    default=_DEFAULTS.max_frame_bytes,
+    show_default=True,
+    type=int,
+    help="Largest accepted message in bytes.",
+)
+@click.option(
+    "--curve",
+    "curve_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Turn on CurveZMQ: DIR holds server.key_secret and authorized/*.key (see `dpinfer keys`).",
+)
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default) or ERROR.")
+def coordinator(
+    host: str,
+    port: int,
+    routing: str,
+    deterministic: bool,
+    heartbeat_interval_s: float,
+    heartbeat_timeout_s: float,
+    control_timeout_s: float,
+    no_rank_timeout_s: float,
+    max_frame_bytes: int,
+    curve_dir: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the coordinator: the one address clients and engine ranks connect to.
+
+    Prints the address it listens on, then serves until SHUTDOWN, Ctrl-C or SIGTERM.
+    """
+    from dpinfer.coordinator.process import run_coordinator
+    from dpinfer.log import set_level
+
+    if log_level:
+        set_level(log_level)
+    try:
+        config = CoordinatorConfig(
+            host=host,
+            port=port,
+            routing=RoutingPolicyName(routing),
+            deterministic=deterministic,
+            heartbeat_interval_s=heartbeat_interval_s,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+            control_timeout_s=control_timeout_s,
+            no_rank_timeout_s=no_rank_timeout_s,
+            max_frame_bytes=max_frame_bytes,
+            curve_dir=curve_dir,
+        )
+        if host not in ("127.0.0.1", "localhost", "::1") and curve_dir is None:
+            click.echo(
+                f"warning: listening on {host} without --curve: anyone who can reach it can use it", err=True
+            )
+        run_coordinator(config, on_ready=lambda address: click.echo(f"coordinator listening on {address}"))
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    except zmq.ZMQError as e:
+        raise click.ClickException(f"cannot listen on tcp://{host}:{port}: {e}") from None
+
+
+@click.command()
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write into."
+)
+@click.option(
+    "--name",
+    default="server",
+    show_default=True,
+    help="Key name: 'server' for the coordinator; e.g. 'client' or 'rank0' for a peer.",
+)
+@click.option(
+    "--server-dir",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="A coordinator's --curve DIR: authorize the new key there and copy its server.key to --out.",
+)
+def keys(out_dir: str, name: str, server_dir: str | None) -> None:
+    """Write a CurveZMQ key pair (NAME.key, NAME.key_secret).
+
+    \b
+    Typical setup:
+      dpinfer keys --out keys/server                       # the coordinator's pair
+      dpinfer keys --out keys/client --name client --server-dir keys/server
+      dpinfer coordinator --host 0.0.0.0 --curve keys/server
+      ... clients and ranks use --curve-dir keys/client
+    """
+    from dpinfer.coordinator.auth import create_keys
+
+    try:
+        public, secret = create_keys(out_dir, name, server_dir)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"public key:  {public}")
+    click.echo(f"secret key:  {secret} (keep it private)")
+    if server_dir is not None:
+        click.echo(f"authorized in {server_dir}/authorized; server public key copied to {out_dir}")

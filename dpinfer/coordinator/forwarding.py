@@ -1,0 +1,244 @@
+"""The request path: route submissions to ranks, outputs to clients, aborts, and failures.
+
+The hot path (``submit``, ``engine_outputs``) does a couple of dict operations per request
+and never logs: each request gets a server-side id, one ``Req`` record in ``requests`` (by
+our id) and in its client's table (by the client's id), and its body frame is batched for
+the chosen rank untouched. Every request ends with exactly one final output to its client:
+the rank's, or one made here (rank died after streaming, pinned rank unknown, no rank in
+time, engines stopped, coordinator shutting down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dpinfer import protocol
+from dpinfer.config import CoordinatorConfig
+from dpinfer.coordinator.lifecycle import Lifecycle
+from dpinfer.coordinator.outbox import Counters, Outbox
+from dpinfer.coordinator.registry import ClientPeer, RankPeer, RankRegistry
+from dpinfer.coordinator.requests import PendingQueue, Req
+from dpinfer.coordinator.routing import make_policy
+from dpinfer.protocol import NO_RANK, EngineState, FinishReason, error_body
+
+STOPPED_MESSAGE = "engines are stopped; start or register a rank to serve again"
+
+
+class Forwarder:
+    """Owns the in-flight table and the queue of requests waiting for a rank."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        registry: RankRegistry,
+        outbox: Outbox,
+        counters: Counters,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self.requests: dict[int, Req] = {}
+        self.pending = PendingQueue()
+        self.policy = make_policy(config.routing)
+        self.no_rank_timeout_s = config.no_rank_timeout_s
+        self._registry = registry
+        self._outbox = outbox
+        self._counters = counters
+        self._lifecycle = lifecycle
+        self._next_request_id = 1
+
+    # ------------------------------------------------------------------ hot path
+
+    def submit(
+        self, client: ClientPeer, entries: Sequence[tuple[int, int, bool]], bodies: list[Any], now: float
+    ) -> None:
+        """Route each ``(client_request_id, rank, stream)`` entry with its body."""
+        self._counters.submitted += len(entries)
+        if self._lifecycle.state is EngineState.STOPPED:
+            for (client_request_id, _, _), _body in zip(entries, bodies, strict=True):
+                self._reply_error(client, client_request_id, STOPPED_MESSAGE)
+            return
+        live = self._registry.live
+        pick = self.policy.pick
+        requests = self.requests
+        client_requests = client.requests
+        to_ranks = self._outbox.to_ranks
+        request_id = self._next_request_id
+        for (client_request_id, pinned, stream), body in zip(entries, bodies, strict=True):
+            if client_request_id in client_requests:
+                self._outbox.send(
+                    client.identity,
+                    protocol.Error(
+                        "duplicate_request",
+                        f"request id {client_request_id} is already in flight",
+                        client_request_id,
+                    ),
+                )
+                continue
+            req = Req(request_id, client, client_request_id, body, stream, pinned)
+            if pinned != NO_RANK:
+                peer = self._registry.by_rank.get(pinned)
+                if peer is None or not peer.alive:
+                    self._reply_error(client, client_request_id, self._no_such_rank(pinned))
+                    continue
+            elif live:
+                peer = pick(live)
+            else:
+                requests[request_id] = req
+                client_requests[client_request_id] = req
+                self.pending.push(req, now + self.no_rank_timeout_s)
+                request_id += 1
+                continue
+            requests[request_id] = req
+            client_requests[client_request_id] = req
+            request_id += 1
+            req.rank = peer
+            peer.in_flight += 1
+            batch = to_ranks.get(peer.identity)
+            if batch is None:
+                batch = to_ranks[peer.identity] = ([], [])
+            batch[0].append((req.request_id, stream))
+            batch[1].append(body)
+        self._next_request_id = request_id
+
+    def engine_outputs(
+        self, peer: RankPeer, entries: Sequence[tuple[int, bool, int]], bodies: list[Any]
+    ) -> None:
+        """Forward a rank's outputs to their clients; finals retire their requests."""
+        requests = self.requests
+        to_clients = self._outbox.to_clients
+        rank = peer.rank
+        stale: list[int] = []
+        num_final = 0
+        for (request_id, final, num_tokens), body in zip(entries, bodies, strict=True):
+            req = requests.get(request_id)
+            if req is None or req.rank is not peer:
+                # Re-dispatched elsewhere or already failed (this rank was declared dead).
+                if not final:
+                    stale.append(request_id)
+                continue
+            client = req.client
+            if final:
+                del requests[request_id]
+                client.requests.pop(req.client_request_id, None)
+                num_final += 1
+            elif num_tokens > 0:
+                req.body = None  # the client has seen output: never re-dispatch it
+            if client.closed:
+                continue
+            batch = to_clients.get(client.identity)
+            if batch is None:
+                batch = to_clients[client.identity] = ([], [])
+            batch[0].append((req.client_request_id, final, rank))
+            batch[1].append(body)
+        if num_final:
+            peer.in_flight -= num_final
+            peer.completed += num_final
+            self._counters.completed += num_final
+        if stale:
+            self._outbox.send(peer.identity, protocol.EngineAbort(tuple(stale)))
+
+    # ------------------------------------------------------------------ cold paths
+
+    def abort(self, client: ClientPeer, client_request_ids: Sequence[int]) -> None:
+        """Abort requests by the client's ids; unknown (e.g. finished) ids are ignored."""
+        per_rank: dict[RankPeer, list[int]] = {}
+        for client_request_id in client_request_ids:
+            req = client.requests.get(client_request_id)
+            if req is None:
+                continue
+            self._counters.aborted += 1
+            if req.rank is None:
+                self.fail(req, "aborted before reaching a rank", FinishReason.ABORT)
+            else:
+                per_rank.setdefault(req.rank, []).append(req.request_id)
+        for peer, request_ids in per_rank.items():
+            # The rank answers each with a final output (finish_reason "abort").
+            self._outbox.send(peer.identity, protocol.EngineAbort(tuple(request_ids)))
+
+    def client_gone(self, client: ClientPeer) -> None:
+        """A client said goodbye: abort its requests and send it nothing more."""
+        self.abort(client, list(client.requests))
+        client.closed = True
+
+    def rank_gone(self, peer: RankPeer, reason: str, died: bool, now: float) -> None:
+        """Re-dispatch or fail every request ``peer`` held (it died, left, or was replaced).
+
+        A request is re-dispatched when the rank died, nothing of it was streamed yet, it was
+        not pinned, and the deployment is not stopped; otherwise it fails with a final reply.
+        """
+        self._outbox.discard_rank(peer.identity)
+        owned = [req for req in self.requests.values() if req.rank is peer]
+        peer.in_flight = 0
+        stopped = self._lifecycle.state is EngineState.STOPPED
+        for req in owned:
+            req.rank = None
+            if died and not stopped and req.body is not None and req.pinned == NO_RANK:
+                self._counters.redispatched += 1
+                self._route(req, now)
+            elif not died:
+                self.fail(req, f"rank {peer.rank} left ({reason}) before finishing the request")
+            elif stopped:
+                self.fail(req, f"rank {peer.rank} died ({reason}) while engines were stopping")
+            elif req.pinned != NO_RANK:
+                self.fail(req, f"rank {peer.rank} (pinned) died: {reason}")
+            else:
+                self.fail(req, f"rank {peer.rank} died ({reason}) after streaming output; not retried")
+
+    def _route(self, req: Req, now: float) -> None:
+        live = self._registry.live
+        if not live:
+            self.pending.push(req, now + self.no_rank_timeout_s)
+            return
+        peer = self.policy.pick(live)
+        req.rank = peer
+        peer.in_flight += 1
+        batch = self._outbox.to_ranks.get(peer.identity)
+        if batch is None:
+            batch = self._outbox.to_ranks[peer.identity] = ([], [])
+        batch[0].append((req.request_id, req.stream))
+        batch[1].append(req.body)
+
+    def dispatch_pending(self, now: float) -> None:
+        """Route every waiting request (a rank just registered)."""
+        if not self._registry.live:
+            return
+        for req in self.pending.take_all():
+            if self.requests.get(req.request_id) is req:
+                self._route(req, now)
+
+    def expire_pending(self, now: float) -> None:
+        for req in self.pending.expired(now):
+            if self.requests.get(req.request_id) is req:
+                self.fail(req, f"no engine rank became available within {self.no_rank_timeout_s:g} s")
+
+    def fail_pending(self, message: str) -> None:
+        for req in self.pending.take_all():
+            if self.requests.get(req.request_id) is req:
+                self.fail(req, message)
+
+    def fail_all(self, message: str) -> None:
+        self.pending.take_all()
+        for req in list(self.requests.values()):
+            self.fail(req, message)
+
+    def fail(self, req: Req, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
+        """End ``req`` with a final output made here (an error or abort body)."""
+        self.requests.pop(req.request_id, None)
+        req.client.requests.pop(req.client_request_id, None)
+        if req.rank is not None:
+            req.rank.in_flight -= 1
+            req.rank = None
+        if reason is FinishReason.ERROR:
+            self._counters.failed += 1
+        if not req.client.closed:
+            self._outbox.output(
+                req.client.identity, req.client_request_id, True, NO_RANK, error_body(message, reason)
+            )
+
+    def _reply_error(self, client: ClientPeer, client_request_id: int, message: str) -> None:
+        self._counters.failed += 1
+        self._outbox.output(client.identity, client_request_id, True, NO_RANK, error_body(message))
+
+    def _no_such_rank(self, rank: int) -> str:
+        live = ", ".join(str(r) for r in self._registry.live_ids()) or "none"
+        return f"rank {rank} is not registered or not alive (live ranks: {live})"

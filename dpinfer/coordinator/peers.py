@@ -1,0 +1,308 @@
+"""The coordinator's cold-path handlers: handshakes, registration, liveness, control, status.
+
+``PeerHandlers`` is mixed into ``Coordinator`` (server.py), which owns the socket and the
+loop; this half decides who may send what:
+
+- client kinds need a ``ClientHello`` first (else ``Error(not_handshaken)``);
+- engine kinds need a live registration (else ``Error(not_registered)``, upon which a rank
+  registers again; a rank whose id was taken over by a newer process gets ``rank_taken``);
+- a client sending engine kinds, a rank sending client kinds, or anyone sending kinds the
+  coordinator emits gets ``Error(wrong_direction)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from dpinfer import protocol
+from dpinfer.coordinator import codec
+from dpinfer.coordinator.registry import ClientPeer, RankPeer
+from dpinfer.log import get_logger
+from dpinfer.protocol import EngineState, Signal
+
+if TYPE_CHECKING:
+    from dpinfer.config import CoordinatorConfig
+    from dpinfer.coordinator.forwarding import Forwarder
+    from dpinfer.coordinator.lifecycle import Lifecycle
+    from dpinfer.coordinator.outbox import Counters, Outbox
+    from dpinfer.coordinator.registry import RankRegistry
+
+logger = get_logger(__name__)
+
+ClientHandler = Callable[[ClientPeer, Any, float], None]
+RankHandler = Callable[[RankPeer, Any, float], None]
+FrameHandler = Callable[[bytes, tuple[Any, ...], Any, list[Any], float], None]
+
+
+class PeerHandlers:
+    config: CoordinatorConfig
+    address: str
+    counters: Counters
+    outbox: Outbox
+    registry: RankRegistry
+    lifecycle: Lifecycle
+    forwarder: Forwarder
+    started_at: float
+
+    def _init_peers(self) -> None:
+        self._clients: dict[bytes, ClientPeer] = {}
+
+    def bump_timer(self, deadline: float) -> None:
+        raise NotImplementedError
+
+    def _shutdown_now(self, reason: str) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ replies and rejections
+
+    def _error(
+        self, identity: bytes, code: str, message: str, client_request_id: int = protocol.NO_REQUEST
+    ) -> None:
+        self.outbox.send(identity, protocol.Error(code, message, client_request_id))
+
+    def _reject_client_kind(self, identity: bytes) -> None:
+        if identity in self.registry.by_identity:
+            self._wrong_direction(identity, "an engine rank may not send client messages")
+        else:
+            self.counters.unknown_peers += 1
+            self._error(identity, "not_handshaken", "send ClientHello before anything else")
+
+    def _reject_rank_kind(self, identity: bytes) -> None:
+        if identity in self._clients:
+            self._wrong_direction(identity, "a client may not send engine-rank messages")
+            return
+        self.counters.unknown_peers += 1
+        taken = self.registry.displaced.get(identity)
+        if taken is not None:
+            self._error(identity, "rank_taken", f"rank {taken} was taken over by a newer registration")
+        else:
+            self._error(
+                identity, "not_registered", "this rank is not registered (declared dead?); register again"
+            )
+
+    def _wrong_direction(self, identity: bytes, message: str) -> None:
+        self.counters.wrong_direction += 1
+        self._error(identity, "wrong_direction", message)
+
+    def _on_wrong_direction(
+        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+    ) -> None:
+        kind = protocol.Kind(arr[0])
+        self._wrong_direction(identity, f"{kind.name} is sent by the coordinator, not to it")
+
+    def _client_kind(self, fn: ClientHandler) -> FrameHandler:
+        def handle(identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float) -> None:
+            client = self._clients.get(identity)
+            if client is None:
+                self._reject_client_kind(identity)
+            else:
+                fn(client, codec.decode_cold(header, bodies), now)
+
+        return handle
+
+    def _rank_kind(self, fn: RankHandler) -> FrameHandler:
+        def handle(identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float) -> None:
+            peer = self.registry.by_identity.get(identity)
+            if peer is None:
+                self._reject_rank_kind(identity)
+            else:
+                peer.last_seen = now
+                fn(peer, codec.decode_cold(header, bodies), now)
+
+        return handle
+
+    # ------------------------------------------------------------------ clients
+
+    def _on_hello(
+        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+    ) -> None:
+        if identity in self.registry.by_identity:
+            self._wrong_direction(identity, "an engine rank may not say ClientHello")
+            return
+        msg = codec.decode_cold(header, bodies)
+        assert isinstance(msg, protocol.ClientHello)
+        if msg.version != protocol.PROTOCOL_VERSION:
+            self._error(
+                identity,
+                "version_mismatch",
+                f"protocol version {msg.version} is not supported (coordinator speaks "
+                f"{protocol.PROTOCOL_VERSION}); upgrade the older side",
+            )
+            return
+        if identity not in self._clients:
+            self._clients[identity] = ClientPeer(identity, msg.client_name)
+        self.outbox.send(
+            identity,
+            protocol.HelloAck(protocol.PROTOCOL_VERSION, self.lifecycle.state.value, len(self.registry.live)),
+        )
+
+    def _on_abort(self, client: ClientPeer, msg: protocol.Abort, now: float) -> None:
+        self.forwarder.abort(client, msg.client_request_ids)
+
+    def _on_bye(self, client: ClientPeer, msg: protocol.ClientBye, now: float) -> None:
+        self.forwarder.client_gone(client)
+        del self._clients[client.identity]
+
+    def _on_status(self, client: ClientPeer, msg: protocol.StatusQuery, now: float) -> None:
+        body = msgpack.packb(self.status(now), use_bin_type=True)
+        self.outbox.send(client.identity, protocol.StatusReply(msg.query_id, bodies=(body,)))
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """The STATUS map: state, ranks (every rank id seen), totals, counters, control."""
+        now = time.monotonic() if now is None else now
+        counters = self.counters
+        active = self.lifecycle.active
+        return {
+            "state": self.lifecycle.state.value,
+            "address": self.address,
+            "routing": self.config.routing.value,
+            "deterministic": self.config.deterministic,
+            "uptime_s": round(now - self.started_at, 3),
+            "cpu_s": time.process_time(),
+            "ranks": [self.registry.by_rank[r].describe(now) for r in sorted(self.registry.by_rank)],
+            "totals": {
+                "live_ranks": len(self.registry.live),
+                "clients": len(self._clients),
+                "in_flight": len(self.forwarder.requests),
+                "pending": len(self.forwarder.pending),
+                "submitted": counters.submitted,
+                "completed": counters.completed,
+                "failed": counters.failed,
+                "aborted": counters.aborted,
+            },
+            "counters": dataclasses.asdict(counters),
+            "control": {
+                "active": None if active is None else active.signal.value,
+                "queued": len(self.lifecycle.queue),
+            },
+        }
+
+    # ------------------------------------------------------------------ ranks
+
+    def _on_register_frames(
+        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+    ) -> None:
+        if identity in self._clients:
+            self._wrong_direction(identity, "a client may not register as an engine rank")
+            return
+        msg = codec.decode_cold(header, bodies)
+        assert isinstance(msg, protocol.Register)
+        if msg.version != protocol.PROTOCOL_VERSION:
+            self._error(
+                identity,
+                "version_mismatch",
+                f"rank speaks protocol {msg.version}, the coordinator {protocol.PROTOCOL_VERSION}",
+            )
+            return
+        if msg.rank < 0:
+            self._error(identity, "bad_register", f"rank id must be >= 0, got {msg.rank}")
+            return
+        current = self.registry.by_identity.get(identity)
+        if current is not None and current.rank == msg.rank:
+            current.last_seen = now  # a duplicate (retried) registration: answer it again
+            self._send_register_ack(current)
+            return
+        if current is not None:
+            self._rank_left(current, f"re-registered as rank {msg.rank}", now)
+        old = self.registry.by_rank.get(msg.rank)
+        if old is not None and old.alive:
+            logger.warning(
+                "rank %d re-registered from a new process (pid %d, was %d)", msg.rank, msg.pid, old.pid
+            )
+            self.registry.displace(old)
+            self._rank_retired(old, f"replaced by a new process (pid {msg.pid})", died=True, now=now)
+        if self.lifecycle.state is EngineState.STOPPED and not self.lifecycle.stopping:
+            self.lifecycle.state = EngineState.RUNNING  # a rank joining a stopped deployment restarts it
+        state = EngineState.RUNNING if self.lifecycle.stopping else self.lifecycle.state
+        peer = RankPeer(identity, msg, now, state.value)
+        self.registry.add(peer)
+        logger.info(
+            "rank %d registered (pid %d on %s, %s, model %r)",
+            msg.rank,
+            msg.pid,
+            msg.host,
+            msg.device,
+            msg.model,
+        )
+        self._send_register_ack(peer)
+        self.bump_timer(now + self.config.heartbeat_timeout_s)
+        self.forwarder.dispatch_pending(now)
+
+    def _send_register_ack(self, peer: RankPeer) -> None:
+        state = EngineState.RUNNING if self.lifecycle.stopping else self.lifecycle.state
+        self.outbox.send(
+            peer.identity, protocol.RegisterAck(peer.rank, state.value, self.config.heartbeat_interval_s)
+        )
+
+    def _on_heartbeat(self, peer: RankPeer, msg: protocol.Heartbeat, now: float) -> None:
+        peer.on_heartbeat(msg, now)
+
+    def _on_deregister(self, peer: RankPeer, msg: protocol.Deregister, now: float) -> None:
+        logger.info("rank %d deregistered: %s", peer.rank, msg.reason)
+        self._rank_left(peer, msg.reason or "deregistered", now)
+
+    def _rank_left(self, peer: RankPeer, reason: str, now: float) -> None:
+        self.registry.remove(peer)
+        self._rank_retired(peer, reason, died=False, now=now)
+
+    def _rank_dead(self, peer: RankPeer, reason: str, now: float) -> None:
+        logger.warning("rank %d (pid %d) declared dead: %s", peer.rank, peer.pid, reason)
+        self.counters.rank_deaths += 1
+        self.registry.remove(peer)
+        self._rank_retired(peer, reason, died=True, now=now)
+
+    def _rank_retired(self, peer: RankPeer, reason: str, died: bool, now: float) -> None:
+        self.forwarder.rank_gone(peer, reason, died, now)
+        if self.forwarder.pending:
+            self.bump_timer(now + self.config.no_rank_timeout_s)
+        why = f"rank died: {reason}" if died else f"rank left before acknowledging: {reason}"
+        if self.lifecycle.on_rank_gone(peer.rank, why):
+            self._finish_control(now)
+
+    # ------------------------------------------------------------------ control
+
+    def _on_control(self, client: ClientPeer, msg: protocol.Control, now: float) -> None:
+        self.lifecycle.queue.append((client.identity, msg))
+        self._advance_control(now)
+
+    def _on_control_ack(self, peer: RankPeer, msg: protocol.ControlAck, now: float) -> None:
+        if msg.ok:
+            peer.state = msg.state
+        if self.lifecycle.on_ack(peer.rank, msg):
+            self._finish_control(now)
+
+    def _advance_control(self, now: float) -> None:
+        lifecycle = self.lifecycle
+        while lifecycle.active is None and lifecycle.queue:
+            identity, msg = lifecycle.queue.popleft()
+            result = lifecycle.begin(identity, msg, [p.rank for p in self.registry.live], now)
+            if isinstance(result, protocol.ControlReply):
+                self.outbox.send(identity, result)
+                continue
+            logger.info("control %s: broadcasting to ranks %s", result.signal.value, list(result.rank_ids))
+            if result.wire_signal is Signal.STOP:
+                self.forwarder.fail_pending("engines are stopped")
+            engine_msg = result.engine_message()
+            for rank in result.rank_ids:
+                self.outbox.send(self.registry.by_rank[rank].identity, engine_msg)
+            self.bump_timer(result.deadline)
+            if not result.waiting:
+                self._finish_control(now)
+
+    def _finish_control(self, now: float) -> None:
+        act = self.lifecycle.active
+        assert act is not None
+        if act.wire_signal is Signal.STOP and any(p.rank not in act.rank_ids for p in self.registry.live):
+            self.lifecycle.state = EngineState.RUNNING  # a rank registered while the others stopped
+        act, reply = self.lifecycle.finish()
+        logger.info("control %s done: ok=%s state=%s %s", reply.signal, reply.ok, reply.state, reply.error)
+        self.outbox.send(act.client, reply)
+        if act.signal is Signal.SHUTDOWN:
+            self._shutdown_now("shutdown requested")
+        else:
+            self._advance_control(now)

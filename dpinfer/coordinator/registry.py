@@ -1,0 +1,130 @@
+"""Who is connected: engine ranks (with liveness and load) and handshaken clients.
+
+Peers are keyed by their ZMQ routing identity. A rank id may change identity (a restarted
+process, or a rank that re-registers after being declared dead); the newest registration
+wins and the displaced identity is remembered so its process can be told so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from dpinfer import protocol
+
+if TYPE_CHECKING:
+    from dpinfer.coordinator.requests import Req
+
+_MAX_DISPLACED = 1024
+
+
+class RankPeer:
+    """One registration of an engine rank. ``in_flight`` is the coordinator's own exact count."""
+
+    __slots__ = (
+        "alive", "completed", "device", "host", "identity", "in_flight", "kv_capacity_tokens",
+        "kv_free_tokens", "kv_used_tokens", "last_heartbeat", "last_seen", "max_prompt_len", "model",
+        "num_running", "num_waiting", "pid", "rank", "state",
+    )  # fmt: skip
+
+    def __init__(self, identity: bytes, msg: protocol.Register, now: float, state: str) -> None:
+        self.identity = identity
+        self.rank = msg.rank
+        self.pid = msg.pid
+        self.host = msg.host
+        self.device = msg.device
+        self.model = msg.model
+        self.max_prompt_len = msg.max_prompt_len
+        self.kv_capacity_tokens = msg.kv_capacity_tokens
+        self.alive = True
+        self.in_flight = 0
+        self.completed = 0
+        self.num_waiting = 0
+        self.num_running = 0
+        self.kv_used_tokens = 0
+        self.kv_free_tokens = msg.kv_capacity_tokens
+        self.state = state
+        self.last_seen = now
+        self.last_heartbeat = now
+
+    def on_heartbeat(self, msg: protocol.Heartbeat, now: float) -> None:
+        # Load figures are informational; ``in_flight`` stays the coordinator's own count.
+        self.num_waiting = msg.num_waiting
+        self.num_running = msg.num_running
+        self.kv_used_tokens = msg.kv_used_tokens
+        self.kv_free_tokens = msg.kv_free_tokens
+        self.state = msg.state
+        self.last_heartbeat = now
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "rank": self.rank, "pid": self.pid, "host": self.host, "device": self.device,
+            "model": self.model, "alive": self.alive, "state": self.state,
+            "in_flight": self.in_flight, "completed": self.completed,
+            "num_waiting": self.num_waiting, "num_running": self.num_running,
+            "kv_used_tokens": self.kv_used_tokens, "kv_free_tokens": self.kv_free_tokens,
+            "kv_capacity_tokens": self.kv_capacity_tokens, "max_prompt_len": self.max_prompt_len,
+            "heartbeat_age_s": round(now - self.last_heartbeat, 3),
+        }  # fmt: skip
+
+
+class ClientPeer:
+    """A client that completed the ``ClientHello`` handshake; ``requests`` maps its ids to ours."""
+
+    __slots__ = ("closed", "identity", "name", "requests")
+
+    def __init__(self, identity: bytes, name: str) -> None:
+        self.identity = identity
+        self.name = name
+        self.closed = False
+        self.requests: dict[int, Req] = {}
+
+
+class RankRegistry:
+    """Live ranks in routing order, every rank ever seen, and identities that were displaced.
+
+    ``live`` is ordered by registration, or by rank id when ``deterministic`` (so a fresh
+    deployment routes the same request sequence to the same ranks).
+    """
+
+    def __init__(self, deterministic: bool) -> None:
+        self.deterministic = deterministic
+        self.live: list[RankPeer] = []
+        self.by_identity: dict[bytes, RankPeer] = {}
+        self.by_rank: dict[int, RankPeer] = {}
+        self.displaced: dict[bytes, int] = {}
+
+    def add(self, peer: RankPeer) -> None:
+        """Make ``peer`` the live registration of its rank id (the caller retired any previous one)."""
+        previous = self.by_rank.get(peer.rank)
+        if previous is not None:
+            peer.completed = previous.completed
+        self.by_rank[peer.rank] = peer
+        self.by_identity[peer.identity] = peer
+        self.displaced.pop(peer.identity, None)
+        self.live.append(peer)
+        if self.deterministic:
+            self.live.sort(key=lambda p: p.rank)
+
+    def remove(self, peer: RankPeer) -> None:
+        """Retire ``peer`` (dead, left, or displaced); its rank id stays listed as not alive."""
+        peer.alive = False
+        self.by_identity.pop(peer.identity, None)
+        if peer in self.live:
+            self.live.remove(peer)
+
+    def displace(self, peer: RankPeer) -> None:
+        """Retire ``peer`` because a newer process registered its rank id."""
+        self.remove(peer)
+        if len(self.displaced) >= _MAX_DISPLACED:
+            self.displaced.pop(next(iter(self.displaced)))
+        self.displaced[peer.identity] = peer.rank
+
+    def expired(self, now: float, timeout_s: float) -> list[RankPeer]:
+        return [p for p in self.live if now - p.last_seen >= timeout_s]
+
+    def next_deadline(self, timeout_s: float) -> float:
+        return min((p.last_seen + timeout_s for p in self.live), default=math.inf)
+
+    def live_ids(self) -> list[int]:
+        return sorted(p.rank for p in self.live)

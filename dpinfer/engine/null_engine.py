@@ -1,0 +1,400 @@
+"""TEST AND BENCHMARK FIXTURE: an engine rank with no model.
+
+``NullEngine`` speaks the real rank protocol through ``EngineConnection`` and completes each
+request at once (or after ``delay_s``, to play a slow rank) with the text ``"echo: " +
+prompt`` and ``token_ids`` = the UTF-8 bytes of that text, so streaming has real deltas
+(``stream_chunks`` partial outputs, then the final). It honours PAUSE (requests queue,
+nothing completes until UNPAUSE), SUSPEND/RESUME/UPDATE_WEIGHTS (acknowledged with the new
+state), STOP (drain until the deadline or abort, ack, deregister, exit 0) and aborts, and
+heartbeats its load on time whatever ``delay_s`` is. It never serves real traffic.
+
+``serve_direct`` is the no-hub baseline for the coordinator benchmark: it binds a ROUTER
+itself and answers ``Requests`` from DEALER clients with ``EngineOutputs``.
+
+    python -m dpinfer.engine.null_engine --coordinator ADDR --rank N [--delay-s X] [--curve-dir D]
+    python -m dpinfer.engine.null_engine --direct tcp://127.0.0.1:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import multiprocessing as mp
+import multiprocessing.connection
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import zmq
+
+from dpinfer import protocol
+from dpinfer.engine.connection import EngineConnection, RankInfo
+from dpinfer.log import get_logger, set_role
+from dpinfer.protocol import EngineOutputEntry, EngineState, Signal
+
+logger = get_logger(__name__)
+
+ECHO_PREFIX = "echo: "
+_packb = msgpack.Packer(use_bin_type=True).pack
+_ABORTED = protocol.error_body("aborted", protocol.FinishReason.ABORT)
+_STOPPED = protocol.error_body("the rank stopped before finishing", protocol.FinishReason.ABORT)
+
+
+class EchoRequest:
+    """One request: its echo text, and (on a slow rank) its planned outputs and progress."""
+
+    __slots__ = ("error", "next_output", "plan", "prompt_tokens", "request_id", "step_s", "stream", "text")
+
+    def __init__(self, request_id: int, stream: bool, body: Any) -> None:
+        self.request_id = request_id
+        self.stream = stream
+        self.plan: tuple[list[EngineOutputEntry], list[bytes]] = ([], [])
+        self.next_output = 0
+        self.step_s = 0.0
+        self.error = ""
+        self.text = ""
+        self.prompt_tokens = 0
+        try:
+            data = msgpack.unpackb(body, raw=False)
+            prompt = data.get("prompt") if isinstance(data, dict) else None
+            if prompt is None and isinstance(data, dict) and isinstance(data.get("messages"), list):
+                prompt = " ".join(str(m.get("content", "")) for m in data["messages"] if isinstance(m, dict))
+        except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
+            self.error = f"undecodable request body: {type(e).__name__}"
+            return
+        if isinstance(prompt, list):
+            prompt = " ".join(str(t) for t in prompt)
+        if not isinstance(prompt, str) or not prompt:
+            self.error = "request body needs a non-empty 'prompt' or 'messages'"
+            return
+        self.text = ECHO_PREFIX + prompt
+        self.prompt_tokens = len(prompt.encode())
+
+    def outputs(self, stream_chunks: int) -> tuple[list[EngineOutputEntry], list[bytes]]:
+        """Partial outputs (streamed requests only), then the final one."""
+        rid = self.request_id
+        if self.error:
+            return [EngineOutputEntry(rid, True, 0)], [protocol.error_body(self.error)]
+        text = self.text
+        token_ids = list(text.encode())
+        entries: list[EngineOutputEntry] = []
+        bodies: list[bytes] = []
+        last_delta = text
+        if self.stream and stream_chunks > 0:
+            step = max(1, len(text) // (stream_chunks + 1))
+            cuts = [i * step for i in range(stream_chunks + 1) if i * step < len(text)] + [len(text)]
+            num_tokens = 0
+            for start, end in itertools.pairwise(cuts[:-1]):
+                piece = text[start:end].encode()
+                num_tokens += len(piece)
+                entries.append(EngineOutputEntry(rid, False, num_tokens))
+                bodies.append(_packb({"delta_text": text[start:end], "delta_token_ids": list(piece)}))
+            last_delta = text[cuts[-2] :]
+        final: dict[str, Any] = {
+            "text": text, "token_ids": token_ids, "finish_reason": "stop",
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": len(token_ids),
+        }  # fmt: skip
+        if self.stream:
+            final["delta_text"] = last_delta
+            final["delta_token_ids"] = list(last_delta.encode())
+        entries.append(EngineOutputEntry(rid, True, len(token_ids)))
+        bodies.append(_packb(final))
+        return entries, bodies
+
+
+class NullEngine:
+    """One null rank: ``run()`` registers, serves, and returns when told to STOP.
+
+    With ``delay_s`` a request's outputs are spread evenly over ``delay_s`` seconds (partials
+    first, so a killed slow rank leaves requests that streamed something and some that did not).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        rank: int,
+        *,
+        delay_s: float = 0.0,
+        stream_chunks: int = 2,
+        curve_dir: str | None = None,
+        model: str = "null",
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.delay_s = delay_s
+        self.stream_chunks = stream_chunks
+        self.state = EngineState.RUNNING
+        info = RankInfo.local(rank, "cpu", model, 1 << 20, 0)
+        self.conn = EngineConnection(address, info, curve_dir=curve_dir, context=context)
+        self._reqs: dict[int, EchoRequest] = {}
+        self._queued: list[int] = []  # arrived while paused, not started
+        self._due: list[tuple[float, int]] = []  # (when, request_id) of each started request's next output
+        self._out_entries: list[EngineOutputEntry] = []
+        self._out_bodies: list[bytes] = []
+        self._stop: tuple[int, float] | None = None  # (control_id, drain deadline) once STOP arrived
+        self.exit_code: int | None = None
+
+    @property
+    def _serving(self) -> bool:
+        return self.state is EngineState.RUNNING or self._stop is not None
+
+    def run(self, connect_timeout_s: float = 30.0) -> int:
+        """Serve until STOP (returns 0) or until the coordinator refuses this rank (returns 1)."""
+        ack = self.conn.connect_and_register(connect_timeout_s)
+        self.state = EngineState(ack.state)
+        try:
+            while self.exit_code is None:
+                wait_s = self.conn.seconds_until_heartbeat()
+                if self._due and self._serving:
+                    wait_s = min(wait_s, max(0.0, self._due[0][0] - time.monotonic()))
+                if self.conn.socket.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0, zmq.POLLIN):
+                    for msg in self.conn.recv_ready():
+                        self._handle(msg)
+                self._advance(time.monotonic())
+                self._flush()
+                if self._stop is not None:
+                    self._maybe_finish_stop()
+                if self.exit_code is None and self.conn.seconds_until_heartbeat() == 0:
+                    waiting = len(self._queued)
+                    self.conn.send_heartbeat(waiting, len(self._reqs) - waiting, 0, 0, self.state.value)
+        finally:
+            self.conn.close()
+        return self.exit_code or 0
+
+    def _handle(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Requests):
+            for (request_id, stream), body in zip(msg.entries, msg.bodies, strict=True):
+                req = EchoRequest(request_id, stream, body)
+                self._reqs[request_id] = req
+                if self._serving or req.error:
+                    self._start(req)
+                else:
+                    self._queued.append(request_id)
+        elif isinstance(msg, protocol.EngineAbort):
+            for request_id in msg.request_ids:
+                if self._reqs.pop(request_id, None) is not None:
+                    if request_id in self._queued:
+                        self._queued.remove(request_id)
+                    self._emit([EngineOutputEntry(request_id, True, 0)], [_ABORTED])
+        elif isinstance(msg, protocol.EngineControl):
+            self._control(msg)
+        elif isinstance(msg, protocol.RegisterAck):
+            # Registered again after being declared dead: the coordinator has re-dispatched or
+            # failed everything this rank held, so drop it.
+            self._reqs.clear()
+            self._queued.clear()
+            self._due.clear()
+            self.state = EngineState(msg.state)
+        elif isinstance(msg, protocol.Error):
+            logger.warning("coordinator error %s: %s", msg.code, msg.message)
+            if msg.code == "rank_taken":
+                self.exit_code = 1
+
+    def _start(self, req: EchoRequest) -> None:
+        entries, bodies = req.outputs(self.stream_chunks)
+        if self.delay_s <= 0 or req.error:
+            del self._reqs[req.request_id]
+            self._emit(entries, bodies)
+            return
+        req.plan = (entries, bodies)
+        req.step_s = self.delay_s / len(entries)
+        heapq.heappush(self._due, (time.monotonic() + req.step_s, req.request_id))
+
+    def _advance(self, now: float) -> None:
+        """Emit every scheduled output that is due (nothing while paused)."""
+        due = self._due
+        while due and due[0][0] <= now and self._serving:
+            when, request_id = heapq.heappop(due)
+            req = self._reqs.get(request_id)
+            if req is None:
+                continue  # aborted meanwhile
+            entries, bodies = req.plan
+            i = req.next_output
+            self._emit(entries[i : i + 1], bodies[i : i + 1])
+            req.next_output = i + 1
+            if req.next_output == len(entries):
+                del self._reqs[request_id]
+            else:
+                heapq.heappush(due, (when + req.step_s, request_id))
+
+    def _emit(self, entries: Sequence[EngineOutputEntry], bodies: Sequence[bytes]) -> None:
+        self._out_entries.extend(entries)
+        self._out_bodies.extend(bodies)
+
+    def _flush(self) -> None:
+        if self._out_entries:
+            self.conn.send_outputs(self._out_entries, self._out_bodies)
+            self._out_entries, self._out_bodies = [], []
+
+    def _control(self, msg: protocol.EngineControl) -> None:
+        try:
+            signal = Signal(msg.signal)
+            target = protocol.next_state(self.state, signal)
+        except (ValueError, protocol.ProtocolError) as e:
+            self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value, str(e))
+            return
+        if signal is Signal.STOP or signal is Signal.SHUTDOWN:
+            drain = bool(msg.args.get("drain", True))
+            deadline = time.monotonic() + float(msg.args.get("deadline_s", 30.0)) if drain else 0.0
+            self._stop = (msg.control_id, deadline)
+        else:
+            self.state = target
+        if self._serving:
+            queued, self._queued = self._queued, []
+            for request_id in queued:
+                self._start(self._reqs[request_id])
+        if self._stop is None:
+            self._flush()
+            self.conn.send_control_ack(msg.control_id, msg.signal, True, self.state.value)
+
+    def _maybe_finish_stop(self) -> None:
+        assert self._stop is not None
+        control_id, deadline = self._stop
+        if self._reqs and time.monotonic() < deadline:
+            return
+        for request_id in self._reqs:
+            self._emit([EngineOutputEntry(request_id, True, 0)], [_STOPPED])
+        self._reqs.clear()
+        self._due.clear()
+        self._flush()
+        self.state = EngineState.STOPPED
+        self.conn.send_control_ack(control_id, Signal.STOP.value, True, self.state.value)
+        self.conn.deregister("stopped")
+        self.exit_code = 0
+
+
+def run_null_engine(
+    address: str,
+    rank: int,
+    *,
+    delay_s: float = 0.0,
+    stream_chunks: int = 2,
+    curve_dir: str | None = None,
+    connect_timeout_s: float = 30.0,
+) -> None:
+    """Entry point of one null rank process; exits non-zero if it was refused or unreachable."""
+    set_role("null-rank", rank)
+    engine = NullEngine(address, rank, delay_s=delay_s, stream_chunks=stream_chunks, curve_dir=curve_dir)
+    code = engine.run(connect_timeout_s)
+    if code:
+        raise SystemExit(code)
+
+
+def start_null_engines(address: str, ranks: Sequence[int], **kwargs: Any) -> list[Any]:
+    """Spawn one null rank process per rank id (spawn start method); the caller stops them.
+
+    ``kwargs`` go to ``run_null_engine`` (``delay_s``, ``stream_chunks``, ``curve_dir``...).
+    The processes are daemonic, so they also die with the caller.
+    """
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=run_null_engine, args=(address, r), kwargs=kwargs, daemon=True) for r in ranks
+    ]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
+# ---------------------------------------------------------------------------- direct mode
+
+
+def serve_direct(
+    bind: str = "tcp://127.0.0.1:0", *, stream_chunks: int = 2, on_ready: Callable[[str], None] | None = None
+) -> None:
+    """No hub: bind a ROUTER and answer each ``Requests`` with ``EngineOutputs`` (one per turn)."""
+    set_role("null-direct")
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.set_hwm(100_000)
+    sock.bind(bind)
+    if on_ready is not None:
+        on_ready(sock.last_endpoint.decode())
+    pending: dict[bytes, tuple[list[Any], list[Any]]] = {}
+    try:
+        while True:
+            sock.poll(-1, zmq.POLLIN)
+            for _ in range(512):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    msg = protocol.decode(frames[1:])
+                except protocol.ProtocolError:
+                    msg = None
+                if not isinstance(msg, protocol.Requests):
+                    continue  # a baseline for well-behaved benchmark clients only
+                entries, bodies = pending.setdefault(frames[0], ([], []))
+                for (request_id, stream), body in zip(msg.entries, msg.bodies, strict=True):
+                    out_entries, out_bodies = EchoRequest(request_id, stream, body).outputs(stream_chunks)
+                    entries.extend(out_entries)
+                    bodies.extend(out_bodies)
+            for identity, (entries, bodies) in pending.items():
+                try:
+                    sock.send_multipart(
+                        [identity, _packb((protocol.Kind.ENGINE_OUTPUTS, entries)), *bodies], zmq.NOBLOCK
+                    )
+                except zmq.Again:
+                    logger.warning(
+                        "direct client %r is not reading; dropped %d outputs", identity, len(entries)
+                    )
+            pending.clear()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+def _direct_main(bind: str, stream_chunks: int, conn: multiprocessing.connection.Connection) -> None:
+    serve_direct(bind, stream_chunks=stream_chunks, on_ready=conn.send)
+
+
+def start_direct_null_engine(
+    bind: str = "tcp://127.0.0.1:0", *, stream_chunks: int = 2, timeout_s: float = 30.0
+) -> tuple[Any, str]:
+    """Spawn a direct-mode null engine; ``(process, address)``. Stop it with ``process.kill()``."""
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_direct_main, args=(bind, stream_chunks, child_conn), daemon=True)
+    proc.start()
+    child_conn.close()
+    if not parent_conn.poll(timeout_s):
+        proc.kill()
+        proc.join(5)
+        raise RuntimeError(f"the direct null engine did not start within {timeout_s:g} s")
+    address = parent_conn.recv()
+    parent_conn.close()
+    return proc, address
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpinfer.engine.null_engine",
+        description="Null rank: test/benchmark fixture, no model.",
+    )
+    add = parser.add_argument
+    add("--coordinator", help="coordinator address, e.g. tcp://127.0.0.1:5555")
+    add("--rank", type=int, default=0, help="rank id")
+    add("--delay-s", type=float, default=0.0, help="seconds each request takes (a slow rank)")
+    add("--stream-chunks", type=int, default=2, help="partial outputs before the final one")
+    add("--curve-dir", default=None, help="this rank's CURVE key pair and the server's public key")
+    add("--direct", metavar="BIND", default=None, help="no coordinator: bind here and answer Requests")
+    args = parser.parse_args(argv)
+    if args.direct:
+        serve_direct(args.direct, stream_chunks=args.stream_chunks, on_ready=lambda a: print(a, flush=True))
+    elif not args.coordinator:
+        parser.error("--coordinator is required (or --direct BIND)")
+    else:
+        run_null_engine(
+            args.coordinator,
+            args.rank,
+            delay_s=args.delay_s,
+            stream_chunks=args.stream_chunks,
+            curve_dir=args.curve_dir,
+        )
+
+
+if __name__ == "__main__":
+    main()
