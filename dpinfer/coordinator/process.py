@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import signal
 import socket
 import threading
@@ -23,6 +24,7 @@ import zmq
 from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
 from dpinfer.log import get_logger, set_role
+from dpinfer.procutil import die_with_parent, set_process_name
 
 logger = get_logger(__name__)
 
@@ -68,6 +70,11 @@ def run_coordinator(config: CoordinatorConfig, on_ready: Callable[[str], None] |
 
 
 def _coordinator_main(config: CoordinatorConfig, conn: multiprocessing.connection.Connection) -> None:
+    # The parent manages this process: a Ctrl-C in its terminal must reach the parent only
+    # (which stops the ranks through us first), and the parent's death must end us too.
+    os.setpgrp()
+    die_with_parent(signal.SIGTERM)
+    set_process_name("dpinfer-coord")
     try:
         run_coordinator(config, on_ready=lambda address: conn.send(("ready", address)))
     except Exception as e:

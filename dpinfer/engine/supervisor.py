@@ -13,7 +13,6 @@ SIGTERM if the rank main dies (Linux ``PR_SET_PDEATHSIG``), so none is left behi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import multiprocessing as mp
 import os
@@ -30,6 +29,7 @@ from dpinfer.config import RankConfig
 from dpinfer.engine.messages import ChildFailed, ChildReady
 from dpinfer.errors import DpinferError
 from dpinfer.log import get_logger, set_role
+from dpinfer.procutil import die_with_parent, set_process_name
 
 logger = get_logger(__name__)
 
@@ -44,8 +44,6 @@ def resolve_target(path: str) -> ChildTarget:
 
 
 COMM_NAMES = {"tokenizer": "dpinfer-tok", "scheduler": "dpinfer-sched", "detokenizer": "dpinfer-detok"}
-_PR_SET_NAME = 15
-_PR_SET_PDEATHSIG = 1
 
 
 class ChildStartError(DpinferError):
@@ -65,11 +63,6 @@ class Child:
         return self.process.pid or -1
 
 
-def _linux_prctl(option: int, arg: int | bytes) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
-
-
 def _raise_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -84,9 +77,8 @@ def child_main(
 ) -> None:
     """Entry point of every child (module level, so the spawn start method can pickle it)."""
     set_role(name, config.rank)
-    if sys.platform.startswith("linux"):
-        _linux_prctl(_PR_SET_NAME, COMM_NAMES.get(name, name)[:15].encode())
-        _linux_prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    set_process_name(COMM_NAMES.get(name, name))
+    die_with_parent(signal.SIGTERM)
     # SIGTERM unwinds through ``finally`` blocks (sockets closed, shared memory unlinked).
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the rank main, which stops us

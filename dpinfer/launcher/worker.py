@@ -31,6 +31,7 @@ import click
 from dpinfer.config import RankConfig, default_address
 from dpinfer.launcher.options import engine_options, rank_config_from_options
 from dpinfer.log import get_logger, set_role
+from dpinfer.procutil import die_with_parent
 
 logger = get_logger(__name__)
 
@@ -86,6 +87,7 @@ def startup_barrier(env: TorchrunEnv, device: str, timeout_s: float) -> None:
 
 
 def _run_rank_child(config: RankConfig, num_threads: int) -> None:
+    die_with_parent(signal.SIGTERM)  # torchrun tearing the worker down must not orphan the rank
     os.environ["OMP_NUM_THREADS"] = str(num_threads)
     os.environ["DPINFER_NUM_THREADS"] = str(num_threads)
     from dpinfer.engine.rank import run_rank
