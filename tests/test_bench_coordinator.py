@@ -23,6 +23,7 @@ def test_benchmark_json_shape() -> None:
     report = json.loads(result.output)
     assert [(c["case"], c["ranks"]) for c in report["cases"]] == [
         ("direct", 1),
+        ("bare_relay", 1),
         ("coordinator", 1),
         ("coordinator", 2),
     ]
@@ -36,7 +37,9 @@ def test_benchmark_json_shape() -> None:
             assert case["coordinator_cpu_us_per_req"] is None
         else:
             assert case["coordinator_cpu_us_per_req"] > 0 and "added_p50_us" in case
-    one_rank = report["cases"][1]
+        if case["case"] == "coordinator":
+            assert "added_p50_over_relay_us" in case
+    one_rank = report["cases"][2]
     assert report["ratio_vs_direct"] == one_rank["ratio_vs_direct"] > 0
     assert report["sdk"]["sync_p50_us"] > 0 and report["sdk"]["async_req_per_s"] > 0
 

@@ -21,10 +21,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
-import msgpack
-import zmq
 
-from dpinfer import protocol
+from dpinfer.bench.loadgen import RawLoad
+from dpinfer.bench.relay import start_bare_relay
 from dpinfer.bench.report import (
     Column,
     emit,
@@ -36,107 +35,7 @@ from dpinfer.bench.report import (
 )
 from dpinfer.errors import RequestTimeoutError
 
-BODY = protocol.pack_body({"prompt": "x", "sampling": {"max_new_tokens": 1}})
 TARGETS = {"ratio_vs_direct_min": 0.6, "coordinator_cpu_us_per_req_max": 20.0, "added_p50_us_max": 100.0}
-_KIND_SUBMIT = int(protocol.Kind.SUBMIT)
-_KIND_REQUESTS = int(protocol.Kind.REQUESTS)
-_REPLY_KINDS = {int(protocol.Kind.OUTPUTS), int(protocol.Kind.ENGINE_OUTPUTS)}
-_KIND_ERROR = int(protocol.Kind.ERROR)
-_packb = msgpack.Packer(use_bin_type=True).pack
-_unpackb = msgpack.unpackb
-
-
-class RawLoad:
-    """The load generator: one DEALER speaking the protocol with no SDK in between.
-
-    ``via_coordinator`` picks the dialect: ``Submit``/``Outputs`` to a coordinator (after the
-    ``ClientHello`` handshake), or ``Requests``/``EngineOutputs`` straight to a direct rank.
-    Everything else (batching, window refill, timing) is the same code for both.
-    """
-
-    def __init__(self, address: str, via_coordinator: bool, timeout_s: float = 10.0) -> None:
-        self.via_coordinator = via_coordinator
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-        self._sock.connect(address)
-        self._next_id = 1
-        if via_coordinator:
-            self._sock.send_multipart(
-                protocol.encode(protocol.ClientHello(protocol.PROTOCOL_VERSION, "bench"))
-            )
-            reply = protocol.decode(self._recv())
-            if not isinstance(reply, protocol.HelloAck):
-                raise RuntimeError(f"coordinator handshake failed: {reply}")
-
-    def close(self) -> None:
-        self._sock.close()
-        self._ctx.term()
-
-    def _recv(self) -> list[bytes]:
-        try:
-            return self._sock.recv_multipart()
-        except zmq.Again:  # RCVTIMEO passed
-            raise RequestTimeoutError("the benchmark target stopped answering") from None
-
-    def _send(self, count: int) -> None:
-        first = self._next_id
-        self._next_id += count
-        ids = range(first, first + count)
-        if self.via_coordinator:
-            header = _packb((_KIND_SUBMIT, [(i, protocol.NO_RANK, False) for i in ids]))
-        else:
-            header = _packb((_KIND_REQUESTS, [(i, False) for i in ids]))
-        self._sock.send_multipart([header, *([BODY] * count)])
-
-    def _finals(self, frames: list[bytes]) -> int:
-        arr = _unpackb(frames[0])
-        if arr[0] not in _REPLY_KINDS:
-            detail = f"{arr[1]}: {arr[2]}" if arr[0] == _KIND_ERROR else f"kind {arr[0]}"
-            raise RuntimeError(f"unexpected reply during the benchmark: {detail}")
-        # The last body stands for the batch: a failing target fails every request alike.
-        last = _unpackb(frames[-1])
-        if last.get("finish_reason") != "stop":
-            raise RuntimeError(f"request failed during the benchmark: {last.get('error')}")
-        return sum(1 for entry in arr[1] if entry[1])
-
-    def _recv_finals(self) -> int:
-        """Block for one message, then drain what else is queued; the number of finished requests."""
-        done = self._finals(self._recv())
-        sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            done += self._finals(sock.recv_multipart())
-        return done
-
-    def latency(self, num_requests: int) -> list[float]:
-        """Round-trip seconds of ``num_requests`` requests sent one at a time."""
-        out = []
-        clock = time.perf_counter
-        for _ in range(num_requests):
-            start = clock()
-            self._send(1)
-            while not self._recv_finals():
-                pass
-            out.append(clock() - start)
-        return out
-
-    def throughput(self, num_requests: int, window: int) -> float:
-        """Seconds to complete ``num_requests`` with ``window`` in flight (refilled in batches)."""
-        start = time.perf_counter()
-        sent = min(window, num_requests)
-        self._send(sent)
-        done = 0
-        while done < num_requests:
-            finished = self._recv_finals()
-            done += finished
-            refill = min(finished, num_requests - sent)
-            if refill:
-                self._send(refill)
-                sent += refill
-        return time.perf_counter() - start
 
 
 class Target:
@@ -284,15 +183,19 @@ def run_benchmark(
     from dpinfer.engine.null_engine import start_direct_null_engine
 
     proc, direct_address = start_direct_null_engine(stream_chunks=0)
+    relay_proc, relay_address = start_bare_relay(direct_address)
     direct = Target(RawLoad(direct_address, via_coordinator=False), None)
+    relay = Target(RawLoad(relay_address, via_coordinator=False), relay_proc.pid)
     cases: list[dict[str, Any]] = []
     sdk: dict[str, Any] | None = None
     try:
         for num_ranks in sorted(set(ranks)):
             with null_deployment(num_ranks) as (address, pid):
                 hub = Target(RawLoad(address, via_coordinator=True), pid)
+                # The bare relay runs beside the first case only: it is the floor, not a system.
+                others = [relay] if not relay.round_s else []
                 try:
-                    interleave([direct, hub], requests, concurrency, latency_requests, rounds)
+                    interleave([direct, *others, hub], requests, concurrency, latency_requests, rounds)
                 finally:
                     hub.load.close()
                 # Paired with the direct rounds run just before each of its own: robust to drifting load.
@@ -303,15 +206,24 @@ def run_benchmark(
                     sdk = _measure_sdk(address, requests, concurrency, latency_requests)
     finally:
         direct.load.close()
-        proc.kill()
-        proc.join(5)
+        relay.load.close()
+        for p in (relay_proc, proc):
+            p.kill()
+            p.join(5)
     direct_case = {"case": "direct", "ranks": 1, **direct.stats(requests)}
+    relay_case = {"case": "bare_relay", "ranks": 1, **relay.stats(requests)}
+    paired = [d / r for d, r in zip(direct.round_s[:rounds], relay.round_s, strict=True)]
+    relay_case["ratio_vs_direct"] = round(statistics.median(paired), 3)
+    cases.insert(0, relay_case)
     for case in cases:
         case["added_p50_us"] = round(case["p50_us"] - direct_case["p50_us"], 1)
     cases.insert(0, direct_case)
-    one_rank = next((c for c in cases[1:] if c["ranks"] == 1), cases[1])
+    hubs = [c for c in cases if c["case"] == "coordinator"]
+    one_rank = next((c for c in hubs if c["ranks"] == 1), hubs[0])
+    for case in hubs:
+        case["added_p50_over_relay_us"] = round(case["p50_us"] - relay_case["p50_us"], 1)
     assert sdk is not None
-    sdk["sync_added_p50_us"] = round(sdk["sync_p50_us"] - cases[1]["p50_us"], 1)
+    sdk["sync_added_p50_us"] = round(sdk["sync_p50_us"] - one_rank["p50_us"], 1)
     settings = dict(requests=requests, concurrency=concurrency, latency_requests=latency_requests)
     settings["rounds"] = rounds
     return {
@@ -334,6 +246,7 @@ _COLUMNS = [
     Column("p50_us", "p50 µs"),
     Column("p99_us", "p99 µs"),
     Column("added_p50_us", "+p50 µs"),
+    Column("added_p50_over_relay_us", "over relay µs"),
     Column("coordinator_cpu_us_per_req", "hub CPU µs/req"),
     Column("coordinator_cpu_us_per_req_c1", "at c=1"),
 ]
@@ -358,7 +271,8 @@ def _tables(report: dict[str, Any]) -> list[Any]:
 
 
 def _notes(report: dict[str, Any]) -> list[str]:
-    cases = report["cases"][1:]
+    cases = [c for c in report["cases"] if c["case"] == "coordinator"]
+    relay = next(c for c in report["cases"] if c["case"] == "bare_relay")
     worst_cpu = max(c["coordinator_cpu_us_per_req"] for c in cases)
     worst_added = max(c["added_p50_us"] for c in cases)
     checks = [
@@ -369,6 +283,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
     machine = report["machine"]
     return [
         "targets: " + "; ".join(checks),
+        f"floor: a bare pyzmq relay (no protocol work) adds {relay['added_p50_us']:.0f} µs here; the "
+        f"coordinator adds {min(c['added_p50_over_relay_us'] for c in cases):.0f} µs on top of it",
         f"{machine['cpus']} CPUs, load {machine['load_avg_1m']}: generator, hub and ranks share them; "
         "compare ratios within one run.",
     ]

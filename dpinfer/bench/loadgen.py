@@ -1,0 +1,112 @@
+"""The benchmarks' load generator: a raw DEALER speaking the protocol, nothing in between."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import zmq
+
+from dpinfer import protocol
+from dpinfer.errors import RequestTimeoutError
+
+BODY = protocol.pack_body({"prompt": "x", "sampling": {"max_new_tokens": 1}})
+_KIND_SUBMIT = int(protocol.Kind.SUBMIT)
+_KIND_REQUESTS = int(protocol.Kind.REQUESTS)
+_REPLY_KINDS = {int(protocol.Kind.OUTPUTS), int(protocol.Kind.ENGINE_OUTPUTS)}
+_KIND_ERROR = int(protocol.Kind.ERROR)
+_packb = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+
+
+class RawLoad:
+    """The load generator: one DEALER speaking the protocol with no SDK in between.
+
+    ``via_coordinator`` picks the dialect: ``Submit``/``Outputs`` to a coordinator (after the
+    ``ClientHello`` handshake), or ``Requests``/``EngineOutputs`` straight to a direct rank.
+    Everything else (batching, window refill, timing) is the same code for both.
+    """
+
+    def __init__(self, address: str, via_coordinator: bool, timeout_s: float = 10.0) -> None:
+        self.via_coordinator = via_coordinator
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        self._sock.connect(address)
+        self._next_id = 1
+        if via_coordinator:
+            self._sock.send_multipart(
+                protocol.encode(protocol.ClientHello(protocol.PROTOCOL_VERSION, "bench"))
+            )
+            reply = protocol.decode(self._recv())
+            if not isinstance(reply, protocol.HelloAck):
+                raise RuntimeError(f"coordinator handshake failed: {reply}")
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+    def _recv(self) -> list[bytes]:
+        try:
+            return self._sock.recv_multipart()
+        except zmq.Again:  # RCVTIMEO passed
+            raise RequestTimeoutError("the benchmark target stopped answering") from None
+
+    def _send(self, count: int) -> None:
+        first = self._next_id
+        self._next_id += count
+        ids = range(first, first + count)
+        if self.via_coordinator:
+            header = _packb((_KIND_SUBMIT, [(i, protocol.NO_RANK, False) for i in ids]))
+        else:
+            header = _packb((_KIND_REQUESTS, [(i, False) for i in ids]))
+        self._sock.send_multipart([header, *([BODY] * count)])
+
+    def _finals(self, frames: list[bytes]) -> int:
+        arr = _unpackb(frames[0])
+        if arr[0] not in _REPLY_KINDS:
+            detail = f"{arr[1]}: {arr[2]}" if arr[0] == _KIND_ERROR else f"kind {arr[0]}"
+            raise RuntimeError(f"unexpected reply during the benchmark: {detail}")
+        # The last body stands for the batch: a failing target fails every request alike.
+        last = _unpackb(frames[-1])
+        if last.get("finish_reason") != "stop":
+            raise RuntimeError(f"request failed during the benchmark: {last.get('error')}")
+        return sum(1 for entry in arr[1] if entry[1])
+
+    def _recv_finals(self) -> int:
+        """Block for one message, then drain what else is queued; the number of finished requests."""
+        done = self._finals(self._recv())
+        sock = self._sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            done += self._finals(sock.recv_multipart())
+        return done
+
+    def latency(self, num_requests: int) -> list[float]:
+        """Round-trip seconds of ``num_requests`` requests sent one at a time."""
+        out = []
+        clock = time.perf_counter
+        for _ in range(num_requests):
+            start = clock()
+            self._send(1)
+            while not self._recv_finals():
+                pass
+            out.append(clock() - start)
+        return out
+
+    def throughput(self, num_requests: int, window: int) -> float:
+        """Seconds to complete ``num_requests`` with ``window`` in flight (refilled in batches)."""
+        start = time.perf_counter()
+        sent = min(window, num_requests)
+        self._send(sent)
+        done = 0
+        while done < num_requests:
+            finished = self._recv_finals()
+            done += finished
+            refill = min(finished, num_requests - sent)
+            if refill:
+                self._send(refill)
+                sent += refill
+        return time.perf_counter() - start
