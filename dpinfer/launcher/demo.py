@@ -129,7 +129,7 @@ def _run_steps(console: Any, address: str, max_new_tokens: int) -> None:
 
         def submit_while_paused() -> None:
             with InferenceClient(address, timeout_s=120.0) as other:
-                box["result"] = other.generate(DEMO_PROMPTS[0], params)[0]
+                box["result"] = other.generate(prompts[0], params)[0]
             done.set()
 
         worker = threading.Thread(target=submit_while_paused, daemon=True)
@@ -139,8 +139,8 @@ def _run_steps(console: Any, address: str, max_new_tokens: int) -> None:
         console.print("a request submitted while paused is waiting (2 s, nothing completed)")
         ack = client.unpause_engines()
         console.print(f"unpaused: {', '.join(f'rank {a.rank}: {a.state}' for a in ack.acks)}")
-        if not done.wait(120.0) or not box["result"].ok:
-            raise DemoFailed("unpause", "the queued request did not complete after unpause")
+        if not done.wait(120.0) or not box["result"].ok or not box["result"].text.strip():
+            raise DemoFailed("unpause", "the queued request did not complete with an answer after unpause")
         console.print(
             f"the queued request completed on rank {box['result'].rank}: {box['result'].text.strip()!r}"
         )
