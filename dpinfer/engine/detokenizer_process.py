@@ -13,26 +13,17 @@ The text work is ``OutputBuilder`` (incremental, UTF-8 safe, stop-string hold-ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import zmq
 
 from dpinfer.config import RankConfig, ipc_address
 from dpinfer.engine import messages as m
+from dpinfer.engine.fast_decode import make_decode
 from dpinfer.engine.output_builder import OutputBuilder
 from dpinfer.log import get_logger
 
 logger = get_logger(__name__)
-
-
-def make_decode(tokenizer: Any) -> Any:
-    """The one decode call used for every piece of output text."""
-
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    return decode
 
 
 class DetokenizerProcess:
