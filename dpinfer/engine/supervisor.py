@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,8 +64,33 @@ class Child:
         return self.process.pid or -1
 
 
+EXIT_GRACE_S = 5
+
+
 def _raise_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _arm_exit_watchdog() -> None:
+    """Make SIGTERM end this process within ``EXIT_GRACE_S``, even if the orderly exit stalls.
+
+    The orderly path is ``_raise_exit`` unwinding through ``finally`` blocks. Seen here: about
+    one child in three whose rank main was SIGKILLed (so it got SIGTERM from PR_SET_PDEATHSIG)
+    stayed blocked in a ZMQ call forever -- pyzmq retries a call interrupted by EINTR, and the
+    handler's SystemExit did not surface. The C-level handler always writes to the wakeup fd,
+    so this watchdog thread sees every SIGTERM and arms SIGALRM, whose default action ends
+    the process if the orderly exit has not finished by then.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    def watch() -> None:
+        os.read(read_fd, 1)
+        signal.alarm(EXIT_GRACE_S)
+
+    threading.Thread(target=watch, name="exit-watchdog", daemon=True).start()
 
 
 def child_main(
@@ -82,6 +108,7 @@ def child_main(
     # SIGTERM unwinds through ``finally`` blocks (sockets closed, shared memory unlinked).
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the rank main, which stops us
+    _arm_exit_watchdog()
     if os.getppid() != parent_pid:
         return  # the rank main died before we could ask to follow it
     reported = False
