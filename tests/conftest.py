@@ -66,3 +66,11 @@ def deployment_factory() -> Iterator[Callable[..., Deployment]]:
     yield start
     for dep in deployments:
         dep.close()
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    """A coordinator with two live null ranks, shared by one test module."""
+    d = Deployment.start([0, 1], {})
+    yield d
+    d.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -16,13 +15,6 @@ from dpinfer.errors import ConnectionLostError, RequestTimeoutError, ServiceErro
 from dpinfer.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
-    d = Deployment.start([0, 1], {})
-    yield d
-    d.close()
 
 
 def run(coro: object) -> object:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -15,13 +14,6 @@ from wire import Deployment
 from dpinfer.cli import cli
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
-    d = Deployment.start([0, 1], {})
-    yield d
-    d.close()
 
 
 def invoke(*args: str) -> Result:

@@ -113,6 +113,17 @@ class Scheduler:
         else:
             self.waiting.remove(req)
 
+    def _accept_token(self, req: Req, token: int, outputs: list[SchedulerOutput]) -> bool:
+        """Append a sampled token, collect the request's output; True if it just finished."""
+        req.append_token(token, self._decoder_for(req))
+        out = req.take_output()
+        if out is not None:
+            outputs.append(out)
+        if req.finish is None:
+            return False
+        self._finish(req)
+        return True
+
     def _finish(self, req: Req) -> None:
         self.kv.release(req)
         del self.reqs[req.request_id]
@@ -240,13 +251,7 @@ class Scheduler:
         next_ids = self.runner.sample(logits, batch.sampling)
         joining: list[int] = []
         for i, (req, token) in enumerate(zip(batch.sampling_reqs, next_ids.tolist(), strict=True)):
-            req.append_token(token, self._decoder_for(req))
-            out = req.take_output()
-            if out is not None:
-                outputs.append(out)
-            if req.finish is not None:
-                self._finish(req)
-            else:
+            if not self._accept_token(req, token, outputs):
                 self.kv.cache_unfinished(req)
                 joining.append(i)
         if joining:
@@ -272,13 +277,7 @@ class Scheduler:
         keep: list[int] = []
         for i, (req, token) in enumerate(zip(running.reqs, next_ids.tolist(), strict=True)):
             req.kv_len += 1
-            req.append_token(token, self._decoder_for(req))
-            out = req.take_output()
-            if out is not None:
-                outputs.append(out)
-            if req.finish is not None:
-                self._finish(req)
-            else:
+            if not self._accept_token(req, token, outputs):
                 keep.append(i)
         running.filter(keep)
         if not running.reqs:
