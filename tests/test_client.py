@@ -31,13 +31,6 @@ def wait_for_live_ranks(address: str, num_ranks: int, timeout_s: float = 20.0) -
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
-    d = Deployment.start([0, 1], {})
-    yield d
-    d.close()
-
-
 @pytest.fixture
 def client(deployment: Deployment) -> Iterator[InferenceClient]:
     with InferenceClient(deployment.address, timeout_s=10) as c:
