@@ -101,7 +101,8 @@ class CoordinatorConfig:
 
     @property
     def bind_address(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literals need brackets
+        return f"tcp://{host}:{self.port}"
 
 
 # ---------------------------------------------------------------------------- engine rank

@@ -116,3 +116,10 @@ def test_sampling_params_validation() -> None:
     ):
         with pytest.raises(InvalidRequestError):
             SamplingParams.from_dict(bad)
+
+
+def test_ipv6_hosts_get_brackets_in_the_bind_address() -> None:
+    from dpinfer.config import CoordinatorConfig
+
+    assert CoordinatorConfig(host="::1", port=5).bind_address == "tcp://[::1]:5"
+    assert CoordinatorConfig(host="127.0.0.1", port=5).bind_address == "tcp://127.0.0.1:5"
