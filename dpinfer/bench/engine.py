@@ -1,6 +1,8 @@
-"""``dpinfer bench engine``: the in-process Scheduler against ``transformers`` ``generate``.
+"""``dpinfer bench engine``: one rank's engine against ``transformers`` ``generate``.
 
-Both run in this process on the same model, with the same number of torch threads.
+The Scheduler and ``generate`` run in this process on the same model with the same number of
+torch threads; ``mixed`` also runs through a real rank stack (``engine_stack.py``, system
+``dpinfer_rank``) so the cost of the rank's processes shows beside the in-process figure.
 Workloads (fixed seed, random token ids, greedy, ``ignore_eos`` so output lengths hold):
 
 - ``mixed``: prompts of 16-512 tokens, outputs of 8-256; the baseline is ``generate`` on
@@ -157,7 +159,13 @@ def warm_up(runner: Any, model: Any) -> None:
 
 
 def run_bench(
-    model_name: str, threads: int, workloads: list[str], num_requests: int, sizes: dict[str, Any], seed: int
+    model_name: str,
+    threads: int,
+    workloads: list[str],
+    num_requests: int,
+    sizes: dict[str, Any],
+    seed: int,
+    through_rank: bool = True,
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -177,6 +185,12 @@ def run_bench(
         ours, base = run_dpinfer(runner, wl, radix=True, system="dpinfer"), run_hf_generate(model, wl, pad_id)
         cases += [ours, base]
         speedup["mixed"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
+        if through_rank:
+            from dpinfer.bench.engine_stack import run_rank_stack
+
+            stack = run_rank_stack(model_name, threads, wl)
+            cases.append(stack)
+            speedup["mixed_through_rank"] = round(stack["output_tok_per_s"] / base["output_tok_per_s"], 2)
     if "shared_prefix" in workloads:
         wl = make_shared_prefix(
             num_requests, vocab, sizes["prefix"], sizes["suffix"], sizes["shared_output"], seed
@@ -258,6 +272,12 @@ def _range(text: str) -> tuple[int, int]:
     "--shared-output-len", default="8-64", show_default=True, help="shared_prefix: output length range."
 )
 @click.option("--seed", default=0, show_default=True, help="Workload seed.")
+@click.option(
+    "--through-rank/--no-through-rank",
+    default=True,
+    show_default=True,
+    help="Also run mixed through a real rank stack (coordinator + rank processes).",
+)
 @json_option
 def command(
     model: str,
@@ -270,6 +290,7 @@ def command(
     suffix_len: str,
     shared_output_len: str,
     seed: int,
+    through_rank: bool,
     as_json: bool,
 ) -> None:
     """The in-process Scheduler against transformers generate (static batches of 16)."""
@@ -281,10 +302,11 @@ def command(
         "shared_output": _range(shared_output_len),
     }
     report = run_bench(
-        model, threads, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed
+        model, threads, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
     )
     notes = [
         f"Both systems in one process, {threads} torch threads each; greedy, ignore_eos.",
         "speedup: mixed = dpinfer / hf_generate, shared_prefix = dpinfer / dpinfer_no_cache (output tok/s).",
+        "dpinfer_rank: mixed through a real rank stack (tokenizer, scheduler, detokenizer processes).",
     ]
     emit(report, as_json, _tables, notes)

@@ -1,0 +1,108 @@
+"""The ``mixed`` workload through one real rank stack, for ``dpinfer bench engine``.
+
+A coordinator and one rank process (TokenizerProcess -> SchedulerProcess -> Detokenizer-
+Process, the same code ``dpinfer serve`` runs) on this machine; the requests go through the
+async client with streaming on, every one submitted at t=0, and each streamed token is
+timestamped when its delta arrives. Compared with the in-process Scheduler on the same
+workload, the difference is what the rank's processes, sockets and detokenization cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+from dpinfer.bench.report import process_cpu_s
+
+RANK_START_TIMEOUT_S = 300.0
+
+
+def _start_rank(address: str, model: str, threads: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DPINFER_NUM_THREADS=str(threads))
+    cmd = [
+        sys.executable, "-m", "dpinfer.engine.rank", "--coordinator", address, "--rank", "0",
+        "--model", model, "--device", "cpu", "--max-running-requests", "64",
+        "--max-prefill-tokens", "2048", "--kv-cache-bytes", str(512 << 20),
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_live(address: str, rank: subprocess.Popen[bytes]) -> None:
+    from dpinfer.client.sync_client import InferenceClient
+
+    deadline = time.monotonic() + RANK_START_TIMEOUT_S
+    with InferenceClient(address, timeout_s=10.0) as client:
+        while not client.status()["totals"]["live_ranks"]:
+            if rank.poll() is not None:
+                raise click.ClickException(f"the benchmark rank exited with code {rank.returncode}")
+            if time.monotonic() > deadline:
+                raise click.ClickException("the benchmark rank did not start in time")
+            time.sleep(0.2)  # a rank loads its model for seconds: poll status with a deadline
+
+
+async def _drive(address: str, prompts: list[list[int]], output_lens: list[int]) -> tuple[list, float, float]:
+    from dpinfer import AsyncInferenceClient, SamplingParams
+
+    stamps: list[list[float]] = [[] for _ in prompts]
+
+    async def one(client: AsyncInferenceClient, i: int) -> None:
+        params = SamplingParams(max_new_tokens=output_lens[i], temperature=0.0, ignore_eos=True)
+        async for delta in client.add_request_streaming(prompts[i], params):
+            if delta.token_ids:
+                stamps[i].extend([time.perf_counter()] * len(delta.token_ids))
+            if delta.finished and (delta.result is None or not delta.result.ok):
+                error = delta.result.error if delta.result else "no result"
+                raise click.ClickException(f"request {i} failed in the rank stack: {error}")
+
+    async with AsyncInferenceClient(address, timeout_s=600.0) as client:
+        await asyncio.gather(*(one(client, i) for i in range(min(2, len(prompts)))))  # warm-up
+        stamps[:] = [[] for _ in prompts]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+        end = time.perf_counter()
+    return stamps, t0, end
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (the rank main and its three processes)."""
+    total = process_cpu_s(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                total += process_cpu_s(int(entry))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def run_rank_stack(model: str, threads: int, workload: Any) -> dict[str, Any]:
+    """One ``cases`` entry (system ``dpinfer_rank``) for ``workload`` through a real rank."""
+    from dpinfer.bench.engine import summarize
+    from dpinfer.config import CoordinatorConfig
+    from dpinfer.coordinator.process import start_coordinator
+
+    coordinator = start_coordinator(CoordinatorConfig(port=0))
+    rank = _start_rank(coordinator.address, model, threads)
+    try:
+        _wait_live(coordinator.address, rank)
+        cpu0 = _tree_cpu_s(rank.pid)
+        stamps, t0, end = asyncio.run(_drive(coordinator.address, workload.prompts, workload.output_lens))
+        return summarize(workload, "dpinfer_rank", t0, stamps, end, _tree_cpu_s(rank.pid) - cpu0)
+    finally:
+        rank.terminate()
+        try:
+            rank.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.wait()
+        coordinator.stop()
