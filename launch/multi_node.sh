@@ -2,15 +2,16 @@
 # Several machines, one coordinator. Run the coordinator once (on node 0), then this script
 # on every node with NODE_RANK=0..NNODES-1. Ranks are numbered globally by torchrun.
 #
-#   node 0:   dpinfer keys --out keys/server --name server      # once; copy keys/ to every node
-#             dpinfer keys --out keys/server/authorized --name ranks   # (and one per client)
+#   node 0:   dpinfer keys --out keys/server                                   # the coordinator's pair
+#             dpinfer keys --out keys/peer --name peer --server-dir keys/server # authorized peer pair
 #             dpinfer coordinator --host 0.0.0.0 --port 5555 --curve keys/server
-#   node k:   NODE_RANK=k NNODES=2 COORD_HOST=node0 ./launch/multi_node.sh
+#   node k:   (copy keys/peer there) NODE_RANK=k NNODES=2 COORD_HOST=node0 CURVE_DIR=keys/peer \
+#                 ./launch/multi_node.sh
 #
 # Listening beyond loopback without --curve lets anyone on the network submit work: use CURVE.
 set -euo pipefail
 : "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
-: "${COORD_HOST:?set COORD_HOST (the coordinator's host name)}"
+: "${COORD_HOST:?set COORD_HOST (host name of the coordinator)}"
 NNODES=${NNODES:-2}
 NPROC=${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 MODEL=${MODEL:-tiny-llama}
