@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dpinfer.config import ConfigError, CoordinatorConfig, new_deployment_id
@@ -64,6 +66,8 @@ class Deployment:
         self._coordinator: Any = None
         self._torchrun: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self._client_keys: tempfile.TemporaryDirectory[str] | None = None
+        self._client_curve_dir: str | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -73,7 +77,12 @@ class Deployment:
 
         try:
             progress("starting the coordinator", None)
-            self._coordinator = start_coordinator(self.config.coordinator)
+            self._authorize_own_client()
+            try:
+                self._coordinator = start_coordinator(self.config.coordinator)
+            except RuntimeError as e:  # the child reported why it could not start
+                raise DeploymentError(str(e)) from None
+            self._coordinator.client_curve_dir = self._client_curve_dir
             self.address = self._coordinator.address
             progress(f"coordinator listening on {self.address}; launching {self.config.dp} rank(s)", None)
             self._torchrun = self._launch_torchrun()
@@ -82,6 +91,31 @@ class Deployment:
             self.stop(drain=False)
             raise
         return self.address
+
+    def _authorize_own_client(self) -> None:
+        """With CURVE on, give this process a key of its own for status and stop calls.
+
+        The coordinator reads its authorized keys when it starts, so the key is written (and
+        authorized in the server's directory) first, and removed again in ``stop()``.
+        """
+        server_dir = self.config.coordinator.curve_dir
+        if server_dir is None:
+            return
+        from dpinfer.coordinator.auth import create_keys
+
+        self._client_keys = tempfile.TemporaryDirectory(prefix="dpinfer-serve-keys-")
+        create_keys(self._client_keys.name, self._key_name, server_dir)
+        self._client_curve_dir = self._client_keys.name
+
+    @property
+    def _key_name(self) -> str:
+        return f"serve-{self.config.deployment_id}"
+
+    def client(self, timeout_s: float) -> Any:
+        """A sync client of this deployment (with its own CURVE key when CURVE is on)."""
+        from dpinfer.client.sync_client import InferenceClient
+
+        return InferenceClient(self.address, timeout_s=timeout_s, curve_dir=self._client_curve_dir)
 
     def torchrun_command(self) -> list[str]:
         cfg = self.config
@@ -109,11 +143,9 @@ class Deployment:
         )
 
     def _wait_ready(self, progress: ProgressFn) -> None:
-        from dpinfer.client.sync_client import InferenceClient
-
         deadline = time.monotonic() + self.config.ready_timeout_s
         last_seen = -1
-        with InferenceClient(self.address, timeout_s=10.0) as client:
+        with self.client(timeout_s=10.0) as client:
             while True:
                 status = client.status()
                 alive = [r for r in status.get("ranks", []) if r.get("alive")]
@@ -152,14 +184,18 @@ class Deployment:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._client_keys is not None:
+            server_dir = self.config.coordinator.curve_dir
+            assert server_dir is not None
+            Path(server_dir, "authorized", f"{self._key_name}.key").unlink(missing_ok=True)
+            self._client_keys.cleanup()
+            self._client_keys = None
         self._cleanup_shared_memory()
 
     def _stop_ranks(self, drain: bool) -> bool:
         """STOP through the coordinator (every request gets its final reply); False if that failed."""
-        from dpinfer.client.sync_client import InferenceClient
-
         try:
-            with InferenceClient(self.address, timeout_s=5.0) as client:
+            with self.client(timeout_s=5.0) as client:
                 client.stop_engines(drain=drain, deadline_s=self.config.stop_deadline_s)
             return True
         except DpinferError as e:

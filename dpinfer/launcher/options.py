@@ -57,7 +57,7 @@ ENGINE_OPTIONS: list[Callable[[F], F]] = [
                  help="Size of the shared-memory region of the shm transport, per rank."),
     click.option("--deployment-id", default=None,
                  help="Names this launch's local sockets and shared memory (default: random)."),
-    click.option("--rank-curve-dir", "curve_dir", default=None,
+    click.option("--rank-curve-dir", "rank_curve_dir", default=None,
                  help="CURVE key directory of the ranks (client key pair + server public key)."),
     click.option("--ready-timeout-s", default=300.0, show_default=True,
                  help="How long a rank waits for each of its processes to be ready."),
@@ -98,7 +98,7 @@ def rank_config_from_options(coordinator: str, rank: int = 0, **opts: Any) -> Ra
         transport=transport,
         ready_timeout_s=opts["ready_timeout_s"],
         connect_timeout_s=opts["connect_timeout_s"],
-        curve_dir=opts.get("curve_dir"),
+        curve_dir=opts.get("rank_curve_dir"),
     )
 
 
