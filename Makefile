@@ -30,6 +30,7 @@ bench: install
 lint: install
 	$(PYTHON) -m ruff check dpinfer launch tests examples
 	$(PYTHON) -m ruff format --check dpinfer launch tests examples
+	$(PYTHON) -m mypy dpinfer
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info .pytest_cache .ruff_cache

@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "smollm2": ["accelerate==1.15.0", "gguf==0.19.0"],
-        "dev": ["pytest==9.0.3", "pytest-timeout", "ruff"],
+        "dev": ["pytest==9.0.3", "pytest-timeout", "ruff", "mypy"],
     },
     entry_points={"console_scripts": ["dpinfer = dpinfer.cli:main"]},
 )

@@ -7,6 +7,7 @@ Each command lives beside the code it drives and is imported only when it runs (
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import click
 
@@ -50,7 +51,7 @@ class LazyGroup(click.Group):
             return click.Command(cmd_name, help=f"(unavailable: {e})", callback=_fail_with(hint))
 
 
-def _fail_with(message: str) -> object:
+def _fail_with(message: str) -> Callable[[], None]:
     def callback() -> None:
         raise click.ClickException(message)
 

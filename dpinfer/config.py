@@ -24,7 +24,7 @@ class ConfigError(DpinferError, ValueError):
     """A configuration value the user must fix; the message names the flag."""
 
 
-def _choice(enum_cls: type[enum.StrEnum], value: object, flag: str) -> enum.StrEnum:
+def _choice(enum_cls: type[enum.StrEnum], value: str, flag: str) -> enum.StrEnum:
     try:
         return enum_cls(value)
     except ValueError:

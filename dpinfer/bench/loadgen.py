@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import msgpack
 import zmq
@@ -80,7 +81,7 @@ class RawLoad:
         """Block for one message, then drain what else is queued; the number of finished requests."""
         done = self._finals(self._recv())
         sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             done += self._finals(sock.recv_multipart())
         return done
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -26,7 +26,7 @@ def _relay_main(target: str, conn: Connection) -> None:
         sock.setsockopt(zmq.RCVHWM, 0)
     front.bind("tcp://127.0.0.1:0")
     back.connect(target)
-    conn.send(front.last_endpoint.decode())
+    conn.send(cast(bytes, front.last_endpoint).decode())
     conn.close()
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)

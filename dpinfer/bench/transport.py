@@ -36,16 +36,22 @@ ACK_TIMEOUT_S = 60.0
 
 
 def _transport_config(method: str, max_size: int) -> Any:
-    from dpinfer.config import TransportConfig
+    from dpinfer.config import TensorTransportMode, TransportConfig, TransportMode
 
     region = max(64 * MiB, 2 * max_size + MiB)
     if method == "pickle_zmq":
-        return TransportConfig(transport="zmq")
+        return TransportConfig(transport=TransportMode.ZMQ)
     if method == "tensor_queue":
-        return TransportConfig(transport="tensor_queue")
-    tensor_transport = {"cuda_ipc": "cuda_ipc", "cuda_ipc_pool": "cuda_ipc_pool"}.get(method, "default")
+        return TransportConfig(transport=TransportMode.TENSOR_QUEUE)
+    tensor_transport = {
+        "cuda_ipc": TensorTransportMode.CUDA_IPC,
+        "cuda_ipc_pool": TensorTransportMode.CUDA_IPC_POOL,
+    }.get(method, TensorTransportMode.DEFAULT)
     return TransportConfig(
-        transport="shm", tensor_transport=tensor_transport, shm_region_bytes=region, cuda_pool_bytes=region
+        transport=TransportMode.SHM,
+        tensor_transport=tensor_transport,
+        shm_region_bytes=region,
+        cuda_pool_bytes=region,
     )
 
 
@@ -180,7 +186,7 @@ def run_bench(
     import torch
     import zmq
 
-    from dpinfer.config import TransportConfig, ipc_address, new_deployment_id
+    from dpinfer.config import TransportConfig, TransportMode, ipc_address, new_deployment_id
     from dpinfer.transport import cleanup_stale_segments, make_tensor_queue
     from dpinfer.transport.channel import ipc_path_identity, remove_ipc_path
 
@@ -204,7 +210,7 @@ def run_bench(
     ack.setsockopt(zmq.LINGER, 0)
     ack.bind(ipc_address(dep, 0, "bench-ack"))
     ack_file = ipc_path_identity(ipc_address(dep, 0, "bench-ack"))
-    tensor_queue = make_tensor_queue(TransportConfig(transport="tensor_queue"))
+    tensor_queue = make_tensor_queue(TransportConfig(transport=TransportMode.TENSOR_QUEUE))
     spawn = mp.get_context("spawn")
     peer, child = spawn.Pipe()
     proc = spawn.Process(target=peer_main, args=(child, dep, tensor_queue, threads), daemon=True)

@@ -105,7 +105,7 @@ def _prompt_fields(prompt: Prompt) -> dict[str, Any]:
         has_prompt, has_messages = "prompt" in prompt, "messages" in prompt
         if has_prompt == has_messages:
             raise InvalidRequestError("a prompt map needs exactly one of 'prompt' or 'messages'")
-        body = (
+        body: dict[str, Any] = (
             {"prompt": _check_prompt(prompt["prompt"])}
             if has_prompt
             else {"messages": _check_messages(prompt["messages"])}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -264,7 +264,7 @@ class InferenceClient(ClientSession):
             if sock in events:
                 self.dispatch(sock.recv_multipart())
                 # Drain what else is queued; EVENTS is cheaper than raising zmq.Again per wake-up.
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     self.dispatch(sock.recv_multipart())
 
     # ------------------------------------------------------------------ session hooks

@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
 from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
+from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import die_with_parent, set_process_name
 
@@ -42,7 +43,7 @@ def run_coordinator(config: CoordinatorConfig, on_ready: Callable[[str], None] |
 
     set_role("coordinator")
     coordinator = Coordinator(config)
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     wake_r, wake_w = socket.socketpair()
     previous_wakeup_fd: int | None = None
     if threading.current_thread() is threading.main_thread():
@@ -116,7 +117,7 @@ class CoordinatorHandle:
 
 
 def _send_shutdown(address: str, curve_dir: str | None, timeout_s: float) -> None:
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a refused CURVE handshake blocks sends
@@ -135,7 +136,7 @@ def _send_shutdown(address: str, curve_dir: str | None, timeout_s: float) -> Non
             msg = protocol.decode(sock.recv_multipart())
             if isinstance(msg, protocol.Notice | protocol.ControlReply):
                 return
-    except protocol.ProtocolError:
+    except ProtocolError:
         return
     finally:
         sock.close()
@@ -158,7 +159,7 @@ def start_coordinator(config: CoordinatorConfig, timeout_s: float = 30) -> Coord
             except EOFError:
                 status, value = "error", f"exited with code {process.exitcode}"
             if status == "ready":
-                return CoordinatorHandle(value, process.pid, process)
+                return CoordinatorHandle(value, cast(int, process.pid), process)  # set by start()
             raise RuntimeError(f"the coordinator failed to start: {value}")
         if not ready:
             raise RuntimeError(f"the coordinator did not report ready within {timeout_s:g} s")

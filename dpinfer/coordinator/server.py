@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -68,7 +68,7 @@ class Coordinator(PeerHandlers):
         except Exception:
             self._cleanup()
             raise
-        self.address: str = self._socket.last_endpoint.decode()
+        self.address: str = cast(bytes, self._socket.last_endpoint).decode()
         self._wake_address = f"inproc://dpinfer-coordinator-wake-{id(self)}"
         self._wake = self._context.socket(zmq.PULL)
         self._wake.bind(self._wake_address)

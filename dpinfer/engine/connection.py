@@ -199,7 +199,7 @@ class EngineConnection:
 
     # ------------------------------------------------------------------ sending
 
-    def _send(self, frames: Sequence[object]) -> None:
+    def _send(self, frames: Sequence[bytes | memoryview | zmq.Frame]) -> None:
         send = self.socket.send
         try:
             # Frame by frame (much cheaper than send_multipart); a DEALER refuses a message only

@@ -24,13 +24,14 @@ import multiprocessing as mp
 import multiprocessing.connection
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import zmq
 
 from dpinfer import protocol
 from dpinfer.engine.connection import EngineConnection, RankInfo
+from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.protocol import EngineOutputEntry, EngineState, Signal
 
@@ -231,7 +232,7 @@ class NullEngine:
         try:
             signal = Signal(msg.signal)
             target = protocol.next_state(self.state, signal)
-        except (ValueError, protocol.ProtocolError) as e:
+        except (ValueError, ProtocolError) as e:
             self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value, str(e))
             return
         if signal is Signal.STOP or signal is Signal.SHUTDOWN:
@@ -309,7 +310,7 @@ def serve_direct(
     sock.set_hwm(100_000)
     sock.bind(bind)
     if on_ready is not None:
-        on_ready(sock.last_endpoint.decode())
+        on_ready(cast(bytes, sock.last_endpoint).decode())
     pending: dict[bytes, tuple[list[Any], list[Any]]] = {}
     try:
         while True:
@@ -321,7 +322,7 @@ def serve_direct(
                     break
                 try:
                     msg = protocol.decode(frames[1:])
-                except protocol.ProtocolError:
+                except ProtocolError:
                     msg = None
                 if not isinstance(msg, protocol.Requests):
                     continue  # a baseline for well-behaved benchmark clients only

@@ -16,6 +16,7 @@ Every accepted request gets exactly one final reply (see ``engine.inflight``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -57,7 +58,7 @@ class RankMain:
         self.poller = zmq.Poller()
         for sock in (self.recv_outputs, conn.socket, self._wakeup.fd, *self._sentinels):
             self.poller.register(sock, zmq.POLLIN)
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[Any], None]] = {
             protocol.Requests: self.on_requests,
             protocol.EngineAbort: self.on_abort,
             protocol.EngineControl: self.on_control,

@@ -41,7 +41,7 @@ ChildTarget = Callable[..., None]
 def resolve_target(path: str) -> ChildTarget:
     """``"package.module:function"`` -> the function."""
     module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), attr)
 
 
 COMM_NAMES = {"tokenizer": "dpinfer-tok", "scheduler": "dpinfer-sched", "detokenizer": "dpinfer-detok"}

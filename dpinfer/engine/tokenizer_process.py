@@ -16,6 +16,7 @@ client sends can stop it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -49,7 +50,7 @@ class TokenizerProcess:
         )
         self.running = True
         self.num_rejected = 0
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[Any], None]] = {
             m.TokenizeRequests: self.on_tokenize,
             m.AbortRequests: self.on_abort,
             m.SetLimits: self.on_limits,

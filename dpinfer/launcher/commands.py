@@ -50,7 +50,11 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
 
     console = Console(stderr=True)
     coordinator = CoordinatorConfig(
-        host=host, port=port, routing=routing, deterministic=deterministic, curve_dir=curve_dir
+        host=host,
+        port=port,
+        routing=RoutingPolicyName(routing),
+        deterministic=deterministic,
+        curve_dir=curve_dir,
     )
     config = ServeConfig(
         dp=dp,
@@ -68,7 +72,8 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
     try:
         with console.status("starting...") as spinner:
             address = deployment.start(lambda msg, _status: spinner.update(msg))
-        client_status = _status(address)
+        with deployment.client(timeout_s=10.0) as client:
+            client_status = client.status()
         console.print(ranks_table(client_status))
         console.print(f"[bold green]ready[/] at [bold]{address}[/] - Ctrl-C to stop")
         if ready_file:
@@ -80,10 +85,3 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
     finally:
         deployment.stop()
     console.print("stopped")
-
-
-def _status(address: str) -> dict[str, Any]:
-    from dpinfer.client.sync_client import InferenceClient
-
-    with InferenceClient(address, timeout_s=10.0) as client:
-        return client.status()

@@ -25,6 +25,7 @@ import sys
 import time
 from datetime import timedelta
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -78,7 +79,9 @@ def startup_barrier(env: TorchrunEnv, device: str, timeout_s: float) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    kwargs = {"device_id": int(device.split(":")[1])} if backend == "nccl" and ":" in device else {}
+    kwargs: dict[str, Any] = (
+        {"device_id": int(device.split(":")[1])} if backend == "nccl" and ":" in device else {}
+    )
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     try:
         dist.barrier()

@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -105,7 +105,7 @@ def _checker(tp: Any, where: str) -> _Check:
         hints = typing.get_type_hints(tp)
         subs = tuple(_checker(hints[f], f"{where}.{f}") for f in tp._fields)
         n = len(subs)
-        make = tp._make
+        make: Callable[[list[Any]], Any] = cast(Any, tp)._make  # a NamedTuple (checked via _fields)
 
         def check_named(v: Any) -> Any:
             if (type(v) is not tuple and type(v) is not list) or len(v) != n:

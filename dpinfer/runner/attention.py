@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ def paged_attention(
     """Write this layer's new K/V into the pool, then attend over each request's full KV."""
     if dp_batch is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs a ForwardBatch (dp_batch=...)")
-    layer = module.layer_idx
+    layer = cast(int, module.layer_idx)  # a plain int attribute, not a parameter or submodule
     pool = dp_batch.kv_pool
     loc = dp_batch.out_cache_loc
     pool.k_buffers[layer].index_copy_(0, loc, key[0].transpose(0, 1))

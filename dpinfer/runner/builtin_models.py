@@ -19,9 +19,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dpinfer.config import ConfigError
 from dpinfer.log import get_logger
+
+if TYPE_CHECKING:  # transformers is imported lazily, inside the builders
+    from transformers import ByT5Tokenizer, LlamaConfig, LlavaConfig, LlavaProcessor
 
 logger = get_logger(__name__)
 
@@ -140,7 +144,7 @@ def materialize(name: str, build: Callable[[Path], None], cache_dir: Path) -> Pa
 # ---------------------------------------------------------------------------- builders
 
 
-def tiny_tokenizer() -> object:
+def tiny_tokenizer() -> ByT5Tokenizer:
     """The byte-level tokenizer of the tiny models (384 ids, ``</s>`` = 1 = eos, no BOS)."""
     from transformers import ByT5Tokenizer
 
@@ -149,7 +153,7 @@ def tiny_tokenizer() -> object:
     return tokenizer
 
 
-def tiny_llama_config() -> object:
+def tiny_llama_config() -> LlamaConfig:
     """A 4-layer, hidden-256 Llama with grouped-query attention (4 heads / 2 KV heads).
 
     ``initializer_range=0.1`` (not the default 0.02) makes greedy output vary from token to
@@ -221,11 +225,12 @@ def build_smollm2(out_dir: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    model.to(torch.bfloat16).save_pretrained(out_dir)
+    # PreTrainedModel.to is @wraps(nn.Module.to); typeshed's functools._Wrapped does not bind self.
+    model.to(torch.bfloat16).save_pretrained(out_dir)  # type: ignore[arg-type]
     tokenizer.save_pretrained(out_dir)
 
 
-def tiny_llava_config() -> object:
+def tiny_llava_config() -> LlavaConfig:
     """LLaVA: a 2-layer CLIP tower (64 px, patch 8, hidden 64) + the tiny-llama text model.
 
     64 patches per image (CLS dropped: strategy ``default``) -> 64 image tokens, each the
@@ -253,7 +258,7 @@ def tiny_llava_config() -> object:
     )
 
 
-def tiny_llava_processor(tokenizer: object, image_processor: object | None = None) -> object:
+def tiny_llava_processor(tokenizer: object, image_processor: object | None = None) -> LlavaProcessor:
     """``LlavaProcessor`` for tiny-llava (Pillow-only CLIP preprocessing, byte tokenizer).
 
     Built by hand: ``AutoProcessor`` cannot load a saved LLaVA directory whose tokenizer is

@@ -249,7 +249,8 @@ def load_model(spec: ModelSpec, device: str, dtype: str) -> Any:
     hf_logging.disable_progress_bar()
     cls = AutoModelForImageTextToText if spec.multimodal else AutoModelForCausalLM
     model = cls.from_pretrained(spec.path, dtype=getattr(torch, dtype))
-    return model.to(device).eval()
+    # PreTrainedModel.to is @wraps(nn.Module.to); typeshed's functools._Wrapped does not bind self.
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def _load_byt5(path: Path) -> Any:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -72,7 +72,7 @@ class SchedulerProcess:
         self._results: list[m.ControlResult] = []
         self._last_load: m.LoadSnapshot | None = None
         self._last_load_at = 0.0
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[Any], None]] = {
             m.AbortRequests: self.on_abort,
             m.ControlCommand: self.on_control,
             m.Shutdown: self.on_shutdown,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections import UserDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -37,7 +37,7 @@ class TransportProxyTensor(torch.Tensor):
 
     @staticmethod
     def wrap(tensor: torch.Tensor) -> TransportProxyTensor:
-        return tensor.as_subclass(TransportProxyTensor)  # type: ignore[return-value]
+        return tensor.as_subclass(TransportProxyTensor)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         plain = self.as_subclass(torch.Tensor)
@@ -69,7 +69,8 @@ def _walk(obj: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]) ->
         if type(obj) is dict:
             return items
         try:
-            return type(obj)(items)
+            # Mapping has no constructor signature; a subclass that takes a dict is the common case.
+            return cast(Callable[[dict[Any, Any]], Any], type(obj))(items)
         except TypeError:
             return items
     if isinstance(obj, list):

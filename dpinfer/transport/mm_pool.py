@@ -118,12 +118,17 @@ class MmItemMemoryPool:
             return cls(workspace, sync, ("cuda", reduce_tensor(workspace)), num_consumers=num_consumers)
         segment = create_segment(shm_name(deployment_id, rank, f"pool-{token}"), size_bytes)
         workspace = _segment_tensor(segment)
+
+        def release_segment() -> None:
+            segment.unlink()
+            segment.close()
+
         return cls(
             workspace,
             sync,
             ("shm", segment.name),
             num_consumers=num_consumers,
-            on_shutdown=lambda: (segment.unlink(), segment.close()),
+            on_shutdown=release_segment,
         )
 
     # ------------------------------------------------------------------ allocate / recycle
