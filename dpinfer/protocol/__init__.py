@@ -23,6 +23,7 @@ entry ends every request (also aborted, failed and rank-died requests).
 
 from __future__ import annotations
 
+from dpinfer.errors import ProtocolError
 from dpinfer.protocol.bodies import (
     REQUEST_BODY_FIELDS,
     OutputBody,
@@ -78,7 +79,8 @@ __all__ = [
     "REQUEST_BODY_FIELDS", "TRANSITIONS", "Abort", "ClientBye", "ClientHello", "Control",
     "ControlAck", "ControlReply", "Deregister", "EngineAbort", "EngineControl",
     "EngineOutputEntry", "EngineOutputs", "EngineState", "Error", "FinishReason", "Heartbeat",
-    "HelloAck", "Kind", "Message", "Notice", "OutputBody", "OutputEntry", "Outputs", "RankAck",
+    "HelloAck", "Kind", "Message", "Notice", "OutputBody", "OutputEntry", "Outputs",
+    "ProtocolError", "RankAck",
     "Register", "RegisterAck", "RequestEntry", "Requests", "Signal", "StatusQuery",
     "StatusReply", "Submit", "SubmitEntry", "decode", "encode", "encode_header", "error_body",
     "next_state", "pack_body", "unpack_body",
