@@ -20,7 +20,7 @@ def test_benchmark_json_shape() -> None:
     args += ["--latency-requests", "20", "--rounds", "2"]
     result = CliRunner().invoke(command, [*args, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # stderr may carry logs
     assert [(c["case"], c["ranks"]) for c in report["cases"]] == [
         ("direct", 1),
         ("bare_relay", 1),

@@ -31,7 +31,7 @@ def test_bench_engine_json_shape() -> None:
     ]
     result = CliRunner().invoke(command, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # stderr may carry logs
     assert report["torch_threads"] == 1
     systems = {(c["workload"], c["system"]) for c in report["cases"]}
     assert systems == {

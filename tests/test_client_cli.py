@@ -23,7 +23,7 @@ def invoke(*args: str) -> Result:
 def test_status_json_and_table(deployment: Deployment) -> None:
     result = invoke("status", "--address", deployment.address, "--json")
     assert result.exit_code == 0, result.output
-    status = json.loads(result.output)
+    status = json.loads(result.stdout)  # stderr may carry logs
     assert status["state"] == "running" and sorted(r["rank"] for r in status["ranks"]) == [0, 1]
     table = invoke("status", "--address", deployment.address)
     assert table.exit_code == 0 and "2 rank(s)" in table.output and "running" in table.output

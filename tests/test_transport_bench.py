@@ -12,7 +12,7 @@ from dpinfer.bench.transport import command
 def test_bench_transport_json_shape() -> None:
     result = CliRunner().invoke(command, ["--sizes", "0.5,1", "--iters", "3", "--rounds", "1", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # stderr may carry logs
     cases = report["cases"]
     methods = {c["method"] for c in cases}
     assert {"memcpy", "pickle_zmq", "shm", "tensor_queue"} <= methods

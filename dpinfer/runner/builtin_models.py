@@ -128,6 +128,7 @@ def materialize(name: str, build: Callable[[Path], None], cache_dir: Path) -> Pa
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by processes
             try:
                 logger.info("building %s into %s", name, target)
+                _quiet_progress_bars()
                 build(tmp)
                 marker = {"name": name, "weights_sha256": weights_fingerprint(tmp)}
                 (tmp / FINGERPRINT_FILE).write_text(json.dumps(marker))
@@ -139,6 +140,15 @@ def materialize(name: str, build: Callable[[Path], None], cache_dir: Path) -> Pa
     if not _is_valid(target):
         raise RuntimeError(f"built model {name} at {target} fails its fingerprint check")
     return target
+
+
+def _quiet_progress_bars() -> None:
+    """Builds run inside servers and benchmarks: no tqdm bars on their terminals (or --json)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 # ---------------------------------------------------------------------------- builders
