@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from dpinfer.config import CoordinatorConfig, RoutingPolicyName
-from dpinfer.launcher.options import engine_args_from_options, engine_options
+from dpinfer.config import CoordinatorConfig, RoutingPolicyName, default_address
+from dpinfer.launcher.options import engine_args_from_options, engine_options, rank_config_from_options
 
 _COORD = CoordinatorConfig()
 
@@ -45,26 +45,15 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
     from rich.console import Console
 
     from dpinfer.errors import DpinferError
-    from dpinfer.launcher.deployment import Deployment, ServeConfig
+    from dpinfer.launcher.deployment import Deployment
     from dpinfer.launcher.render import ranks_table
 
     console = Console(stderr=True)
-    coordinator = CoordinatorConfig(
-        host=host,
-        port=port,
-        routing=RoutingPolicyName(routing),
-        deterministic=deterministic,
-        curve_dir=curve_dir,
-    )
-    config = ServeConfig(
-        dp=dp,
-        coordinator=coordinator,
-        engine_args=tuple(engine_args_from_options(**engine)),
-        max_restarts=max_restarts,
-        threads_per_rank=threads_per_rank,
-        log_path=log_file,
-        **({"deployment_id": engine["deployment_id"]} if engine.get("deployment_id") else {}),
-    )
+    try:
+        config = _serve_config(dp, host, port, routing, deterministic, curve_dir, max_restarts,
+                               threads_per_rank, log_file, engine)  # fmt: skip
+    except DpinferError as e:  # a bad option: say which, before anything starts
+        raise click.BadParameter(str(e)) from None
     deployment = Deployment(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -85,3 +74,31 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
     finally:
         deployment.stop()
     console.print("stopped")
+
+
+def _serve_config(
+    dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
+    max_restarts: int, threads_per_rank: int, log_file: str | None, engine: dict[str, Any],
+) -> Any:  # fmt: skip
+    """Every option validated here (engine options too), so a typo fails in the terminal
+    at once instead of inside N ranks a few seconds later."""
+    from dpinfer.launcher.deployment import ServeConfig
+
+    device = engine["device"] if engine["device"] != "auto" else "cpu"
+    rank_config_from_options(default_address(), **{**engine, "device": device})
+    coordinator = CoordinatorConfig(
+        host=host,
+        port=port,
+        routing=RoutingPolicyName(routing),
+        deterministic=deterministic,
+        curve_dir=curve_dir,
+    )
+    return ServeConfig(
+        dp=dp,
+        coordinator=coordinator,
+        engine_args=tuple(engine_args_from_options(**engine)),
+        max_restarts=max_restarts,
+        threads_per_rank=threads_per_rank,
+        log_path=log_file,
+        **({"deployment_id": engine["deployment_id"]} if engine.get("deployment_id") else {}),
+    )
