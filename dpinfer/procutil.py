@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing as mp
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -26,3 +29,26 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
 def set_process_name(name: str) -> None:
     """Name this process in ``/proc/<pid>/comm`` (15 characters at most), for ps and tests."""
     _prctl(_PR_SET_NAME, name[:15].encode())
+
+
+def spawn_reporting_address(
+    target: Callable[..., None], args: tuple[Any, ...], what: str, timeout_s: float = 30.0
+) -> tuple[Any, str]:
+    """Spawn ``target(*args, conn)`` as a daemon process and wait for the address it sends.
+
+    ``target`` must send one string (the address it bound) on ``conn`` once it serves.
+    Returns ``(process, address)``; a child that reports nothing in ``timeout_s`` is killed.
+    """
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(*args, child_conn), daemon=True)
+    proc.start()
+    child_conn.close()
+    try:
+        if not parent_conn.poll(timeout_s):
+            proc.kill()
+            proc.join(5)
+            raise RuntimeError(f"{what} did not start within {timeout_s:g} s")
+        return proc, parent_conn.recv()
+    finally:
+        parent_conn.close()

@@ -252,7 +252,7 @@ def test_coordinator_command_prints_its_address_and_exits_on_sigterm() -> None:
 def test_direct_null_engine_answers_requests_without_a_hub() -> None:
     import zmq
 
-    from dpinfer.engine.null_engine import start_direct_null_engine
+    from dpinfer.engine.null_direct import start_direct_null_engine
 
     proc, address = start_direct_null_engine()
     sock = zmq.Context.instance().socket(zmq.DEALER)

@@ -9,11 +9,12 @@ share of the added latency can be read off.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
 import zmq
+
+from dpinfer.procutil import spawn_reporting_address
 
 
 def _relay_main(target: str, conn: Connection) -> None:
@@ -43,14 +44,4 @@ def _relay_main(target: str, conn: Connection) -> None:
 
 def start_bare_relay(target: str, timeout_s: float = 30.0) -> tuple[Any, str]:
     """Spawn a relay in front of the direct rank at ``target``; ``(process, address)``."""
-    ctx = mp.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_relay_main, args=(target, child_conn), daemon=True)
-    proc.start()
-    child_conn.close()
-    if not parent_conn.poll(timeout_s):
-        proc.kill()
-        raise RuntimeError(f"the bare relay did not start within {timeout_s:g} s")
-    address = parent_conn.recv()
-    parent_conn.close()
-    return proc, address
+    return spawn_reporting_address(_relay_main, (target,), "the bare relay", timeout_s)

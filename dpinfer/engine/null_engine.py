@@ -8,8 +8,7 @@ nothing completes until UNPAUSE), SUSPEND/RESUME/UPDATE_WEIGHTS (acknowledged wi
 state), STOP (drain until the deadline or abort, ack, deregister, exit 0) and aborts, and
 heartbeats its load on time whatever ``delay_s`` is. It never serves real traffic.
 
-``serve_direct`` is the no-hub baseline for the coordinator benchmark: it binds a ROUTER
-itself and answers ``Requests`` from DEALER clients with ``EngineOutputs``.
+The no-hub baseline of the coordinator benchmark (``--direct``) lives in ``null_direct.py``.
 
     python -m dpinfer.engine.null_engine --coordinator ADDR --rank N [--delay-s X] [--curve-dir D]
     python -m dpinfer.engine.null_engine --direct tcp://127.0.0.1:0
@@ -23,8 +22,8 @@ import itertools
 import multiprocessing as mp
 import multiprocessing.connection
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import zmq
@@ -297,79 +296,6 @@ def start_null_engines(address: str, ranks: Sequence[int], **kwargs: Any) -> lis
     return procs
 
 
-# ---------------------------------------------------------------------------- direct mode
-
-
-def serve_direct(
-    bind: str = "tcp://127.0.0.1:0", *, stream_chunks: int = 2, on_ready: Callable[[str], None] | None = None
-) -> None:
-    """No hub: bind a ROUTER and answer each ``Requests`` with ``EngineOutputs`` (one per turn)."""
-    set_role("null-direct")
-    context = zmq.Context()
-    sock = context.socket(zmq.ROUTER)
-    sock.set_hwm(100_000)
-    sock.bind(bind)
-    if on_ready is not None:
-        on_ready(cast(bytes, sock.last_endpoint).decode())
-    pending: dict[bytes, tuple[list[Any], list[Any]]] = {}
-    try:
-        while True:
-            sock.poll(-1, zmq.POLLIN)
-            for _ in range(512):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    msg = protocol.decode(frames[1:])
-                except ProtocolError:
-                    msg = None
-                if not isinstance(msg, protocol.Requests):
-                    continue  # a baseline for well-behaved benchmark clients only
-                entries, bodies = pending.setdefault(frames[0], ([], []))
-                for (request_id, stream), body in zip(msg.entries, msg.bodies, strict=True):
-                    out_entries, out_bodies = EchoRequest(request_id, stream, body).outputs(stream_chunks)
-                    entries.extend(out_entries)
-                    bodies.extend(out_bodies)
-            for identity, (entries, bodies) in pending.items():
-                try:
-                    sock.send_multipart(
-                        [identity, _packb((protocol.Kind.ENGINE_OUTPUTS, entries)), *bodies], zmq.NOBLOCK
-                    )
-                except zmq.Again:
-                    logger.warning(
-                        "direct client %r is not reading; dropped %d outputs", identity, len(entries)
-                    )
-            pending.clear()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sock.close(linger=0)
-        context.term()
-
-
-def _direct_main(bind: str, stream_chunks: int, conn: multiprocessing.connection.Connection) -> None:
-    serve_direct(bind, stream_chunks=stream_chunks, on_ready=conn.send)
-
-
-def start_direct_null_engine(
-    bind: str = "tcp://127.0.0.1:0", *, stream_chunks: int = 2, timeout_s: float = 30.0
-) -> tuple[Any, str]:
-    """Spawn a direct-mode null engine; ``(process, address)``. Stop it with ``process.kill()``."""
-    ctx = mp.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_direct_main, args=(bind, stream_chunks, child_conn), daemon=True)
-    proc.start()
-    child_conn.close()
-    if not parent_conn.poll(timeout_s):
-        proc.kill()
-        proc.join(5)
-        raise RuntimeError(f"the direct null engine did not start within {timeout_s:g} s")
-    address = parent_conn.recv()
-    parent_conn.close()
-    return proc, address
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dpinfer.engine.null_engine",
@@ -384,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     add("--direct", metavar="BIND", default=None, help="no coordinator: bind here and answer Requests")
     args = parser.parse_args(argv)
     if args.direct:
+        from dpinfer.engine.null_direct import serve_direct
+
         serve_direct(args.direct, stream_chunks=args.stream_chunks, on_ready=lambda a: print(a, flush=True))
     elif not args.coordinator:
         parser.error("--coordinator is required (or --direct BIND)")
