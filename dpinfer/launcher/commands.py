@@ -44,9 +44,9 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
     """Serve a model on DP ranks behind one coordinator, in the foreground (Ctrl-C stops)."""
     from rich.console import Console
 
+    from dpinfer.client.render import status_tables
     from dpinfer.errors import DpinferError
     from dpinfer.launcher.deployment import Deployment
-    from dpinfer.launcher.render import ranks_table
 
     console = Console(stderr=True)
     try:
@@ -63,7 +63,7 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
             address = deployment.start(lambda msg, _status: spinner.update(msg))
         with deployment.client(timeout_s=10.0) as client:
             client_status = client.status()
-        console.print(ranks_table(client_status))
+        console.print(status_tables(client_status)[0])
         console.print(f"[bold green]ready[/] at [bold]{address}[/] - Ctrl-C to stop")
         if ready_file:
             Path(ready_file).write_text(address + "\n")

@@ -86,11 +86,11 @@ def _run_steps(console: Any, address: str, max_new_tokens: int) -> None:
     from rich.table import Table
 
     from dpinfer import InferenceClient, SamplingParams
-    from dpinfer.launcher.render import ranks_table
+    from dpinfer.client.render import status_tables
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     with InferenceClient(address, timeout_s=120.0) as client:
-        console.print(ranks_table(client.status()))
+        console.print(status_tables(client.status())[0])
 
         console.rule("1. a batch of chat prompts")
         prompts = [{"messages": [{"role": "user", "content": q}]} for q in DEMO_PROMPTS]
