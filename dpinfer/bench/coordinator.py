@@ -97,15 +97,22 @@ def interleave(
             target.latency_round(per_round)
 
 
-def wait_for_ranks(address: str, num_ranks: int, timeout_s: float = 30.0) -> None:
-    """Poll the coordinator's status until ``num_ranks`` ranks are live (bounded by ``timeout_s``)."""
+def wait_for_ranks(address: str, num_ranks: int, timeout_s: float = 30.0, process: Any = None) -> None:
+    """Poll the coordinator's status until ``num_ranks`` ranks are live (bounded by ``timeout_s``).
+
+    With ``process`` (a ``Popen`` of the rank), fail at once if it exits instead of waiting.
+    """
     from dpinfer.client.sync_client import InferenceClient
 
     deadline = time.monotonic() + timeout_s
     with InferenceClient(address, timeout_s=timeout_s) as client:
         while client.status()["totals"]["live_ranks"] < num_ranks:
+            if process is not None and process.poll() is not None:
+                raise RequestTimeoutError(
+                    f"the rank exited with code {process.returncode} before it was live"
+                )
             if time.monotonic() > deadline:
-                raise RequestTimeoutError(f"{num_ranks} null ranks did not register within {timeout_s:g} s")
+                raise RequestTimeoutError(f"{num_ranks} rank(s) did not register within {timeout_s:g} s")
             time.sleep(0.02)
 
 
@@ -180,7 +187,7 @@ def run_benchmark(
     """
     if not ranks or min(ranks) < 1 or min(requests, concurrency, latency_requests, rounds) < 1:
         raise click.BadParameter("ranks, requests, concurrency, latency requests and rounds must be >= 1")
-    from dpinfer.engine.null_engine import start_direct_null_engine
+    from dpinfer.engine.null_direct import start_direct_null_engine
 
     proc, direct_address = start_direct_null_engine(stream_chunks=0)
     relay_proc, relay_address = start_bare_relay(direct_address)

@@ -18,7 +18,9 @@ from typing import Any
 
 import click
 
+from dpinfer.bench.coordinator import wait_for_ranks
 from dpinfer.bench.report import process_cpu_s
+from dpinfer.errors import RequestTimeoutError
 
 RANK_START_TIMEOUT_S = 300.0
 
@@ -31,19 +33,6 @@ def _start_rank(address: str, model: str, threads: int) -> subprocess.Popen[byte
         "--max-prefill-tokens", "2048", "--kv-cache-bytes", str(512 << 20),
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_live(address: str, rank: subprocess.Popen[bytes]) -> None:
-    from dpinfer.client.sync_client import InferenceClient
-
-    deadline = time.monotonic() + RANK_START_TIMEOUT_S
-    with InferenceClient(address, timeout_s=10.0) as client:
-        while not client.status()["totals"]["live_ranks"]:
-            if rank.poll() is not None:
-                raise click.ClickException(f"the benchmark rank exited with code {rank.returncode}")
-            if time.monotonic() > deadline:
-                raise click.ClickException("the benchmark rank did not start in time")
-            time.sleep(0.2)  # a rank loads its model for seconds: poll status with a deadline
 
 
 async def _drive(address: str, prompts: list[list[int]], output_lens: list[int]) -> tuple[list, float, float]:
@@ -94,7 +83,10 @@ def run_rank_stack(model: str, threads: int, workload: Any) -> dict[str, Any]:
     coordinator = start_coordinator(CoordinatorConfig(port=0))
     rank = _start_rank(coordinator.address, model, threads)
     try:
-        _wait_live(coordinator.address, rank)
+        try:
+            wait_for_ranks(coordinator.address, 1, RANK_START_TIMEOUT_S, process=rank)
+        except RequestTimeoutError as e:
+            raise click.ClickException(f"the benchmark rank did not start: {e}") from None
         cpu0 = _tree_cpu_s(rank.pid)
         stamps, t0, end = asyncio.run(_drive(coordinator.address, workload.prompts, workload.output_lens))
         return summarize(workload, "dpinfer_rank", t0, stamps, end, _tree_cpu_s(rank.pid) - cpu0)
