@@ -31,6 +31,7 @@ lint: install
 	$(PYTHON) -m ruff check dpinfer launch tests examples
 	$(PYTHON) -m ruff format --check dpinfer launch tests examples
 	$(PYTHON) -m mypy dpinfer
+	lint-imports
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info .pytest_cache .ruff_cache

@@ -22,10 +22,17 @@ setup(
         "click==8.5.1",
         "rich==15.0.0",
         "pillow==13.0.0",
+        "msgspec==0.23.0",
     ],
     extras_require={
         "smollm2": ["accelerate==1.15.0", "gguf==0.19.0"],
-        "dev": ["pytest==9.0.3", "pytest-timeout", "ruff", "mypy"],
+        "dev": [
+            "pytest==9.0.3",
+            "pytest-timeout==2.4.0",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "import-linter==2.17",
+        ],
     },
     entry_points={"console_scripts": ["dpinfer = dpinfer.cli:main"]},
 )

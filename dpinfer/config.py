@@ -46,6 +46,16 @@ def new_deployment_id() -> str:
     return secrets.token_hex(4)
 
 
+class LocalSocket(enum.StrEnum):
+    """The ``ipc://`` sockets inside one rank, named by the process that binds them."""
+
+    TOKENIZER_IN = "tokenizer-in"
+    SCHEDULER_IN = "scheduler-in"
+    SCHEDULER_CONTROL = "scheduler-control"
+    DETOKENIZER_IN = "detokenizer-in"
+    RANK_OUTPUTS = "rank-outputs"
+
+
 def ipc_address(deployment_id: str, rank: int, name: str) -> str:
     """The local ``ipc://`` address of socket ``name`` of ``rank`` in one deployment."""
     base = os.environ.get("DPINFER_IPC_DIR", tempfile.gettempdir())
@@ -211,8 +221,11 @@ class RankConfig:
     """How long the rank retries reaching the coordinator before it exits."""
     curve_dir: str | None = None
     """With CURVE: directory holding this peer's key pair and the server's public key."""
+    num_threads: int = 0
+    """torch threads of the scheduler (its share of the node's cores); 0 leaves torch's default."""
 
     def __post_init__(self) -> None:
+        _positive(self.num_threads, "--threads-per-rank", allow_zero=True)
         if self.rank < 0:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
         _positive(self.ready_timeout_s, "--ready-timeout-s")

@@ -21,7 +21,7 @@ from wire import Deployment, end_processes
 
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.process import CoordinatorHandle, start_coordinator
-from dpinfer.engine.null_engine import start_null_engines
+from dpinfer.testing.null_rank import start_null_engines
 
 # Short liveness timings keep fault tests fast; tests that need others pass their own.
 FAST_TIMINGS = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.6, "control_timeout_s": 5.0}

@@ -8,10 +8,10 @@ import msgpack
 import pytest
 from transformers import ByT5Tokenizer
 
-from dpinfer.engine.messages import RawRequest
-from dpinfer.engine.request_parsing import RequestParser, appends_eos
 from dpinfer.errors import InvalidRequestError
+from dpinfer.protocol.local import RawRequest
 from dpinfer.runner.builtin_models import TINY_CHAT_TEMPLATE
+from dpinfer.tokenizer.request_parsing import RequestParser, appends_eos
 
 MAX_PROMPT = 32
 

@@ -6,7 +6,8 @@ import json
 
 from click.testing import CliRunner
 
-from dpinfer.bench.engine import command, make_mixed, make_shared_prefix
+from dpinfer.bench.engine import command
+from dpinfer.bench.workloads import make_mixed, make_shared_prefix
 
 
 def test_workloads_are_seeded_and_in_range() -> None:

@@ -16,8 +16,8 @@ from dpinfer import protocol as p
 from dpinfer.client.sync_client import InferenceClient
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.process import start_coordinator
-from dpinfer.engine.connection import EngineConnection, RankInfo
 from dpinfer.errors import ConnectionLostError, InvalidRequestError, RequestTimeoutError, ServiceError
+from dpinfer.rank.connection import EngineConnection, RankInfo
 from dpinfer.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)

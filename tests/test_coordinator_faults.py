@@ -15,8 +15,8 @@ import pytest
 from wire import WireClient, live_ranks, rank_info
 
 from dpinfer import protocol
-from dpinfer.engine.null_engine import NullEngine
 from dpinfer.protocol import NO_RANK
+from dpinfer.testing.null_rank import NullEngine
 
 
 def test_least_loaded_avoids_a_slow_rank(deployment_factory) -> None:
@@ -172,7 +172,7 @@ def test_ten_thousand_bad_frames_leave_the_coordinator_serving(deployment_factor
 
 @pytest.mark.skipif(not __import__("zmq").has("curve"), reason="libzmq built without CURVE")
 def test_curve_lets_only_authorized_keys_in(tmp_path, coordinator_factory, null_ranks) -> None:
-    from dpinfer.coordinator.auth import create_keys
+    from dpinfer.protocol.curve import create_keys
 
     server, client_dir, rank_dir, rogue_dir = (
         str(tmp_path / n) for n in ("server", "client", "rank", "rogue")

@@ -13,7 +13,7 @@ from wire import Deployment, WireClient, live_ranks, rank_info
 from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.server import Coordinator
-from dpinfer.engine.null_engine import NullEngine
+from dpinfer.testing.null_rank import NullEngine
 
 RANKS = [0, 1, 2, 3]
 

@@ -13,9 +13,9 @@ from dpinfer.coordinator import codec
 from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.registry import RankPeer
 from dpinfer.coordinator.routing import POLICIES, make_policy
-from dpinfer.engine.null_engine import EchoRequest
 from dpinfer.errors import ProtocolError
 from dpinfer.protocol import TRANSITIONS, EngineState, Signal
+from dpinfer.testing.echo import EchoRequest
 
 
 def _peer(rank: int, in_flight: int = 0) -> RankPeer:
@@ -186,7 +186,7 @@ def test_wrong_field_types_are_rejected() -> None:
 
 
 def test_keys_make_a_complete_peer_directory(tmp_path) -> None:
-    from dpinfer.coordinator.auth import create_keys, peer_keys
+    from dpinfer.protocol.curve import create_keys, peer_keys
 
     server, client = tmp_path / "server", tmp_path / "client"
     create_keys(str(server))
@@ -252,7 +252,7 @@ def test_coordinator_command_prints_its_address_and_exits_on_sigterm() -> None:
 def test_direct_null_engine_answers_requests_without_a_hub() -> None:
     import zmq
 
-    from dpinfer.engine.null_direct import start_direct_null_engine
+    from dpinfer.testing.null_direct import start_direct_null_engine
 
     proc, address = start_direct_null_engine()
     sock = zmq.Context.instance().socket(zmq.DEALER)

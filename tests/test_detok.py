@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import pytest
 from transformers import ByT5Tokenizer
 
-from dpinfer.engine.incremental_detok import (
+from dpinfer.protocol import OutputBody
+from dpinfer.protocol.local import RequestMeta, SchedulerBatch
+from dpinfer.tokenizer.incremental_detok import (
     MAX_HELD_TOKENS,
     IncrementalDecoder,
     RequestDetokenizer,
     StopStringBuffer,
 )
-from dpinfer.engine.messages import RequestMeta, SchedulerBatch
-from dpinfer.engine.output_builder import OutputBuilder
-from dpinfer.protocol import OutputBody
+from dpinfer.tokenizer.output_builder import OutputBuilder
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """One real engine rank (tiny-llama) behind a real coordinator, driven by a raw protocol client.
 
-The rank is started once for the module (``python -m dpinfer.engine.rank``); the last test
+The rank is started once for the module (``python -m dpinfer.launcher.worker --no-supervise``); the last test
 stops it with STOP and checks that it and its children exit. Helpers here are shared with
 ``test_engine_e2e_failure.py``.
 """
@@ -80,9 +80,10 @@ def start_rank(
     address: str, workdir: Path, rank: int = 0, model: str = "tiny-llama", *extra: str
 ) -> RankProcess:
     log_path = workdir / f"rank{rank}.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DPINFER_NUM_THREADS="1", DPINFER_IPC_DIR=str(workdir))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DPINFER_IPC_DIR=str(workdir))
     env.setdefault("DPINFER_LOG_LEVEL", "INFO")
-    cmd = [sys.executable, "-m", "dpinfer.engine.rank", "--coordinator", address, "--rank", str(rank),
+    cmd = [sys.executable, "-m", "dpinfer.launcher.worker", "--no-supervise", "--threads-per-rank", "1",
+           "--coordinator", address, "--rank", str(rank),
            "--model", model, "--device", "cpu", "--kv-cache-bytes", str(KV_CACHE_BYTES), *extra]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

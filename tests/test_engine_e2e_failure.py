@@ -111,7 +111,7 @@ def test_children_of_a_killed_rank_main_exit(
     # Regression: the SIGTERM that PR_SET_PDEATHSIG sends when the rank main dies used to be
     # lost about one time in three (the child sat in a ZMQ call and the handler's SystemExit
     # never surfaced), so children lived on forever. Repeated because it was a race.
-    from dpinfer.engine.supervisor import EXIT_GRACE_S
+    from dpinfer.rank.supervisor import EXIT_GRACE_S
 
     rank = start_rank(coordinator.address, workdir, 2 + attempt)
     client = WireClient(coordinator.address)

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from dpinfer.config import ModelConfig
-from dpinfer.engine.fast_decode import byte_table_decode, make_decode
-from dpinfer.engine.incremental_detok import RequestDetokenizer
 from dpinfer.runner.registry import load_tokenizer
+from dpinfer.tokenizer.fast_decode import byte_table_decode, make_decode
+from dpinfer.tokenizer.incremental_detok import RequestDetokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from dpinfer.config import ModelConfig, SchedulerConfig
+from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.runner.registry import load_processor
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.scheduler import Scheduler
 
 MODEL = ModelConfig(model="tiny-llava")

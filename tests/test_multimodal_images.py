@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from dpinfer.config import ModelConfig
-from dpinfer.engine.images import ImageLimits, ImageProcessorAdapter, decode_image
 from dpinfer.errors import InvalidRequestError
 from dpinfer.runner.registry import load_processor
+from dpinfer.tokenizer.images import ImageLimits, ImageProcessorAdapter, decode_image
 
 LLAVA = ModelConfig(model="tiny-llava")
 IMAGE_TOKEN = 259

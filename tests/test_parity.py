@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpinfer.config import ModelConfig, SchedulerConfig
+from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.scheduler import Scheduler
 
 NUM_PROMPTS = 32

@@ -16,11 +16,11 @@ import pytest
 import zmq
 
 from dpinfer import protocol
-from dpinfer.engine import inflight
-from dpinfer.engine import messages as m
-from dpinfer.engine.rank_main import RankMain
-from dpinfer.engine.signal_wakeup import SignalWakeup
 from dpinfer.protocol import EngineOutputEntry, OutputBody
+from dpinfer.protocol import local as m
+from dpinfer.rank import inflight
+from dpinfer.rank.loop import RankMain
+from dpinfer.rank.signal_wakeup import SignalWakeup
 
 DEADLINE_S = 10.0
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import zmq
 
-from dpinfer.config import TransportConfig, ipc_address
-from dpinfer.engine import messages as m
+from dpinfer.config import LocalSocket, TransportConfig, ipc_address
+from dpinfer.protocol import local as m
+from dpinfer.protocol.local import LoadReport, SchedulerOutput, TokenizedRequest
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import LoadReport, SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.process import IdleSleeper, SchedulerProcess
 from dpinfer.transport.channel import make_receiver, make_sender
 
@@ -90,18 +90,18 @@ class Harness:
         monkeypatch.setenv("DPINFER_IPC_DIR", ipc_dir)
         self.ctx = zmq.Context()
         self.fake = FakeScheduler()
-        self.addr_in = ipc_address("t", 0, m.ADDR_SCHEDULER_IN)
+        self.addr_in = ipc_address("t", 0, LocalSocket.SCHEDULER_IN)
         self.receiver = make_receiver(TransportConfig(), self.addr_in, "t", 0, self.ctx)
         self.recv_control = self.ctx.socket(zmq.PULL)
-        self.recv_control.bind(ipc_address("t", 0, m.ADDR_SCHEDULER_CONTROL))
+        self.recv_control.bind(ipc_address("t", 0, LocalSocket.SCHEDULER_CONTROL))
         self.detok = self.ctx.socket(zmq.PULL)
-        self.detok.bind(ipc_address("t", 0, m.ADDR_DETOKENIZER_IN))
+        self.detok.bind(ipc_address("t", 0, LocalSocket.DETOKENIZER_IN))
         send_to_detok = self.ctx.socket(zmq.PUSH)
-        send_to_detok.connect(ipc_address("t", 0, m.ADDR_DETOKENIZER_IN))
+        send_to_detok.connect(ipc_address("t", 0, LocalSocket.DETOKENIZER_IN))
         self.proc = SchedulerProcess(self.fake, self.receiver, self.recv_control, send_to_detok)
         self.sender = make_sender(TransportConfig(), self.addr_in, "t", 0, self.ctx)
         self.control = self.ctx.socket(zmq.PUSH)
-        self.control.connect(ipc_address("t", 0, m.ADDR_SCHEDULER_CONTROL))
+        self.control.connect(ipc_address("t", 0, LocalSocket.SCHEDULER_CONTROL))
         self.thread = threading.Thread(target=self.proc.loop, daemon=True)
         self.thread.start()
 

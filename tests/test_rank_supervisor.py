@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -13,13 +14,20 @@ from typing import Any
 import pytest
 
 from dpinfer.config import ConfigError, RankConfig
-from dpinfer.engine.supervisor import ChildStartError, Supervisor
+from dpinfer.rank.children import CHILDREN
+from dpinfer.rank.supervisor import ChildStartError, Supervisor
 
 HERE = "test_rank_supervisor"
 DEADLINE_S = 15.0
 
 
 # ---------------------------------------------------------------------------- child targets
+
+
+def child(name: str, function: str) -> Any:
+    """The product's spec of child ``name``, running ``function`` of this module instead."""
+    spec = next(s for s in CHILDREN if s.name == name)
+    return dataclasses.replace(spec, target=f"{HERE}:{function}")
 
 
 def ready_then_wait(config: RankConfig, report_ready: Any) -> None:
@@ -42,7 +50,7 @@ def never_ready(config: RankConfig, report_ready: Any) -> None:
 def supervising_parent(conn: Any) -> None:
     """A stand-in rank main: starts two children, reports their pids, then waits to be killed."""
     sup = Supervisor(RankConfig())
-    sup.start({"tokenizer": f"{HERE}:ready_then_wait", "detokenizer": f"{HERE}:ready_then_wait"})
+    sup.start([child("tokenizer", "ready_then_wait"), child("detokenizer", "ready_then_wait")])
     sup.wait_ready(DEADLINE_S)
     conn.send(sup.pids())
     threading.Event().wait()
@@ -77,7 +85,7 @@ def sup() -> Any:
 
 
 def test_ready_handshake_names_and_stop(sup: Supervisor) -> None:
-    sup.start({"tokenizer": f"{HERE}:ready_then_wait", "scheduler": f"{HERE}:ready_then_wait"})
+    sup.start([child("tokenizer", "ready_then_wait"), child("scheduler", "ready_then_wait")])
     infos = sup.wait_ready(DEADLINE_S)
     pids = sup.pids()
     assert infos == {name: {"rank": 2, "pid": pids[name]} for name in ("tokenizer", "scheduler")}
@@ -89,23 +97,23 @@ def test_ready_handshake_names_and_stop(sup: Supervisor) -> None:
 
 
 def test_start_failure_carries_the_childs_reason(sup: Supervisor) -> None:
-    sup.start({"scheduler": f"{HERE}:fail_with_config_error", "tokenizer": f"{HERE}:ready_then_wait"})
+    sup.start([child("scheduler", "fail_with_config_error"), child("tokenizer", "ready_then_wait")])
     with pytest.raises(ChildStartError, match=r"scheduler process failed to start: --model: 'x' is unknown"):
         sup.wait_ready(DEADLINE_S)
 
 
 def test_child_that_exits_before_ready(sup: Supervisor) -> None:
-    sup.start({"detokenizer": f"{HERE}:exit_silently"})
+    sup.start([child("detokenizer", "exit_silently")])
     with pytest.raises(ChildStartError, match=r"detokenizer process \(pid \d+\) exited with code 3 before"):
         sup.wait_ready(DEADLINE_S)
 
 
 def test_bad_target_and_timeout(sup: Supervisor) -> None:
-    sup.start({"tokenizer": f"{HERE}:no_such_function"})
+    sup.start([child("tokenizer", "no_such_function")])
     with pytest.raises(ChildStartError, match="AttributeError"):
         sup.wait_ready(DEADLINE_S)
     slow = Supervisor(RankConfig())
-    slow.start({"scheduler": f"{HERE}:never_ready"})
+    slow.start([child("scheduler", "never_ready")])
     t0 = time.monotonic()
     try:
         with pytest.raises(ChildStartError, match=r"scheduler not ready within 0.5 s \(--ready-timeout-s\)"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dpinfer.config import ModelConfig, SchedulerConfig
+from dpinfer.protocol.local import TokenizedRequest
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import TokenizedRequest
 from dpinfer.scheduler.scheduler import Scheduler
 
 pytestmark = [

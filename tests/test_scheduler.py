@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dpinfer.config import ModelConfig, SchedulerConfig
+from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.scheduler import Scheduler
 
 MAX_STEPS = 2000

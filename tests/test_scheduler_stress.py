@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dpinfer.config import ModelConfig, SchedulerConfig
+from dpinfer.protocol.local import TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import TokenizedRequest
 from dpinfer.scheduler.scheduler import Scheduler
 
 POOL = 160

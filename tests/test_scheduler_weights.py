@@ -11,9 +11,9 @@ from transformers import LlamaForCausalLM
 
 from dpinfer.config import ConfigError, ModelConfig, SchedulerConfig
 from dpinfer.errors import ServiceError
+from dpinfer.protocol.local import TokenizedRequest
 from dpinfer.runner.builtin_models import tiny_llama_config
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import TokenizedRequest
 from dpinfer.scheduler.scheduler import Scheduler
 
 PROMPT = [(5 * j) % 200 + 3 for j in range(30)]

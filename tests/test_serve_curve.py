@@ -11,9 +11,9 @@ import zmq
 
 from dpinfer import InferenceClient, SamplingParams
 from dpinfer.config import CoordinatorConfig
-from dpinfer.coordinator.auth import create_keys
 from dpinfer.errors import DpinferError
 from dpinfer.launcher.deployment import Deployment, ServeConfig
+from dpinfer.protocol.curve import create_keys
 
 pytestmark = [
     pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE"),

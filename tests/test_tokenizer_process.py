@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import zmq
 
-from dpinfer.config import RankConfig, ipc_address
-from dpinfer.engine import messages as m
-from dpinfer.engine.tokenizer_process import TokenizerProcess, build_parser
+from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.protocol import OutputBody, pack_body
-from dpinfer.scheduler.io import TokenizedRequest
+from dpinfer.protocol import local as m
+from dpinfer.protocol.local import TokenizedRequest
+from dpinfer.tokenizer.process import TokenizerProcess, build_parser
 from dpinfer.transport.channel import make_receiver
 
 DEADLINE_MS = 10_000
@@ -26,13 +26,13 @@ class Harness:
         dep = config.deployment_id
         self.ctx = zmq.Context()
         self.recv_outputs = self.ctx.socket(zmq.PULL)
-        self.recv_outputs.bind(ipc_address(dep, 0, m.ADDR_RANK_OUTPUTS))
+        self.recv_outputs.bind(ipc_address(dep, 0, LocalSocket.RANK_OUTPUTS))
         self.channel = make_receiver(
-            config.transport, ipc_address(dep, 0, m.ADDR_SCHEDULER_IN), dep, 0, self.ctx
+            config.transport, ipc_address(dep, 0, LocalSocket.SCHEDULER_IN), dep, 0, self.ctx
         )
         self.proc = TokenizerProcess(config, build_parser(config), self.ctx)
         self.to_tokenizer = self.ctx.socket(zmq.PUSH)
-        self.to_tokenizer.connect(ipc_address(dep, 0, m.ADDR_TOKENIZER_IN))
+        self.to_tokenizer.connect(ipc_address(dep, 0, LocalSocket.TOKENIZER_IN))
         self.thread = threading.Thread(target=self.proc.loop, daemon=True)
         self.thread.start()
 

@@ -56,7 +56,7 @@ class WireClient:
         self.sock.setsockopt(zmq.SNDTIMEO, 5000)
         self.sock.setsockopt(zmq.ROUTING_ID, f"{name}-{secrets.token_hex(6)}".encode())
         if curve_dir is not None:
-            from dpinfer.coordinator.auth import apply_peer_curve
+            from dpinfer.protocol.curve import apply_peer_curve
 
             apply_peer_curve(self.sock, curve_dir)
         elif curve_keys is not None:
@@ -272,7 +272,7 @@ class Deployment:
 
     def add_rank(self, rank: int, wait: bool = True, **kwargs: Any) -> Any:
         """Start a null rank process (a previous process of that rank id is kept for cleanup)."""
-        from dpinfer.engine.null_engine import start_null_engines
+        from dpinfer.testing.null_rank import start_null_engines
 
         if rank in self.ranks:
             self.retired.append(self.ranks[rank])

@@ -121,7 +121,7 @@ def null_deployment(num_ranks: int) -> Iterator[tuple[str, int]]:
     """A coordinator with ``num_ranks`` live null ranks: ``(address, coordinator pid)``; all ended after."""
     from dpinfer.config import CoordinatorConfig
     from dpinfer.coordinator.process import start_coordinator
-    from dpinfer.engine.null_engine import start_null_engines
+    from dpinfer.testing.null_rank import start_null_engines
 
     handle = start_coordinator(CoordinatorConfig(port=0))
     procs: list[Any] = []
@@ -187,7 +187,7 @@ def run_benchmark(
     """
     if not ranks or min(ranks) < 1 or min(requests, concurrency, latency_requests, rounds) < 1:
         raise click.BadParameter("ranks, requests, concurrency, latency requests and rounds must be >= 1")
-    from dpinfer.engine.null_direct import start_direct_null_engine
+    from dpinfer.testing.null_direct import start_direct_null_engine
 
     proc, direct_address = start_direct_null_engine(stream_chunks=0)
     relay_proc, relay_address = start_bare_relay(direct_address)

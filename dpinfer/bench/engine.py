@@ -18,76 +18,21 @@ step that produced them. TTFT counts from t=0 (queueing included), TPOT is
 
 from __future__ import annotations
 
-import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from dpinfer.bench.report import Column, emit, json_option, machine_info, percentile, render_table
+from dpinfer.bench.report import Column, emit, json_option, machine_info, render_table
+from dpinfer.bench.workloads import Workload, make_mixed, make_shared_prefix, summarize
 
 HF_BATCH_SIZE = 16
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-
-def make_mixed(
-    n: int, vocab: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int
-) -> Workload:
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))] for _ in range(n)]
-    return Workload("mixed", prompts, [rng.randint(*output_range) for _ in range(n)])
-
-
-def make_shared_prefix(
-    n: int,
-    vocab: int,
-    prefix_len: int,
-    suffix_range: tuple[int, int],
-    output_range: tuple[int, int],
-    seed: int,
-) -> Workload:
-    rng = random.Random(seed + 1)
-    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
-    prompts = [
-        prefix + [rng.randrange(3, vocab) for _ in range(rng.randint(*suffix_range))] for _ in range(n)
-    ]
-    return Workload("shared_prefix", prompts, [rng.randint(*output_range) for _ in range(n)])
-
-
-def summarize(
-    workload: Workload, system: str, t0: float, stamps: list[list[float]], end: float, cpu_s: float
-) -> dict[str, Any]:
-    """One ``cases`` entry from per-request token timestamps (and the CPU seconds it used)."""
-    ttft = [(s[0] - t0) * 1e3 for s in stamps if s]
-    tpot = [(s[-1] - s[0]) * 1e3 / (len(s) - 1) for s in stamps if len(s) > 1]
-    num_tokens = sum(len(s) for s in stamps)
-    duration = end - t0
-    return {
-        "workload": workload.name,
-        "system": system,
-        "num_requests": len(workload.prompts),
-        "output_tokens": num_tokens,
-        "duration_s": round(duration, 3),
-        "cpu_s": round(cpu_s, 3),
-        "output_tok_per_s": round(num_tokens / duration, 1),
-        "ttft_p50_ms": round(percentile(ttft, 50), 1),
-        "ttft_p99_ms": round(percentile(ttft, 99), 1),
-        "tpot_p50_ms": round(percentile(tpot, 50), 2),
-        "tpot_p99_ms": round(percentile(tpot, 99), 2),
-    }
-
-
 def run_dpinfer(runner: Any, workload: Workload, radix: bool, system: str) -> dict[str, Any]:
     from dpinfer.config import SchedulerConfig
+    from dpinfer.protocol.local import TokenizedRequest
     from dpinfer.sampling import SamplingParams
-    from dpinfer.scheduler.io import TokenizedRequest
     from dpinfer.scheduler.scheduler import Scheduler
 
     config = SchedulerConfig(max_running_requests=64, max_prefill_tokens=2048, enable_radix_cache=radix)

@@ -20,15 +20,17 @@ import click
 
 from dpinfer.bench.coordinator import wait_for_ranks
 from dpinfer.bench.report import process_cpu_s
+from dpinfer.bench.workloads import Workload, summarize
 from dpinfer.errors import RequestTimeoutError
 
 RANK_START_TIMEOUT_S = 300.0
 
 
 def _start_rank(address: str, model: str, threads: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DPINFER_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [
-        sys.executable, "-m", "dpinfer.engine.rank", "--coordinator", address, "--rank", "0",
+        sys.executable, "-m", "dpinfer.launcher.worker", "--no-supervise", "--threads-per-rank", str(threads),
+        "--coordinator", address, "--rank", "0",
         "--model", model, "--device", "cpu", "--max-running-requests", "64",
         "--max-prefill-tokens", "2048", "--kv-cache-bytes", str(512 << 20),
     ]  # fmt: skip
@@ -74,9 +76,8 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
-def run_rank_stack(model: str, threads: int, workload: Any) -> dict[str, Any]:
+def run_rank_stack(model: str, threads: int, workload: Workload) -> dict[str, Any]:
     """One ``cases`` entry (system ``dpinfer_rank``) for ``workload`` through a real rank."""
-    from dpinfer.bench.engine import summarize
     from dpinfer.config import CoordinatorConfig
     from dpinfer.coordinator.process import start_coordinator
 

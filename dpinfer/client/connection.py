@@ -5,7 +5,7 @@ ZMQ reconnects silently, so a dropped connection is only visible through the soc
 the monitor and fail every pending call with ``ConnectionLostError`` when it fires.
 
 With ``curve_dir`` the connection is CurveZMQ-encrypted and authenticated; the directory
-layout is described in ``dpinfer.coordinator.auth`` (``dpinfer keys`` writes it).
+layout is described in ``dpinfer.protocol.curve`` (``dpinfer keys`` writes it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dpinfer.config import ConfigError
-from dpinfer.coordinator.auth import apply_peer_curve
+from dpinfer.protocol.curve import apply_peer_curve
 
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000

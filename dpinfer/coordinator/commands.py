@@ -147,7 +147,7 @@ def keys(out_dir: str, name: str, server_dir: str | None) -> None:
       dpinfer coordinator --host 0.0.0.0 --curve keys/server
       ... clients and ranks use --curve-dir keys/client
     """
-    from dpinfer.coordinator.auth import create_keys
+    from dpinfer.protocol.curve import create_keys
 
     try:
         public, secret = create_keys(out_dir, name, server_dir)

@@ -17,8 +17,7 @@ from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.outbox import Counters, Outbox
-from dpinfer.coordinator.registry import ClientPeer, RankPeer, RankRegistry
-from dpinfer.coordinator.requests import PendingQueue, Req
+from dpinfer.coordinator.registry import ClientPeer, PendingQueue, RankPeer, RankRegistry, Req
 from dpinfer.coordinator.routing import make_policy
 from dpinfer.protocol import NO_RANK, EngineState, FinishReason, error_body
 

@@ -123,7 +123,7 @@ def _send_shutdown(address: str, curve_dir: str | None, timeout_s: float) -> Non
     sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a refused CURVE handshake blocks sends
     try:
         if curve_dir is not None:
-            from dpinfer.coordinator.auth import apply_peer_curve
+            from dpinfer.protocol.curve import apply_peer_curve
 
             apply_peer_curve(sock, curve_dir)
         sock.connect(address)

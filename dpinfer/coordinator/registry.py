@@ -1,4 +1,6 @@
-"""Who is connected: engine ranks (with liveness and load) and handshaken clients.
+"""Who is connected (engine ranks with liveness and load, handshaken clients) and what they wait on.
+
+``Req`` is one in-flight request; ``PendingQueue`` holds those waiting for any live rank.
 
 Peers are keyed by their ZMQ routing identity. A rank id may change identity (a restarted
 process, or a rank that re-registers after being declared dead); the newest registration
@@ -8,12 +10,10 @@ wins and the displaced identity is remembered so its process can be told so.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from typing import Any
 
 from dpinfer import protocol
-
-if TYPE_CHECKING:
-    from dpinfer.coordinator.requests import Req
 
 _MAX_DISPLACED = 1024
 
@@ -128,3 +128,65 @@ class RankRegistry:
 
     def live_ids(self) -> list[int]:
         return sorted(p.rank for p in self.live)
+
+
+class Req:
+    """One request between ``Submit`` and its final output.
+
+    ``body`` keeps the request body frame while the request may still be re-dispatched to
+    another rank; it is dropped (``None``) once the client has seen output, which is also
+    how the coordinator knows a rank's death must fail the request instead.
+    """
+
+    __slots__ = ("body", "client", "client_request_id", "deadline", "pinned", "rank", "request_id", "stream")
+
+    def __init__(
+        self,
+        request_id: int,
+        client: ClientPeer,
+        client_request_id: int,
+        body: Any,
+        stream: bool,
+        pinned: int,
+    ) -> None:
+        self.request_id = request_id
+        self.client = client
+        self.client_request_id = client_request_id
+        self.body = body
+        self.stream = stream
+        self.pinned = pinned
+        self.rank: RankPeer | None = None
+        self.deadline = 0.0
+
+
+class PendingQueue:
+    """Requests with no live rank to go to, oldest first; each fails at its ``deadline``.
+
+    Every entry waits the same ``no_rank_timeout_s``, so arrival order is deadline order.
+    Entries whose request finished meanwhile (aborted, failed) are skipped lazily.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[Req] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, req: Req, deadline: float) -> None:
+        req.rank = None
+        req.deadline = deadline
+        self._queue.append(req)
+
+    def take_all(self) -> list[Req]:
+        reqs = list(self._queue)
+        self._queue.clear()
+        return reqs
+
+    def expired(self, now: float) -> list[Req]:
+        out: list[Req] = []
+        while self._queue and self._queue[0].deadline <= now:
+            out.append(self._queue.popleft())
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._queue[0].deadline if self._queue else None

@@ -26,7 +26,6 @@ from zmq.utils.monitor import recv_monitor_message
 from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator import codec
-from dpinfer.coordinator.auth import ServerCurve
 from dpinfer.coordinator.forwarding import Forwarder
 from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.outbox import Counters, Outbox
@@ -34,6 +33,7 @@ from dpinfer.coordinator.peers import PeerHandlers
 from dpinfer.coordinator.registry import RankRegistry
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
+from dpinfer.protocol.curve import ServerCurve
 
 logger = get_logger(__name__)
 

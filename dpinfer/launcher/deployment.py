@@ -101,7 +101,7 @@ class Deployment:
         server_dir = self.config.coordinator.curve_dir
         if server_dir is None:
             return
-        from dpinfer.coordinator.auth import create_keys
+        from dpinfer.protocol.curve import create_keys
 
         self._client_keys = tempfile.TemporaryDirectory(prefix="dpinfer-serve-keys-")
         create_keys(self._client_keys.name, self._key_name, server_dir)

@@ -99,6 +99,7 @@ def rank_config_from_options(coordinator: str, rank: int = 0, **opts: Any) -> Ra
         ready_timeout_s=opts["ready_timeout_s"],
         connect_timeout_s=opts["connect_timeout_s"],
         curve_dir=opts.get("rank_curve_dir"),
+        num_threads=opts.get("num_threads", 0),
     )
 
 

@@ -7,7 +7,12 @@
    there, else ``cpu`` (``--device`` overrides); on CPU it sets the thread count per rank;
 2. joins a process group (gloo on CPU, nccl on GPU) for one start-up barrier, then leaves it:
    ranks never talk to each other after start-up, so none depends on another;
-3. runs the rank stack (``dpinfer.engine.rank.run_rank``) in a child process and supervises it.
+3. runs the rank stack (``dpinfer.rank.main.run_rank``) in a child process and supervises it
+   (``--no-supervise`` runs it in this process instead and exits with its code: for tests
+   and for launchers that restart ranks themselves).
+
+This is the only entry point of a rank; ``dpinfer serve``, ``launch/engine.py`` and the tests
+all start ranks through it.
 
 Why a supervisor: torchrun tears down the whole worker group when one worker fails. Here the
 worker itself never fails because its rank did: it restarts the rank up to ``--max-restarts``
@@ -29,7 +34,7 @@ from typing import Any
 
 import click
 
-from dpinfer.config import RankConfig, default_address
+from dpinfer.config import ConfigError, RankConfig, default_address
 from dpinfer.launcher.options import engine_options, rank_config_from_options
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import die_with_parent
@@ -89,21 +94,24 @@ def startup_barrier(env: TorchrunEnv, device: str, timeout_s: float) -> None:
         dist.destroy_process_group()
 
 
-def _run_rank_child(config: RankConfig, num_threads: int) -> None:
+def _run_rank_child(config: RankConfig) -> None:
     die_with_parent(signal.SIGTERM)  # torchrun tearing the worker down must not orphan the rank
-    os.environ["OMP_NUM_THREADS"] = str(num_threads)
-    os.environ["DPINFER_NUM_THREADS"] = str(num_threads)
-    from dpinfer.engine.rank import run_rank
+    _run_rank(config)
 
-    run_rank(config)
+
+def _run_rank(config: RankConfig) -> int:
+    if config.num_threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(config.num_threads)  # inherited by the rank's children
+    from dpinfer.rank.main import run_rank
+
+    return run_rank(config)
 
 
 class RankSupervisor:
     """Runs one rank stack in a child process and restarts it when it dies unexpectedly."""
 
-    def __init__(self, config: RankConfig, num_threads: int, max_restarts: int) -> None:
+    def __init__(self, config: RankConfig, max_restarts: int) -> None:
         self.config = config
-        self.num_threads = num_threads
         self.max_restarts = max_restarts
         self._ctx = mp.get_context("spawn")
         self._child: mp.process.BaseProcess | None = None
@@ -118,7 +126,7 @@ class RankSupervisor:
         restarts = 0
         while True:
             self._child = self._ctx.Process(
-                target=_run_rank_child, args=(self.config, self.num_threads), name=f"rank{self.config.rank}"
+                target=_run_rank_child, args=(self.config,), name=f"rank{self.config.rank}"
             )
             self._child.start()
             logger.info("rank %d started (pid %d)", self.config.rank, self._child.pid)
@@ -154,17 +162,41 @@ class RankSupervisor:
     "--threads-per-rank", default=0, help="torch threads per rank on CPU (0: cores / ranks on this node)."
 )
 @click.option("--barrier-timeout-s", default=300.0, show_default=True, help="Start-up barrier timeout.")
+@click.option(
+    "--rank", type=int, default=None, help="Data-parallel rank id (default: $RANK from torchrun, or 0)."
+)
+@click.option(
+    "--supervise/--no-supervise",
+    default=True,
+    show_default=True,
+    help="Run the rank in a child process and restart it when it dies; --no-supervise runs it here "
+    "and exits with its code.",
+)
 def main(
-    coordinator: str, max_restarts: int, threads_per_rank: int, barrier_timeout_s: float, **options: object
+    coordinator: str,
+    max_restarts: int,
+    threads_per_rank: int,
+    barrier_timeout_s: float,
+    rank: int | None,
+    supervise: bool,
+    **options: object,
 ) -> None:
     """torchrun entry point: run and supervise the engine rank of this worker."""
     env = TorchrunEnv.from_environ()
-    set_role("worker", env.rank)
+    rank_id = env.rank if rank is None else rank
+    set_role("worker", rank_id)
     device = pick_device(options.pop("device"), env.local_rank)  # type: ignore[arg-type]
-    config = rank_config_from_options(coordinator, rank=env.rank, device=device, **options)
     num_threads = threads_per_rank_from(threads_per_rank, env, device)
+    try:
+        config = rank_config_from_options(
+            coordinator, rank=rank_id, device=device, num_threads=num_threads, **options
+        )
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     startup_barrier(env, device, barrier_timeout_s)
-    supervisor = RankSupervisor(config, num_threads, max_restarts)
+    if not supervise:
+        sys.exit(_run_rank(config))
+    supervisor = RankSupervisor(config, max_restarts)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     sys.exit(supervisor.run())

@@ -1,6 +1,6 @@
 """SchedulerProcess: the shell around ``Scheduler`` -- inputs in, steps, token outputs out.
 
-Sockets (all ``ipc://``, names from ``dpinfer.engine.messages``):
+Sockets (all ``ipc://``, names from ``dpinfer.protocol.local``):
 
 - ``recv_from_tokenizer`` (``transport.channel`` receiver, binds ``scheduler-in``):
   ``TokenizedRequest`` and ``AbortRequests`` in one ordered stream.
@@ -18,17 +18,16 @@ them through the detokenizer, so an acknowledgement never overtakes earlier outp
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 
-from dpinfer.config import RankConfig, ipc_address
-from dpinfer.engine import messages as m
+from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal, next_state
+from dpinfer.protocol import local as m
 
 logger = get_logger(__name__)
 
@@ -105,7 +104,7 @@ class SchedulerProcess:
             self.dispatch(obj)
 
     def dispatch(self, obj: Any) -> None:
-        from dpinfer.scheduler.io import TokenizedRequest
+        from dpinfer.protocol.local import TokenizedRequest
 
         if isinstance(obj, TokenizedRequest):
             self.on_request(obj)
@@ -202,7 +201,7 @@ class SchedulerProcess:
 
 
 def _error_output(request_id: int, prompt_len: int, error: str) -> Any:
-    from dpinfer.scheduler.io import SchedulerOutput
+    from dpinfer.protocol.local import SchedulerOutput
 
     return SchedulerOutput(
         request_id=request_id,
@@ -222,22 +221,21 @@ def run_scheduler_process(config: RankConfig, report_ready: Any, tensor_queue: A
     from dpinfer.transport.channel import make_receiver
 
     dep, rank = config.deployment_id, config.rank
-    threads = os.environ.get("DPINFER_NUM_THREADS")
-    if threads and threads.isdigit() and int(threads) > 0:
+    if config.num_threads > 0:
         import torch
 
-        torch.set_num_threads(int(threads))  # the launcher's per-rank share of the cores
+        torch.set_num_threads(config.num_threads)  # the launcher's per-rank share of the cores
     scheduler = Scheduler.from_config(config.model, config.scheduler)
     context = zmq.Context()
     receiver = make_receiver(
-        config.transport, ipc_address(dep, rank, m.ADDR_SCHEDULER_IN), dep, rank, context, tensor_queue
+        config.transport, ipc_address(dep, rank, LocalSocket.SCHEDULER_IN), dep, rank, context, tensor_queue
     )
     recv_control = context.socket(zmq.PULL)
     recv_control.setsockopt(zmq.LINGER, 0)
-    recv_control.bind(ipc_address(dep, rank, m.ADDR_SCHEDULER_CONTROL))
+    recv_control.bind(ipc_address(dep, rank, LocalSocket.SCHEDULER_CONTROL))
     send_to_detokenizer = context.socket(zmq.PUSH)
     send_to_detokenizer.setsockopt(zmq.LINGER, 2000)
-    send_to_detokenizer.connect(ipc_address(dep, rank, m.ADDR_DETOKENIZER_IN))
+    send_to_detokenizer.connect(ipc_address(dep, rank, LocalSocket.DETOKENIZER_IN))
     try:
         load = scheduler.load()
         report_ready(

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
+from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.radix_cache import TreeNode
 from dpinfer.runner.sampler import make_generator
 from dpinfer.runner.vision import image_token_positions, mm_inputs_hash
-from dpinfer.scheduler.io import SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.stop import Finish, StopChecker
 
 

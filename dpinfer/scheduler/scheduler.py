@@ -20,9 +20,9 @@ from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.errors import ServiceError
 from dpinfer.log import get_logger
 from dpinfer.protocol import FinishReason
+from dpinfer.protocol.local import LoadReport, SchedulerOutput, TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.scheduler.admission import AddResult, PrefillAdder
-from dpinfer.scheduler.io import LoadReport, SchedulerOutput, TokenizedRequest
 from dpinfer.scheduler.kv_manager import KVManager
 from dpinfer.scheduler.req import Req
 from dpinfer.scheduler.schedule_batch import ScheduleBatch

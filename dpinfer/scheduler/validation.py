@@ -10,8 +10,8 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from dpinfer.errors import DpinferError
+from dpinfer.protocol.local import TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
-from dpinfer.scheduler.io import TokenizedRequest
 
 
 def validate_request(

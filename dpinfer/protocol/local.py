@@ -20,27 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpinfer.protocol import EngineOutputEntry
-
-# Names of the child processes; also the ``name`` of their ipc sockets.
-TOKENIZER = "tokenizer"
-SCHEDULER = "scheduler"
-DETOKENIZER = "detokenizer"
-CHILD_NAMES = (TOKENIZER, SCHEDULER, DETOKENIZER)
-
-# ipc socket names (``config.ipc_address(deployment_id, rank, name)``).
-ADDR_TOKENIZER_IN = "tokenizer-in"
-ADDR_SCHEDULER_IN = "scheduler-in"
-ADDR_SCHEDULER_CONTROL = "scheduler-control"
-ADDR_DETOKENIZER_IN = "detokenizer-in"
-ADDR_RANK_OUTPUTS = "rank-outputs"
-ALL_ADDRS = (
-    ADDR_TOKENIZER_IN,
-    ADDR_SCHEDULER_IN,
-    ADDR_SCHEDULER_CONTROL,
-    ADDR_DETOKENIZER_IN,
-    ADDR_RANK_OUTPUTS,
-)
+from dpinfer.protocol.messages import EngineOutputEntry
+from dpinfer.sampling import SamplingParams
 
 INTERNAL_CONTROL_ID = -1
 """``control_id`` of control commands the rank main issues itself (never acknowledged upstream)."""
@@ -106,6 +87,26 @@ class SetLimits:
     max_prompt_len: int
 
 
+# ---------------------------------------------------------------------------- tokenizer -> scheduler
+@dataclass
+class TokenizedRequest:
+    """One request, tokenized. ``request_id`` is unique among the scheduler's live requests."""
+
+    request_id: int
+    input_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False
+    """Send new tokens every step; otherwise one output when the request finishes."""
+    mm_inputs: dict[str, Any] | None = None
+    """Images, for a vision-language model only: ``{"pixel_values": float [num_images, C, H, W]}``
+    (what ``dpinfer.tokenizer.images.ImageProcessorAdapter`` makes) or precomputed
+    ``{"image_features": [num_images, image_seq_length, hidden]}``; ``input_ids`` then hold
+    ``image_seq_length`` image tokens per image, in image order (``dpinfer.runner.vision``)."""
+    mm_hash: bytes | None = None
+    """Content hash of the prompt's images: requests with different hashes never share KV.
+    Computed from ``mm_inputs`` when a request with images arrives without one."""
+
+
 # ---------------------------------------------------------------------------- rank main -> scheduler
 
 
@@ -119,6 +120,35 @@ class ControlCommand:
 
 
 # ---------------------------------------------------------------------------- scheduler -> detokenizer
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """Progress of one request.
+
+    ``new_token_ids`` are output tokens not reported before: each step's new token for a
+    ``stream`` request, everything at once for the others. A stop token (EOS or one of
+    ``stop_token_ids``) that ends the request is *not* included (``matched_stop`` holds its
+    id); the token that completes a ``stop`` string *is* included (``matched_stop`` holds
+    the string, and the detokenizer cuts the text there). Note that ``transformers``
+    ``generate`` keeps the EOS token in its output sequence.
+    """
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    """``stop``, ``length``, ``abort`` or ``error`` once finished."""
+    matched_stop: str | int | None = None
+    error: str | None = None
+    prompt_len: int = 0
+    cached_len: int = 0
+    """Prompt tokens whose KV came from the prefix cache when the request was first admitted."""
+
+    @classmethod
+    def for_error(cls, request_id: int, prompt_len: int, error: str) -> SchedulerOutput:
+        """The final output of a request that ends without generating anything."""
+        return cls(request_id, [], True, "error", error=error, prompt_len=prompt_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +187,11 @@ class ControlResult:
 class SchedulerBatch:
     """Everything one scheduler step produced, in order: metas, outputs, then control results.
 
-    ``outputs`` holds ``dpinfer.scheduler.io.SchedulerOutput`` values.
+    ``outputs`` holds ``dpinfer.protocol.local.SchedulerOutput`` values.
     """
 
     metas: tuple[RequestMeta, ...] = ()
-    outputs: tuple[Any, ...] = ()
+    outputs: tuple[SchedulerOutput, ...] = ()
     control_results: tuple[ControlResult, ...] = ()
     load: LoadSnapshot | None = None
 
@@ -177,3 +207,16 @@ class RankOutputs:
     bodies: tuple[bytes, ...] = ()
     control_results: tuple[ControlResult, ...] = ()
     load: LoadSnapshot | None = None
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The scheduler's load, for heartbeats and routing."""
+
+    num_waiting: int
+    num_running: int
+    kv_used_tokens: int
+    """Slots held by requests (cached prefixes in use included)."""
+    kv_free_tokens: int
+    """Slots free now or reclaimable by evicting unused cached prefixes."""
+    kv_capacity_tokens: int

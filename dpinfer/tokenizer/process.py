@@ -21,12 +21,12 @@ from typing import Any
 
 import zmq
 
-from dpinfer.config import RankConfig, ipc_address
-from dpinfer.engine import messages as m
-from dpinfer.engine.request_parsing import RequestParser, appends_eos
+from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, error_body
+from dpinfer.protocol import local as m
+from dpinfer.tokenizer.request_parsing import RequestParser, appends_eos
 
 logger = get_logger(__name__)
 
@@ -41,12 +41,17 @@ class TokenizerProcess:
         self.parser = parser
         self.recv_from_rank = context.socket(zmq.PULL)
         self.recv_from_rank.setsockopt(zmq.LINGER, 0)
-        self.recv_from_rank.bind(ipc_address(dep, rank, m.ADDR_TOKENIZER_IN))
+        self.recv_from_rank.bind(ipc_address(dep, rank, LocalSocket.TOKENIZER_IN))
         self.send_to_rank = context.socket(zmq.PUSH)
         self.send_to_rank.setsockopt(zmq.LINGER, 2000)
-        self.send_to_rank.connect(ipc_address(dep, rank, m.ADDR_RANK_OUTPUTS))
+        self.send_to_rank.connect(ipc_address(dep, rank, LocalSocket.RANK_OUTPUTS))
         self.send_to_scheduler = make_sender(
-            config.transport, ipc_address(dep, rank, m.ADDR_SCHEDULER_IN), dep, rank, context, tensor_queue
+            config.transport,
+            ipc_address(dep, rank, LocalSocket.SCHEDULER_IN),
+            dep,
+            rank,
+            context,
+            tensor_queue,
         )
         self.running = True
         self.num_rejected = 0
@@ -124,7 +129,7 @@ def build_mm_processor(config: RankConfig, spec: Any, tokenizer: Any) -> Any:
     models (they reject ``images`` with a clear error)."""
     if not spec.multimodal:
         return None
-    from dpinfer.engine.images import ImageProcessorAdapter
+    from dpinfer.tokenizer.images import ImageProcessorAdapter
 
     return ImageProcessorAdapter(config.model, tokenizer=tokenizer)
 

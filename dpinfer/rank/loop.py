@@ -22,13 +22,13 @@ from typing import Any
 import zmq
 
 from dpinfer import protocol
-from dpinfer.engine import messages as m
-from dpinfer.engine.inflight import DEFAULT_STOP_DEADLINE_S, InFlight, StopPlan
-from dpinfer.engine.signal_wakeup import SignalWakeup
-from dpinfer.engine.supervisor import Child, Supervisor
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal
+from dpinfer.protocol import local as m
+from dpinfer.rank.inflight import DEFAULT_STOP_DEADLINE_S, InFlight, StopPlan
+from dpinfer.rank.signal_wakeup import SignalWakeup
+from dpinfer.rank.supervisor import Child, Supervisor
 
 logger = get_logger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import zmq
 
-from dpinfer.config import RankConfig, ipc_address
-from dpinfer.engine import messages as m
-from dpinfer.engine.fast_decode import make_decode
-from dpinfer.engine.output_builder import OutputBuilder
+from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.log import get_logger
+from dpinfer.protocol import local as m
+from dpinfer.tokenizer.fast_decode import make_decode
+from dpinfer.tokenizer.output_builder import OutputBuilder
 
 logger = get_logger(__name__)
 
@@ -32,10 +32,10 @@ class DetokenizerProcess:
         self.builder = builder
         self.recv_from_scheduler = context.socket(zmq.PULL)
         self.recv_from_scheduler.setsockopt(zmq.LINGER, 0)
-        self.recv_from_scheduler.bind(ipc_address(dep, rank, m.ADDR_DETOKENIZER_IN))
+        self.recv_from_scheduler.bind(ipc_address(dep, rank, LocalSocket.DETOKENIZER_IN))
         self.send_to_rank = context.socket(zmq.PUSH)
         self.send_to_rank.setsockopt(zmq.LINGER, 2000)
-        self.send_to_rank.connect(ipc_address(dep, rank, m.ADDR_RANK_OUTPUTS))
+        self.send_to_rank.connect(ipc_address(dep, rank, LocalSocket.RANK_OUTPUTS))
         self.running = True
 
     def loop(self) -> None:

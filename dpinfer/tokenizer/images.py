@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from dpinfer.config import ModelConfig
-from dpinfer.engine import multimodal as mm
 from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
+from dpinfer.tokenizer import multimodal as mm
 
 logger = get_logger(__name__)
 

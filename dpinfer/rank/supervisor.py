@@ -20,17 +20,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from dpinfer.config import RankConfig
-from dpinfer.engine.messages import ChildFailed, ChildReady
 from dpinfer.errors import DpinferError
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import die_with_parent, set_process_name
+from dpinfer.protocol.local import ChildFailed, ChildReady
+from dpinfer.rank.children import ChildSpec
 
 logger = get_logger(__name__)
 
@@ -44,20 +45,21 @@ def resolve_target(path: str) -> ChildTarget:
     return getattr(importlib.import_module(module), attr)
 
 
-COMM_NAMES = {"tokenizer": "dpinfer-tok", "scheduler": "dpinfer-sched", "detokenizer": "dpinfer-detok"}
-
-
 class ChildStartError(DpinferError):
     """A child process failed to start or was not ready in time; the message says which and why."""
 
 
 @dataclass
 class Child:
-    name: str
+    spec: ChildSpec
     process: BaseProcess
     conn: Connection
     info: dict[str, Any] = field(default_factory=dict)
     ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def pid(self) -> int:
@@ -94,16 +96,16 @@ def _arm_exit_watchdog() -> None:
 
 
 def child_main(
-    name: str,
-    target_path: str,
+    spec: ChildSpec,
     config: RankConfig,
     conn: Connection,
     parent_pid: int,
     kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Entry point of every child (module level, so the spawn start method can pickle it)."""
+    name = spec.name
     set_role(name, config.rank)
-    set_process_name(COMM_NAMES.get(name, name))
+    set_process_name(spec.comm_name)
     die_with_parent(signal.SIGTERM)
     # SIGTERM unwinds through ``finally`` blocks (sockets closed, shared memory unlinked).
     signal.signal(signal.SIGTERM, _raise_exit)
@@ -119,7 +121,7 @@ def child_main(
         conn.send(ChildReady(name, os.getpid(), info))
 
     try:
-        resolve_target(target_path)(config, report_ready, **(kwargs or {}))
+        resolve_target(spec.target)(config, report_ready, **(kwargs or {}))
     except SystemExit:
         raise
     except BaseException as e:
@@ -145,8 +147,8 @@ class Supervisor:
         self._stopped = False
         self._kwargs: dict[str, dict[str, Any]] = {}
 
-    def start(self, targets: dict[str, str], kwargs: dict[str, dict[str, Any]] | None = None) -> None:
-        """Spawn one child per ``name -> "module:function"`` (they start in parallel).
+    def start(self, specs: Sequence[ChildSpec], kwargs: dict[str, dict[str, Any]] | None = None) -> None:
+        """Spawn one child per spec (they start in parallel).
 
         ``kwargs[name]`` are extra keyword arguments of that child's target (picklable objects
         that must be created in the parent, e.g. a ``torch.multiprocessing`` queue).
@@ -154,17 +156,18 @@ class Supervisor:
         # Keep them referenced: a queue's semaphores are unlinked when the parent's copy is
         # collected, and the children unpickle them only once they have booted.
         self._kwargs = kwargs or {}
-        for name, target in targets.items():
+        for spec in specs:
+            name = spec.name
             reader, writer = self._ctx.Pipe(duplex=False)
             process = self._ctx.Process(
                 target=child_main,
-                args=(name, target, self.config, writer, os.getpid(), (kwargs or {}).get(name)),
+                args=(spec, self.config, writer, os.getpid(), (kwargs or {}).get(name)),
                 name=f"dpinfer-r{self.config.rank}-{name}",
                 daemon=True,
             )
             process.start()
             writer.close()  # the child holds the only writer: EOF here means it died
-            self.children[name] = Child(name, process, reader)
+            self.children[name] = Child(spec, process, reader)
 
     def wait_ready(self, timeout_s: float) -> dict[str, dict[str, Any]]:
         """Block until every child reported ready; ``ChildStartError`` on failure or timeout."""

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dpinfer.engine.messages import RawRequest
 from dpinfer.errors import InvalidRequestError, ProtocolError
 from dpinfer.protocol import REQUEST_BODY_FIELDS, unpack_body
+from dpinfer.protocol.local import RawRequest, TokenizedRequest
 from dpinfer.sampling import SamplingParams
-from dpinfer.scheduler.io import TokenizedRequest
 
 MESSAGE_FIELDS = frozenset({"role", "content"})
 

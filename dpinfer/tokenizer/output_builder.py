@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dpinfer.engine.incremental_detok import DecodeFn, RequestDetokenizer
-from dpinfer.engine.messages import RankOutputs, RequestMeta, SchedulerBatch
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, FinishReason, OutputBody
+from dpinfer.protocol.local import RankOutputs, RequestMeta, SchedulerBatch
+from dpinfer.tokenizer.incremental_detok import DecodeFn, RequestDetokenizer
 
 logger = get_logger(__name__)
 

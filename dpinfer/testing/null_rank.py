@@ -10,15 +10,14 @@ heartbeats its load on time whatever ``delay_s`` is. It never serves real traffi
 
 The no-hub baseline of the coordinator benchmark (``--direct``) lives in ``null_direct.py``.
 
-    python -m dpinfer.engine.null_engine --coordinator ADDR --rank N [--delay-s X] [--curve-dir D]
-    python -m dpinfer.engine.null_engine --direct tcp://127.0.0.1:0
+    python -m dpinfer.testing.null_rank --coordinator ADDR --rank N [--delay-s X] [--curve-dir D]
+    python -m dpinfer.testing.null_rank --direct tcp://127.0.0.1:0
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
-import itertools
 import multiprocessing as mp
 import multiprocessing.connection
 import time
@@ -29,79 +28,17 @@ import msgpack
 import zmq
 
 from dpinfer import protocol
-from dpinfer.engine.connection import EngineConnection, RankInfo
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.protocol import EngineOutputEntry, EngineState, Signal
+from dpinfer.rank.connection import EngineConnection, RankInfo
+from dpinfer.testing.echo import EchoRequest
 
 logger = get_logger(__name__)
 
-ECHO_PREFIX = "echo: "
 _packb = msgpack.Packer(use_bin_type=True).pack
 _ABORTED = protocol.error_body("aborted", protocol.FinishReason.ABORT)
 _STOPPED = protocol.error_body("the rank stopped before finishing", protocol.FinishReason.ABORT)
-
-
-class EchoRequest:
-    """One request: its echo text, and (on a slow rank) its planned outputs and progress."""
-
-    __slots__ = ("error", "next_output", "plan", "prompt_tokens", "request_id", "step_s", "stream", "text")
-
-    def __init__(self, request_id: int, stream: bool, body: Any) -> None:
-        self.request_id = request_id
-        self.stream = stream
-        self.plan: tuple[list[EngineOutputEntry], list[bytes]] = ([], [])
-        self.next_output = 0
-        self.step_s = 0.0
-        self.error = ""
-        self.text = ""
-        self.prompt_tokens = 0
-        try:
-            data = msgpack.unpackb(body, raw=False)
-            prompt = data.get("prompt") if isinstance(data, dict) else None
-            if prompt is None and isinstance(data, dict) and isinstance(data.get("messages"), list):
-                prompt = " ".join(str(m.get("content", "")) for m in data["messages"] if isinstance(m, dict))
-        except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
-            self.error = f"undecodable request body: {type(e).__name__}"
-            return
-        if isinstance(prompt, list):
-            prompt = " ".join(str(t) for t in prompt)
-        if not isinstance(prompt, str) or not prompt:
-            self.error = "request body needs a non-empty 'prompt' or 'messages'"
-            return
-        self.text = ECHO_PREFIX + prompt
-        self.prompt_tokens = len(prompt.encode())
-
-    def outputs(self, stream_chunks: int) -> tuple[list[EngineOutputEntry], list[bytes]]:
-        """Partial outputs (streamed requests only), then the final one."""
-        rid = self.request_id
-        if self.error:
-            return [EngineOutputEntry(rid, True, 0)], [protocol.error_body(self.error)]
-        text = self.text
-        token_ids = list(text.encode())
-        entries: list[EngineOutputEntry] = []
-        bodies: list[bytes] = []
-        last_delta = text
-        if self.stream and stream_chunks > 0:
-            step = max(1, len(text) // (stream_chunks + 1))
-            cuts = [i * step for i in range(stream_chunks + 1) if i * step < len(text)] + [len(text)]
-            num_tokens = 0
-            for start, end in itertools.pairwise(cuts[:-1]):
-                piece = text[start:end].encode()
-                num_tokens += len(piece)
-                entries.append(EngineOutputEntry(rid, False, num_tokens))
-                bodies.append(_packb({"delta_text": text[start:end], "delta_token_ids": list(piece)}))
-            last_delta = text[cuts[-2] :]
-        final: dict[str, Any] = {
-            "text": text, "token_ids": token_ids, "finish_reason": "stop",
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": len(token_ids),
-        }  # fmt: skip
-        if self.stream:
-            final["delta_text"] = last_delta
-            final["delta_token_ids"] = list(last_delta.encode())
-        entries.append(EngineOutputEntry(rid, True, len(token_ids)))
-        bodies.append(_packb(final))
-        return entries, bodies
 
 
 class NullEngine:
@@ -298,7 +235,7 @@ def start_null_engines(address: str, ranks: Sequence[int], **kwargs: Any) -> lis
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m dpinfer.engine.null_engine",
+        prog="python -m dpinfer.testing.null_rank",
         description="Null rank: test/benchmark fixture, no model.",
     )
     add = parser.add_argument
@@ -310,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     add("--direct", metavar="BIND", default=None, help="no coordinator: bind here and answer Requests")
     args = parser.parse_args(argv)
     if args.direct:
-        from dpinfer.engine.null_direct import serve_direct
+        from dpinfer.testing.null_direct import serve_direct
 
         serve_direct(args.direct, stream_chunks=args.stream_chunks, on_ready=lambda a: print(a, flush=True))
     elif not args.coordinator:

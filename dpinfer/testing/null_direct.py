@@ -15,10 +15,10 @@ import msgpack
 import zmq
 
 from dpinfer import protocol
-from dpinfer.engine.null_engine import EchoRequest
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import spawn_reporting_address
+from dpinfer.testing.echo import EchoRequest
 
 logger = get_logger(__name__)
 _packb = msgpack.Packer(use_bin_type=True).pack

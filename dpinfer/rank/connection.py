@@ -93,7 +93,7 @@ class EngineConnection:
         self.socket.setsockopt(zmq.LINGER, _CLOSE_LINGER_MS)
         try:
             if curve_dir is not None:
-                from dpinfer.coordinator.auth import apply_peer_curve
+                from dpinfer.protocol.curve import apply_peer_curve
 
                 apply_peer_curve(self.socket, curve_dir)
             self.socket.connect(address)

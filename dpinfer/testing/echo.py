@@ -1,0 +1,80 @@
+"""TEST AND BENCHMARK FIXTURE: the echo "model" of the null rank (no tokenizer, no weights).
+
+A request's output is ``"echo: " + prompt``, one token per UTF-8 byte, optionally streamed in
+``stream_chunks`` pieces. Used by ``null_rank`` and ``null_direct``; never by the product.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgpack
+
+from dpinfer import protocol
+from dpinfer.protocol import EngineOutputEntry
+
+ECHO_PREFIX = "echo: "
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class EchoRequest:
+    """One request: its echo text, and (on a slow rank) its planned outputs and progress."""
+
+    __slots__ = ("error", "next_output", "plan", "prompt_tokens", "request_id", "step_s", "stream", "text")
+
+    def __init__(self, request_id: int, stream: bool, body: Any) -> None:
+        self.request_id = request_id
+        self.stream = stream
+        self.plan: tuple[list[EngineOutputEntry], list[bytes]] = ([], [])
+        self.next_output = 0
+        self.step_s = 0.0
+        self.error = ""
+        self.text = ""
+        self.prompt_tokens = 0
+        try:
+            data = msgpack.unpackb(body, raw=False)
+            prompt = data.get("prompt") if isinstance(data, dict) else None
+            if prompt is None and isinstance(data, dict) and isinstance(data.get("messages"), list):
+                prompt = " ".join(str(m.get("content", "")) for m in data["messages"] if isinstance(m, dict))
+        except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
+            self.error = f"undecodable request body: {type(e).__name__}"
+            return
+        if isinstance(prompt, list):
+            prompt = " ".join(str(t) for t in prompt)
+        if not isinstance(prompt, str) or not prompt:
+            self.error = "request body needs a non-empty 'prompt' or 'messages'"
+            return
+        self.text = ECHO_PREFIX + prompt
+        self.prompt_tokens = len(prompt.encode())
+
+    def outputs(self, stream_chunks: int) -> tuple[list[EngineOutputEntry], list[bytes]]:
+        """Partial outputs (streamed requests only), then the final one."""
+        rid = self.request_id
+        if self.error:
+            return [EngineOutputEntry(rid, True, 0)], [protocol.error_body(self.error)]
+        text = self.text
+        token_ids = list(text.encode())
+        entries: list[EngineOutputEntry] = []
+        bodies: list[bytes] = []
+        last_delta = text
+        if self.stream and stream_chunks > 0:
+            step = max(1, len(text) // (stream_chunks + 1))
+            cuts = [i * step for i in range(stream_chunks + 1) if i * step < len(text)] + [len(text)]
+            num_tokens = 0
+            for start, end in itertools.pairwise(cuts[:-1]):
+                piece = text[start:end].encode()
+                num_tokens += len(piece)
+                entries.append(EngineOutputEntry(rid, False, num_tokens))
+                bodies.append(_packb({"delta_text": text[start:end], "delta_token_ids": list(piece)}))
+            last_delta = text[cuts[-2] :]
+        final: dict[str, Any] = {
+            "text": text, "token_ids": token_ids, "finish_reason": "stop",
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": len(token_ids),
+        }  # fmt: skip
+        if self.stream:
+            final["delta_text"] = last_delta
+            final["delta_token_ids"] = list(last_delta.encode())
+        entries.append(EngineOutputEntry(rid, True, len(token_ids)))
+        bodies.append(_packb(final))
+        return entries, bodies
