@@ -103,6 +103,15 @@ def test_nested_tensors_and_order_across_processes(mode: str) -> None:
         assert stats["num_fallbacks"] == 0, stats
 
 
+def test_cpu_tensors_in_cuda_ipc_pool_mode_take_the_shm_route() -> None:
+    cfg = TransportConfig(transport="shm", tensor_transport="cuda_ipc_pool", shm_region_bytes=4 << 20)
+    objs = [make_request(i) for i in range(2)]
+    got, dropped, stats = run_pair(cfg, objs)
+    assert dropped == 0 and got == [describe(o) for o in objs]
+    assert stats["num_pool"] == 0 and stats["num_pool_full"] == 0, "a CPU tensor went into a pool"
+    assert stats["num_routed"] == 4, stats
+
+
 def test_shm_copy_out_receiver_matches() -> None:
     cfg = TransportConfig(transport="shm", shm_region_bytes=2 << 20, shm_copy_out=True)
     objs = [make_request(i) for i in range(6)]  # more data than the region: slots must recycle

@@ -11,7 +11,7 @@ import torch
 
 from dpinfer.config import TransportConfig, ipc_address, new_deployment_id
 from dpinfer.transport import make_receiver, make_sender
-from dpinfer.transport.cuda_ipc import TransportProxyTensor
+from dpinfer.transport.codec import TensorEncoder
 from dpinfer.transport.shm import list_segments
 
 pytestmark = [
@@ -67,9 +67,9 @@ def test_gpu_tensors_cross_processes(mode: str) -> None:
     assert list_segments(dep) == []
 
 
-def test_transport_proxy_tensor_pickles_as_handle() -> None:
-    import pickle
-
+def test_cuda_ipc_mode_pickles_a_handle() -> None:
     x = torch.randn(1 << 20, device="cuda")
-    data = pickle.dumps(TransportProxyTensor.wrap(x))
-    assert len(data) < 4096, "the pickle carried tensor data instead of an IPC handle"
+    encoder = TensorEncoder(inline_bytes=0, tensor_transport="cuda_ipc")
+    data, handles = encoder.dumps({"x": x})
+    assert handles == [] and encoder.stats()["num_cuda_ipc"] == 1
+    assert len(data) < 4096, "the pickle carried tensor data instead of an IPC handle (TransportProxyTensor)"

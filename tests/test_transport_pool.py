@@ -1,4 +1,5 @@
-"""MmItemMemoryPool on a CPU workspace: allocator, sync counters, recycler, wrap/unwrap."""
+"""MmItemMemoryPool on a CPU workspace: allocator, sync counters, recycler, and the codec's
+``cuda_ipc_pool`` route (``wrap_mm_inputs_for_ipc`` / ``unwrap_mm_inputs_from_ipc``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from dpinfer.config import new_deployment_id, shm_name
 from dpinfer.transport.allocator import BestFitAllocator
-from dpinfer.transport.cuda_ipc import map_tensors, unwrap_mm_inputs_from_ipc, wrap_mm_inputs_for_ipc
+from dpinfer.transport.codec import unwrap_mm_inputs_from_ipc, wrap_mm_inputs_for_ipc
 from dpinfer.transport.mm_pool import CudaIpcTensorTransportProxy, MmItemMemoryPool, close_opened_pools
 from dpinfer.transport.shm import list_segments
 from dpinfer.transport.sync_buffer import ShmSyncBuffer
@@ -130,23 +131,26 @@ def bump(name: str, slot: int, n: int, ready: Any = None, go: Any = None) -> Non
         buffer.increment(slot)
 
 
-# ---------------------------------------------------------------------------- wrap / unwrap
+# ---------------------------------------------------------------------------- the codec's pool route
 
 
-def test_map_tensors_walks_batchfeature_and_keeps_types() -> None:
+def test_pool_route_finds_tensors_nested_in_batchfeature_and_keeps_types(pool: MmItemMemoryPool) -> None:
     from transformers import BatchFeature
 
     bf = BatchFeature({"pixel_values": torch.ones(2), "nested": {"t": (torch.zeros(1), [torch.ones(3)])}})
-    out = map_tensors({"mm": bf, "ids": [1, 2]}, lambda t: t + 1)
-    assert isinstance(out["mm"], BatchFeature), "BatchFeature (a UserDict) was not walked"
-    assert torch.equal(out["mm"]["pixel_values"], torch.full((2,), 2.0))
-    assert isinstance(out["mm"]["nested"]["t"], tuple)
-    assert torch.equal(out["mm"]["nested"]["t"][1][0], torch.full((3,), 2.0))
+    payload = wrap_mm_inputs_for_ipc({"mm": bf, "ids": [1, 2]}, "cuda_ipc_pool", pool)
+    assert pool.num_allocs == 3, "a tensor nested in the BatchFeature (a UserDict) was not routed"
+    out: Any = unwrap_mm_inputs_from_ipc(payload)
+    assert isinstance(out["mm"], BatchFeature) and out["ids"] == [1, 2]
+    assert torch.equal(out["mm"]["pixel_values"], torch.ones(2))
+    assert isinstance(out["mm"]["nested"]["t"], tuple) and isinstance(out["mm"]["nested"]["t"][1], list)
+    assert torch.equal(out["mm"]["nested"]["t"][1][0], torch.ones(3))
     assert torch.equal(bf["pixel_values"], torch.ones(2)), "the input was modified"
+    assert wait_until(lambda: pool.used_bytes == 0), "copied-out chunks were not acknowledged"
 
 
 def consumer(payload: bytes, conn: Any) -> None:
-    mm = unwrap_mm_inputs_from_ipc(pickle.loads(payload))
+    mm: Any = unwrap_mm_inputs_from_ipc(payload)
     conn.send({k: float(v.sum()) for k, v in mm.items()} | {"type": type(mm).__name__})
     close_opened_pools()
 
@@ -156,11 +160,11 @@ def test_pool_journey_across_processes(pool: MmItemMemoryPool) -> None:
 
     pixels = torch.randn(3, 32, 32)
     bf = BatchFeature({"pixel_values": pixels, "features": torch.ones(100, 16)})
-    wrapped = wrap_mm_inputs_for_ipc(bf, "cuda_ipc_pool", pool)
-    assert isinstance(wrapped["pixel_values"], CudaIpcTensorTransportProxy)
-    assert pool.used_bytes > 0
+    payload = wrap_mm_inputs_for_ipc(bf, "cuda_ipc_pool", pool)
+    assert pool.num_allocs == 2 and pool.used_bytes >= pixels.nbytes + 6400
+    assert len(payload) < 4096, "the message carried tensor data instead of pool handles"
     parent, child = CTX.Pipe()
-    proc = CTX.Process(target=consumer, args=(pickle.dumps(wrapped), child))
+    proc = CTX.Process(target=consumer, args=(payload, child))
     proc.start()
     try:
         assert parent.poll(60), "consumer did not answer"
@@ -178,7 +182,12 @@ def test_pool_journey_across_processes(pool: MmItemMemoryPool) -> None:
 
 def test_wrap_falls_back_to_cpu_copy_when_pool_is_full(pool: MmItemMemoryPool) -> None:
     big = torch.ones(20 * 1024)  # 80 KiB > the 64 KiB pool
-    out = wrap_mm_inputs_for_ipc({"x": big}, "cuda_ipc_pool", pool)
+    payload = wrap_mm_inputs_for_ipc({"x": big}, "cuda_ipc_pool", pool)
+    assert pool.num_full == 1 and pool.num_allocs == 0
+    assert len(payload) > big.nbytes, "a full pool must send the data itself, not a handle"
+    out: Any = unwrap_mm_inputs_from_ipc(payload)
     assert isinstance(out["x"], torch.Tensor) and torch.equal(out["x"], big)
-    assert pool.num_full == 1
-    assert wrap_mm_inputs_for_ipc({"x": big}, "default")["x"] is big
+    default: Any = unwrap_mm_inputs_from_ipc(wrap_mm_inputs_for_ipc({"x": big}, "default"))
+    assert torch.equal(default["x"], big) and pool.num_allocs == 0, "default mode used the pool"
+    with pytest.raises(ValueError, match="pool="):
+        wrap_mm_inputs_for_ipc({"x": big}, "cuda_ipc_pool")

@@ -2,13 +2,15 @@
 
 - ``channel``: the ordered request channel (``make_sender`` / ``make_receiver``), the seam
   the tokenizer and scheduler use; modes ``zmq``, ``shm``, ``tensor_queue``.
-- ``codec``: pickling with per-tensor routes (inline, shm region, tensor queue, CUDA IPC).
+- ``codec``: the one tensor codec: pickling with per-tensor routes (inline, shm region,
+  tensor queue, CUDA IPC, CUDA IPC pool); ``wrap_mm_inputs_for_ipc`` /
+  ``unwrap_mm_inputs_from_ipc`` are its names for one object without a channel.
 - ``shm``: POSIX shared-memory segments and their hygiene (``cleanup_stale_segments``).
 - ``shm_region`` / ``shm_route``: the pre-allocated region of the ``shm`` fast path.
 - ``allocator`` / ``sync_buffer`` / ``mm_pool``: ``MmItemMemoryPool`` (device-agnostic
-  best-fit pool with a recycler), ``ShmSyncBuffer`` counters, ``CudaIpcTensorTransportProxy``.
-- ``cuda_ipc``: ``TransportProxyTensor``, ``wrap_mm_inputs_for_ipc`` /
-  ``unwrap_mm_inputs_from_ipc``.
+  best-fit pool with a recycler), ``ShmSyncBuffer`` counters, ``CudaIpcTensorTransportProxy``
+  (``cuda_ipc_pool``: ``mm_pool`` owns a pooled tensor's whole journey).
+- ``cuda_ipc``: ``TransportProxyTensor`` (``cuda_ipc``: a CUDA tensor pickled as its handle).
 - ``tensor_queue``: ``TensorIpcSender`` / ``TensorIpcReceiver`` over a torch.mp queue.
 
 Importing this package does not import torch; the modules that need it import it.

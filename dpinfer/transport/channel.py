@@ -34,13 +34,21 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import zmq
 
 from dpinfer.config import TensorTransportMode, TransportConfig, TransportMode
 from dpinfer.errors import DpinferError
 from dpinfer.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpinfer.transport.codec import PoolFactory, RoutedHandle, TensorDecoder, TensorEncoder, TensorRoute
+    from dpinfer.transport.mm_pool import MmItemMemoryPool
+    from dpinfer.transport.tensor_queue import TensorQueue
 
 logger = get_logger(__name__)
 
@@ -57,7 +65,7 @@ class RequestSender:
     """The TokenizerProcess end. ``send`` is ordered and never drops an object silently;
     it may be called from several threads (order is kept per thread)."""
 
-    def send(self, obj: Any) -> None:
+    def send(self, obj: object) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -76,7 +84,7 @@ class RequestReceiver:
     socket: zmq.Socket
     num_dropped: int = 0
 
-    def recv_ready(self) -> list[Any]:
+    def recv_ready(self) -> list[object]:
         """Return every object that has arrived (possibly none), in send order, without blocking."""
         raise NotImplementedError
 
@@ -104,9 +112,9 @@ class SocketRequestSender(RequestSender):
     def __init__(
         self,
         address: str,
-        encoder: Any,
+        encoder: TensorEncoder,
         context: zmq.Context | None = None,
-        routes: tuple[Any, ...] = (),
+        routes: tuple[TensorRoute, ...] = (),
     ) -> None:
         self.encoder = encoder
         self._routes = routes
@@ -118,17 +126,17 @@ class SocketRequestSender(RequestSender):
         self._socket_lock = threading.Lock()  # zmq sockets are not thread-safe
         self._closed = False
 
-    def send(self, obj: Any) -> None:
+    def send(self, obj: object) -> None:
         if self._closed:
             raise TransportError("send on a closed RequestSender")
-        if getattr(self.encoder.route, "serial", False):
+        if self.encoder.route is not None and self.encoder.route.serial:
             with self._send_lock:
                 self._encode_and_send(obj)
             return
         # Encoding (tensor copies included) runs outside the lock so threads copy in parallel.
         self._encode_and_send(obj)
 
-    def _encode_and_send(self, obj: Any) -> None:
+    def _encode_and_send(self, obj: object) -> None:
         payload, handles = self.encoder.dumps(obj)
         frames = [payload, pickle.dumps(handles, protocol=pickle.HIGHEST_PROTOCOL)] if handles else [payload]
         try:
@@ -161,10 +169,10 @@ class SocketRequestReceiver(RequestReceiver):
     def __init__(
         self,
         address: str,
-        decoder: Any,
+        decoder: TensorDecoder,
         context: zmq.Context | None = None,
-        routes: tuple[Any, ...] = (),
-        on_close: Any = None,
+        routes: tuple[TensorRoute, ...] = (),
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         if not address.startswith("ipc://"):
             raise TransportError(f"the request channel is local only; expected ipc://, got {address}")
@@ -177,14 +185,14 @@ class SocketRequestReceiver(RequestReceiver):
         self.num_dropped = 0
         self._closed = False
 
-    def recv_ready(self) -> list[Any]:
-        out: list[Any] = []
+    def recv_ready(self) -> list[object]:
+        out: list[object] = []
         for _ in range(MAX_DRAIN):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            handles = None
+            handles: list[RoutedHandle] | None = None
             try:
                 if len(frames) > 1:
                     handles = pickle.loads(frames[1].buffer)
@@ -227,13 +235,16 @@ def remove_ipc_path(path: str, inode: int) -> None:
         pass
 
 
-def _pool_factory(config: TransportConfig, deployment_id: str, rank: int) -> Any:
+def _pool_factory(config: TransportConfig, deployment_id: str, rank: int) -> PoolFactory | None:
+    """One ``MmItemMemoryPool`` per CUDA device in ``cuda_ipc_pool`` mode; CPU tensors take the CPU path."""
     if TensorTransportMode(config.tensor_transport) is not TensorTransportMode.CUDA_IPC_POOL:
         return None
 
-    def factory(device: Any) -> Any:
+    def factory(device: torch.device) -> MmItemMemoryPool | None:
         from dpinfer.transport.mm_pool import MmItemMemoryPool
 
+        if device.type != "cuda":
+            return None
         return MmItemMemoryPool.for_device(config.cuda_pool_bytes, device, deployment_id, rank)
 
     return factory
@@ -245,7 +256,7 @@ def make_sender(
     deployment_id: str,
     rank: int,
     context: zmq.Context | None = None,
-    tensor_queue: Any = None,
+    tensor_queue: TensorQueue | None = None,
 ) -> RequestSender:
     """The TokenizerProcess end of the channel selected by ``config.transport``.
 
@@ -254,7 +265,7 @@ def make_sender(
     from dpinfer.transport.codec import TensorEncoder
 
     mode = TransportMode(config.transport)
-    route: Any = None
+    route: TensorRoute | None = None
     if mode is TransportMode.SHM:
         from dpinfer.transport.shm_route import ShmSenderRoute, region_name
 
@@ -275,7 +286,7 @@ def make_receiver(
     deployment_id: str,
     rank: int,
     context: zmq.Context | None = None,
-    tensor_queue: Any = None,
+    tensor_queue: TensorQueue | None = None,
 ) -> RequestReceiver:
     """The SchedulerProcess end of the channel selected by ``config.transport``.
 
@@ -287,7 +298,7 @@ def make_receiver(
 
     mode = TransportMode(config.transport)
     pooled = TensorTransportMode(config.tensor_transport) is TensorTransportMode.CUDA_IPC_POOL
-    route: Any = None
+    route: TensorRoute | None = None
 
     def on_close() -> None:
         if pooled:
@@ -318,7 +329,7 @@ def make_receiver(
         raise
 
 
-def _require_queue(tensor_queue: Any) -> Any:
+def _require_queue(tensor_queue: TensorQueue | None) -> TensorQueue:
     if tensor_queue is None:
         raise TransportError(
             "transport 'tensor_queue' needs the queue from make_tensor_queue(), created in the "
@@ -327,7 +338,7 @@ def _require_queue(tensor_queue: Any) -> Any:
     return tensor_queue
 
 
-def make_tensor_queue(config: TransportConfig) -> Any:
+def make_tensor_queue(config: TransportConfig) -> TensorQueue | None:
     """The ``torch.multiprocessing`` queue of ``tensor_queue`` mode, or None for other modes.
 
     Create it in the parent before spawning the tokenizer and scheduler and pass it to both.

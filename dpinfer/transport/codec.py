@@ -1,18 +1,26 @@
 """Pickle with tensor routing: the metadata travels pickled, each tensor by its own route.
 
-``TensorEncoder`` pickles any object with a ``dispatch_table`` entry for ``torch.Tensor``
-(an ``nn.Parameter`` pickles its ``.data``, which is routed too): the C pickler handles
-everything else at full speed, and tensors nested anywhere (dicts, lists, tuples,
-``BatchFeature``, dataclasses...) are routed:
+This is the one implementation of every tensor transport mode. ``TensorEncoder`` pickles
+any object with a ``dispatch_table`` entry for ``torch.Tensor`` (an ``nn.Parameter`` pickles
+its ``.data``, which is routed too): the C pickler handles everything else at full speed,
+and tensors nested anywhere (dicts, lists, tuples, ``BatchFeature``, dataclasses...) are
+routed:
 
-1. CUDA tensor and ``cuda_ipc``       -> ``TransportProxyTensor`` (CUDA IPC handle)
-2. CUDA tensor and ``cuda_ipc_pool``  -> a ``MmItemMemoryPool`` chunk; pool full -> step 3
-3. smaller than ``inline_bytes``       -> pickled inline (latency-bound anyway; CUDA -> CPU)
+1. CUDA tensor and ``cuda_ipc``  -> ``TransportProxyTensor`` (``cuda_ipc``: a CUDA IPC handle)
+2. ``cuda_ipc_pool`` and a pool for the tensor's device (the channel makes one per CUDA
+   device) -> a ``MmItemMemoryPool`` chunk, pickled as a ``CudaIpcTensorTransportProxy``
+   that the receiver copies out and acknowledges while unpickling; pool full -> step 3
+3. smaller than ``inline_bytes`` -> pickled inline (latency-bound anyway; CUDA -> CPU)
 4. a ``TensorRoute`` (shm region, tensor queue) -> a small handle; route full -> inline
-5. otherwise                           -> pickled inline
+5. otherwise                     -> pickled inline
 
-``TensorDecoder`` resolves the handles through the same routes on the receiving side. Both
-ends live in one rank and talk over ``ipc://``; nothing here is ever used on TCP.
+``TensorDecoder`` resolves the handles through the same routes on the receiving side. Each
+journey (allocate -> publish -> copy -> acknowledge -> recycle) is owned by one module:
+``mm_pool`` for pool chunks (with ``ShmSyncBuffer`` counters), ``shm_region`` for the shm
+region, ``tensor_queue`` for the queue. ``wrap_mm_inputs_for_ipc`` /
+``unwrap_mm_inputs_from_ipc`` are this codec under the design's names, for one object
+without a channel. Both ends live in one rank and talk over ``ipc://``; nothing here is
+ever used on TCP.
 """
 
 from __future__ import annotations
@@ -21,18 +29,31 @@ import functools
 import io
 import pickle
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import TypeAlias, TypeVar
 
 import torch
 
 from dpinfer.config import TensorTransportMode
 from dpinfer.log import get_logger
+from dpinfer.transport.cuda_ipc import TransportProxyTensor
+from dpinfer.transport.mm_pool import CudaIpcTensorTransportProxy, MmItemMemoryPool
 
 logger = get_logger(__name__)
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _THIS = __name__
+
+RouteHandle: TypeAlias = Hashable
+"""What a ``TensorRoute`` publishes in place of a tensor; opaque to the codec."""
+RoutedHandle: TypeAlias = tuple[str, RouteHandle]
+"""A handle with the name of the route that resolves it."""
+Reduced: TypeAlias = str | tuple[Callable[..., object], tuple[object, ...]]
+"""A ``__reduce_ex__`` value: how pickle rebuilds an object."""
+PoolFactory: TypeAlias = Callable[[torch.device], MmItemMemoryPool | None]
+"""The ``cuda_ipc_pool`` pool for tensors on a device, or None to send them the CPU way."""
+
+H = TypeVar("H")
 
 
 class TensorRoute:
@@ -49,13 +70,13 @@ class TensorRoute:
     serial = False
     """True when messages must be encoded and sent one at a time (the route numbers them)."""
 
-    def publish(self, tensor: torch.Tensor) -> Any | None:
+    def publish(self, tensor: torch.Tensor) -> RouteHandle | None:
         raise NotImplementedError
 
-    def abandon(self, handle: Any) -> None:
+    def abandon(self, handle: RouteHandle) -> None:
         """Release what ``handle`` holds when it will never be resolved (default: nothing)."""
 
-    def resolve(self, handle: Any) -> torch.Tensor:
+    def resolve(self, handle: RouteHandle) -> torch.Tensor:
         raise NotImplementedError
 
     def begin_message(self) -> None:
@@ -67,6 +88,13 @@ class TensorRoute:
     def stats(self) -> dict[str, int]:
         """Route-specific counters (default: none)."""
         return {}
+
+
+def expect_handle(handle: RouteHandle, kind: type[H]) -> H:
+    """``handle`` as a route's own handle type; any other value fails the message, not the loop."""
+    if not isinstance(handle, kind):
+        raise pickle.UnpicklingError(f"expected a {kind.__name__} tensor handle, got {type(handle).__name__}")
+    return handle
 
 
 def _routable(tensor: torch.Tensor) -> bool:
@@ -82,13 +110,13 @@ class TensorEncoder:
         inline_bytes: int,
         route: TensorRoute | None = None,
         tensor_transport: TensorTransportMode = TensorTransportMode.DEFAULT,
-        pool_factory: Callable[[torch.device], Any] | None = None,
+        pool_factory: PoolFactory | None = None,
     ) -> None:
         self.inline_bytes = inline_bytes
         self.route = route
         self.tensor_transport = TensorTransportMode(tensor_transport)
         self._pool_factory = pool_factory
-        self._pools: dict[torch.device, Any] = {}
+        self._pools: dict[torch.device, MmItemMemoryPool | None] = {}
         self._pools_lock = threading.Lock()
         self.num_routed = 0
         self.num_inline = 0
@@ -97,12 +125,12 @@ class TensorEncoder:
         self.num_pool = 0
         self.num_pool_full = 0
 
-    def dumps(self, obj: Any) -> tuple[bytes, list[tuple[str, Any]]]:
+    def dumps(self, obj: object) -> tuple[bytes, list[RoutedHandle]]:
         """Pickle ``obj``; returns the bytes and the ``(route name, handle)`` pairs it reserved.
 
         Handles are hashable. Pass them to ``abandon`` if the bytes are never delivered.
         """
-        handles: list[tuple[str, Any]] = []
+        handles: list[RoutedHandle] = []
         buf = io.BytesIO()
         pickler = pickle.Pickler(buf, protocol=_PROTOCOL)
         reduce = self._reducer(handles)
@@ -116,21 +144,21 @@ class TensorEncoder:
             raise
         return buf.getvalue(), handles
 
-    def abandon(self, handles: list[tuple[str, Any]]) -> None:
+    def abandon(self, handles: list[RoutedHandle]) -> None:
         if self.route is not None:
             for _name, handle in handles:
                 self.route.abandon(handle)
 
-    def _reducer(self, handles: list[tuple[str, Any]]) -> Callable[[torch.Tensor], Any]:
-        def reduce(tensor: torch.Tensor) -> Any:
+    def _reducer(self, handles: list[RoutedHandle]) -> Callable[[torch.Tensor], Reduced]:
+        def reduce(tensor: torch.Tensor) -> Reduced:
             if not _routable(tensor):
                 self.num_inline += 1
                 return tensor.__reduce_ex__(_PROTOCOL)
             plain = tensor.detach()
-            if plain.is_cuda and self.tensor_transport is not TensorTransportMode.DEFAULT:
-                via_gpu = self._reduce_cuda(plain)
-                if via_gpu is not None:
-                    return via_gpu
+            if self.tensor_transport is not TensorTransportMode.DEFAULT:
+                via_ipc = self._reduce_ipc(plain)
+                if via_ipc is not None:
+                    return via_ipc
             nbytes = plain.numel() * plain.element_size()
             if self.route is not None and nbytes >= max(self.inline_bytes, 1):
                 handle = self.route.publish(plain)
@@ -144,17 +172,16 @@ class TensorEncoder:
 
         return reduce
 
-    def _reduce_cuda(self, tensor: torch.Tensor) -> Any | None:
+    def _reduce_ipc(self, tensor: torch.Tensor) -> Reduced | None:
+        """Steps 1 and 2 of the module docstring; None: the tensor takes the CPU path."""
         if self.tensor_transport is TensorTransportMode.CUDA_IPC:
-            from dpinfer.transport.cuda_ipc import TransportProxyTensor
-
+            if not tensor.is_cuda:
+                return None
             self.num_cuda_ipc += 1
             return TransportProxyTensor.wrap(tensor).__reduce_ex__(_PROTOCOL)
         pool = self._pool(tensor.device)
         if pool is None:
             return None
-        from dpinfer.transport.mm_pool import CudaIpcTensorTransportProxy
-
         proxy = CudaIpcTensorTransportProxy.publish(pool, tensor)
         if proxy is None:
             # Pool full: the CPU path below, never a raw (leaking) IPC export.
@@ -163,7 +190,7 @@ class TensorEncoder:
         self.num_pool += 1
         return (_reconstruct_pool_proxy, (proxy,))
 
-    def _pool(self, device: torch.device) -> Any | None:
+    def _pool(self, device: torch.device) -> MmItemMemoryPool | None:
         if self._pool_factory is None:
             return None
         with self._pools_lock:
@@ -176,7 +203,8 @@ class TensorEncoder:
         with self._pools_lock:
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
-            pool.shutdown()
+            if pool is not None:
+                pool.shutdown()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -190,7 +218,7 @@ class TensorEncoder:
         }
 
 
-def _inline(tensor: torch.Tensor, nbytes: int) -> Any:
+def _inline(tensor: torch.Tensor, nbytes: int) -> Reduced:
     """The ordinary pickle of ``tensor``, minus two surprises: a CUDA tensor arrives on CPU
     (as it would through the shm region), and a small view no longer drags its whole
     storage along (torch pickles the entire storage of a view)."""
@@ -209,12 +237,12 @@ class TensorDecoder:
     def __init__(self, routes: dict[str, TensorRoute] | None = None) -> None:
         self.routes = routes or {}
 
-    def loads(self, data: bytes | memoryview, handles: list[tuple[str, Any]] | None = None) -> Any:
+    def loads(self, data: bytes | memoryview, handles: list[RoutedHandle] | None = None) -> object:
         """Unpickle one message. ``handles`` lists every route handle the message holds; if
         decoding fails, the ones not yet resolved are given back so no slot leaks."""
         if not self.routes:
             return pickle.loads(data)  # reads the buffer in place (no BytesIO copy)
-        resolved: set[Any] = set()
+        resolved: set[RouteHandle] = set()
         try:
             return _Unpickler(io.BytesIO(data), self, resolved).load()
         except BaseException:
@@ -224,7 +252,7 @@ class TensorDecoder:
                     route.abandon(handle)
             raise
 
-    def resolve(self, route_name: str, handle: Any, resolved: set[Any]) -> torch.Tensor:
+    def resolve(self, route_name: str, handle: RouteHandle, resolved: set[RouteHandle]) -> torch.Tensor:
         route = self.routes.get(route_name)
         if route is None:
             raise pickle.UnpicklingError(f"message uses tensor route {route_name!r}, not set up here")
@@ -234,27 +262,62 @@ class TensorDecoder:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, decoder: TensorDecoder, resolved: set[Any]) -> None:
+    def __init__(self, file: io.BytesIO, decoder: TensorDecoder, resolved: set[RouteHandle]) -> None:
         super().__init__(file)
         # Not a bound method of self: the memo would hold it, making a cycle that keeps
         # every resolved tensor (and its shm slot) alive until the next GC pass.
         self._resolve = functools.partial(_resolve_with, decoder, resolved)
 
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> object:
         if module == _THIS and name == "_resolve_marker":
             return self._resolve
         return super().find_class(module, name)
 
 
-def _resolve_with(decoder: TensorDecoder, resolved: set[Any], route_name: str, handle: Any) -> torch.Tensor:
+def _resolve_with(
+    decoder: TensorDecoder, resolved: set[RouteHandle], route_name: str, handle: RouteHandle
+) -> torch.Tensor:
     return decoder.resolve(route_name, handle, resolved)
 
 
-def _resolve_marker(route_name: str, handle: Any) -> torch.Tensor:
+def _resolve_marker(route_name: str, handle: RouteHandle) -> torch.Tensor:
     raise pickle.UnpicklingError(
         f"a dpinfer {route_name!r} tensor handle can only be loaded by TensorDecoder"
     )
 
 
-def _reconstruct_pool_proxy(proxy: Any) -> torch.Tensor:
+def _reconstruct_pool_proxy(proxy: CudaIpcTensorTransportProxy) -> torch.Tensor:
     return proxy.reconstruct_on_device()
+
+
+def wrap_mm_inputs_for_ipc(
+    mm_inputs: object,
+    transport_mode: TensorTransportMode | str,
+    pool: MmItemMemoryPool | None = None,
+) -> bytes:
+    """``mm_inputs`` encoded exactly as the request channel encodes it, tensors by ``transport_mode``.
+
+    - ``default``: every tensor pickled inline (a CUDA tensor arrives on CPU).
+    - ``cuda_ipc``: CUDA tensors become ``TransportProxyTensor`` handles.
+    - ``cuda_ipc_pool``: tensors on ``pool.device`` are copied into ``pool`` and travel as
+      ``CudaIpcTensorTransportProxy`` handles; when the pool is full they are pickled inline
+      (never a raw IPC export) and the pool counts it in ``num_full``. The pool stays the
+      caller's: nothing here shuts it down.
+    """
+    mode = TensorTransportMode(transport_mode)
+    if mode is TensorTransportMode.CUDA_IPC_POOL and pool is None:
+        raise ValueError("cuda_ipc_pool needs the sender's MmItemMemoryPool (pool=...)")
+
+    def pool_for(device: torch.device) -> MmItemMemoryPool | None:
+        return pool if pool is not None and device == pool.device else None
+
+    payload, _no_route_handles = TensorEncoder(0, None, mode, pool_for).dumps(mm_inputs)
+    return payload
+
+
+def unwrap_mm_inputs_from_ipc(payload: bytes | memoryview) -> object:
+    """Receiver side of ``wrap_mm_inputs_for_ipc``: every tensor becomes one this process holds.
+
+    Pool chunks are copied out and acknowledged (so the sender recycles them) while unpickling.
+    """
+    return TensorDecoder().loads(payload)

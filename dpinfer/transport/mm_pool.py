@@ -16,9 +16,11 @@ This module owns every step (``cuda_ipc_pool`` mode)::
     sender    recycle      a recycler thread (and any allocation that finds no room) frees
                            chunks whose slot reached ``num_consumers``
 
-The allocator, sync counters and recycler do not depend on CUDA: the workspace is any 1-D
-uint8 tensor. On CUDA the handle is the workspace's IPC handle; on CPU the workspace lives
-in a shared-memory segment and the handle is its name (no events: CPU copies are
+The channel's ``TensorEncoder`` (``codec``) drives the sender steps and unpickling a proxy
+drives the receiver steps. The allocator, sync counters and recycler do not depend on
+CUDA: the workspace is any 1-D uint8 tensor. On CUDA the handle is the workspace's IPC
+export (``CudaWorkspaceHandle``); on CPU the workspace lives in a shared-memory segment
+and the handle is its name (``ShmWorkspaceHandle``; no events: CPU copies are
 synchronous), which lets the whole journey run in CPU tests. ``shutdown`` stops the
 recycler before the workspace and the sync segment are released.
 """
@@ -30,7 +32,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias
 
 import torch
 
@@ -46,6 +48,24 @@ logger = get_logger(__name__)
 DEFAULT_ALIGNMENT = 256
 
 
+@dataclass(frozen=True)
+class CudaWorkspaceHandle:
+    """A CUDA workspace exported by IPC: ``rebuild(*args)`` maps it in another process."""
+
+    rebuild: Callable[..., torch.Tensor]
+    args: tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class ShmWorkspaceHandle:
+    """A CPU workspace: the shared-memory segment that holds it."""
+
+    segment_name: str
+
+
+PoolHandle: TypeAlias = CudaWorkspaceHandle | ShmWorkspaceHandle
+
+
 @dataclass
 class MmItemMemoryChunk:
     """A contiguous slice ``[start, end)`` of the pool's workspace and its sync slot."""
@@ -53,7 +73,7 @@ class MmItemMemoryChunk:
     start: int
     mem_size: int
     sync_slot: int
-    keepalive: Any = field(default=None, repr=False)
+    keepalive: torch.cuda.Event | None = field(default=None, repr=False)
     """The sender's event for this chunk (an IPC event must outlive the receiver's wait)."""
 
     @property
@@ -72,7 +92,7 @@ class MmItemMemoryPool:
         self,
         workspace: torch.Tensor,
         sync: ShmSyncBuffer,
-        handle: tuple[str, Any],
+        handle: PoolHandle,
         alignment: int = DEFAULT_ALIGNMENT,
         num_consumers: int = 1,
         recycle_interval_s: float = 0.005,
@@ -115,7 +135,9 @@ class MmItemMemoryPool:
             from torch.multiprocessing.reductions import reduce_tensor
 
             workspace = torch.empty(size_bytes, dtype=torch.uint8, device=device)
-            return cls(workspace, sync, ("cuda", reduce_tensor(workspace)), num_consumers=num_consumers)
+            rebuild, args = reduce_tensor(workspace)
+            handle = CudaWorkspaceHandle(rebuild, tuple(args))
+            return cls(workspace, sync, handle, num_consumers=num_consumers)
         segment = create_segment(shm_name(deployment_id, rank, f"pool-{token}"), size_bytes)
         workspace = _segment_tensor(segment)
 
@@ -126,7 +148,7 @@ class MmItemMemoryPool:
         return cls(
             workspace,
             sync,
-            ("shm", segment.name),
+            ShmWorkspaceHandle(segment.name),
             num_consumers=num_consumers,
             on_shutdown=release_segment,
         )
@@ -230,7 +252,7 @@ class CudaIpcTensorTransportProxy:
     """A tensor published through a pool chunk; pickles as handles only (see module docstring)."""
 
     pool_id: str
-    pool_handle: tuple[str, Any]
+    pool_handle: PoolHandle
     offset: int
     shape: tuple[int, ...]
     dtype: str
@@ -298,20 +320,16 @@ _opened_pools: dict[str, tuple[torch.Tensor, Segment | None]] = {}
 _opened_lock = threading.Lock()
 
 
-def _open_pool(pool_id: str, handle: tuple[str, Any]) -> torch.Tensor:
+def _open_pool(pool_id: str, handle: PoolHandle) -> torch.Tensor:
     """The workspace of pool ``pool_id``, opened once per process."""
     with _opened_lock:
         cached = _opened_pools.get(pool_id)
         if cached is None:
-            kind, data = handle
-            if kind == "cuda":
-                rebuild, args = data
-                cached = (rebuild(*args), None)
-            elif kind == "shm":
-                segment = open_segment(data)
-                cached = (_segment_tensor(segment), segment)
+            if isinstance(handle, CudaWorkspaceHandle):
+                cached = (handle.rebuild(*handle.args), None)
             else:
-                raise ValueError(f"unknown pool handle kind {kind!r}")
+                segment = open_segment(handle.segment_name)
+                cached = (_segment_tensor(segment), segment)
             _opened_pools[pool_id] = cached
         return cached[0]
 

@@ -13,7 +13,7 @@ import torch
 
 from dpinfer.config import shm_name
 from dpinfer.log import get_logger
-from dpinfer.transport.codec import TensorRoute
+from dpinfer.transport.codec import RouteHandle, TensorRoute, expect_handle
 from dpinfer.transport.shm import pid_alive, read_creator_pid
 from dpinfer.transport.shm_region import RegionHandle, ShmRegion
 
@@ -71,7 +71,8 @@ class ShmSenderRoute(TensorRoute):
             region.abandon(ticket)
             raise
 
-    def abandon(self, handle: RegionHandle) -> None:
+    def abandon(self, handle: RouteHandle) -> None:
+        handle = expect_handle(handle, RegionHandle)
         if self.region is not None and handle.incarnation == self.region.incarnation:
             self.region.abandon(handle.ticket)
 
@@ -100,10 +101,11 @@ class ShmReceiverRoute(TensorRoute):
         self.region = ShmRegion.create(name, size_bytes)
         self.copy_out = copy_out
 
-    def resolve(self, handle: RegionHandle) -> torch.Tensor:
-        return self.region.view(handle, copy_out=self.copy_out)
+    def resolve(self, handle: RouteHandle) -> torch.Tensor:
+        return self.region.view(expect_handle(handle, RegionHandle), copy_out=self.copy_out)
 
-    def abandon(self, handle: RegionHandle) -> None:
+    def abandon(self, handle: RouteHandle) -> None:
+        handle = expect_handle(handle, RegionHandle)
         if handle.incarnation == self.region.incarnation and 0 <= handle.ticket < self.region.num_tickets:
             self.region.release(handle.ticket)
 

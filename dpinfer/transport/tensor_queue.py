@@ -22,14 +22,15 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from multiprocessing.queues import Queue
+from typing import TypeAlias
 
 import torch
 import torch.multiprocessing as torch_mp
 
 from dpinfer.errors import DpinferError
 from dpinfer.log import get_logger
-from dpinfer.transport.codec import TensorRoute
+from dpinfer.transport.codec import RouteHandle, TensorRoute, expect_handle
 
 logger = get_logger(__name__)
 
@@ -57,7 +58,11 @@ class TensorIpcData:
     tensor: torch.Tensor
 
 
-def new_tensor_queue(maxsize: int = 0) -> Any:
+TensorQueue: TypeAlias = "Queue[object]"
+"""The queue both ends share, made by ``new_tensor_queue`` in the parent; it carries ``TensorIpcData``."""
+
+
+def new_tensor_queue(maxsize: int = 0) -> TensorQueue:
     """A queue for ``TensorIpcSender`` / ``TensorIpcReceiver`` (spawn context)."""
     return torch_mp.get_context("spawn").Queue(maxsize)
 
@@ -65,7 +70,7 @@ def new_tensor_queue(maxsize: int = 0) -> Any:
 class TensorIpcSender:
     """Puts tensors on the queue and returns their handles; ``new_message`` starts a message."""
 
-    def __init__(self, queue: Any, put_timeout_s: float = 10.0) -> None:
+    def __init__(self, queue: TensorQueue, put_timeout_s: float = 10.0) -> None:
         self.queue = queue
         self.put_timeout_s = put_timeout_s
         self.sender_id = f"{os.getpid():x}-{secrets.token_hex(3)}"
@@ -114,7 +119,7 @@ class _SenderBuffer:
 class TensorIpcReceiver:
     """Returns the tensor of a handle, draining and buffering everything else that arrives."""
 
-    def __init__(self, queue: Any, get_timeout_s: float = 10.0, max_buffered: int = 4096) -> None:
+    def __init__(self, queue: TensorQueue, get_timeout_s: float = 10.0, max_buffered: int = 4096) -> None:
         self.queue = queue
         self.get_timeout_s = get_timeout_s
         self.max_buffered = max_buffered
@@ -138,12 +143,15 @@ class TensorIpcReceiver:
 
     def _get(self, timeout_s: float) -> TensorIpcData:
         try:
-            return self.queue.get(timeout=timeout_s)
+            item = self.queue.get(timeout=timeout_s)
         except queue_mod.Empty:
             raise TensorQueueError(f"no tensor arrived within {self.get_timeout_s}s") from None
         except (FileNotFoundError, ConnectionError, EOFError) as e:
             # The sender exited before we mapped its shared memory (NOTES §3).
             raise TensorQueueError(f"tensor queue sender is gone: {e!r}") from e
+        if not isinstance(item, TensorIpcData):
+            raise TensorQueueError(f"the tensor queue carried a {type(item).__name__}, not TensorIpcData")
+        return item
 
     def _take(self, handle: TensorIpcHandle) -> torch.Tensor | None:
         sender = self._buffers.get(handle.sender_id)
@@ -182,7 +190,7 @@ class QueueSenderRoute(TensorRoute):
     # stale), so the channel encodes and sends one message at a time.
     serial = True
 
-    def __init__(self, queue: Any, timeout_s: float) -> None:
+    def __init__(self, queue: TensorQueue, timeout_s: float) -> None:
         self.sender = TensorIpcSender(queue, put_timeout_s=timeout_s)
 
     def begin_message(self) -> None:
@@ -203,11 +211,11 @@ class QueueReceiverRoute(TensorRoute):
 
     name = "tensor_queue"
 
-    def __init__(self, queue: Any, timeout_s: float) -> None:
+    def __init__(self, queue: TensorQueue, timeout_s: float) -> None:
         self.receiver = TensorIpcReceiver(queue, get_timeout_s=max(timeout_s, 1.0))
 
-    def resolve(self, handle: TensorIpcHandle) -> torch.Tensor:
-        return self.receiver(handle)
+    def resolve(self, handle: RouteHandle) -> torch.Tensor:
+        return self.receiver(expect_handle(handle, TensorIpcHandle))
 
     def close(self) -> None:
         self.receiver.close()
