@@ -164,7 +164,7 @@ class _SamplingEchoRank(threading.Thread):
                     if isinstance(msg, p.Requests):
                         self._answer(msg)
             if self.conn.seconds_until_heartbeat() == 0:
-                self.conn.send_heartbeat(0, 0, 0, 0, "running")
+                self.conn.send_heartbeat(p.LoadStats(), p.EngineState.RUNNING)
         self.conn.deregister("test over")
         self.conn.close()
 

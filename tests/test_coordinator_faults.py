@@ -127,9 +127,9 @@ def _frames(rng: random.Random, handshaken: bool) -> list[bytes]:
         return [msgpack.packb([rng.randrange(100, 10**6), 1, 2])]
     if pick == 3:  # engine-rank or coordinator kinds from a client
         msg = rng.choice([
-            protocol.Heartbeat(1, 1, 1, 1, "running"),
+            protocol.Heartbeat(protocol.LoadStats(1, 1, 1, 1, 4), protocol.EngineState.RUNNING),
             protocol.EngineOutputs((protocol.EngineOutputEntry(rng.randrange(1, 500), True, 1),), (b"x",)),
-            protocol.ControlAck(1, "pause", True, "paused", ""),
+            protocol.ControlAck(1, protocol.Signal.PAUSE, protocol.RankAck(0, True, protocol.EngineState.PAUSED)),  # noqa: E501
             protocol.Deregister("x"),
             protocol.Register(protocol.PROTOCOL_VERSION, 77, 1, "h", "cpu", "m", 1, 1),
             protocol.Outputs((protocol.OutputEntry(1, True, 0),), (b"x",)),

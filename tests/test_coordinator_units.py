@@ -9,12 +9,11 @@ import pytest
 
 from dpinfer import protocol
 from dpinfer.config import ConfigError
-from dpinfer.coordinator import codec
 from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.registry import RankPeer
 from dpinfer.coordinator.routing import POLICIES, make_policy
 from dpinfer.errors import ProtocolError
-from dpinfer.protocol import TRANSITIONS, EngineState, Signal
+from dpinfer.protocol import TRANSITIONS, EngineState, Signal, codec
 from dpinfer.testing.echo import EchoRequest
 
 
@@ -49,8 +48,10 @@ def test_least_loaded_rotates_ties_so_idle_load_spreads() -> None:
 
 def test_least_loaded_uses_coordinator_counts_not_heartbeats() -> None:
     busy, idle = _peer(0, in_flight=10), _peer(1, in_flight=0)
-    busy.on_heartbeat(protocol.Heartbeat(0, 0, 0, 0, "running"), 1.0)  # a late "I'm idle" report
-    idle.on_heartbeat(protocol.Heartbeat(50, 50, 0, 0, "running"), 1.0)
+    busy.on_heartbeat(
+        protocol.Heartbeat(protocol.LoadStats(), protocol.EngineState.RUNNING), 1.0
+    )  # a late "I'm idle" report
+    idle.on_heartbeat(protocol.Heartbeat(protocol.LoadStats(50, 50), protocol.EngineState.RUNNING), 1.0)
     assert busy.in_flight == 10
     assert make_policy("least_loaded").pick([busy, idle]) is idle
 
@@ -73,45 +74,54 @@ def _args(signal: Signal) -> dict:
     return {"path": "/weights"} if signal is Signal.UPDATE_WEIGHTS else {}
 
 
+def running(*ranks: int) -> dict[int, EngineState]:
+    """``Lifecycle.begin``'s view of live ranks: each rank's state when the signal is sent."""
+    return dict.fromkeys(ranks, EngineState.RUNNING)
+
+
 @pytest.mark.parametrize("state", list(EngineState))
 @pytest.mark.parametrize("signal", list(Signal))
 def test_every_transition_follows_the_table(state: EngineState, signal: Signal) -> None:
     lifecycle = Lifecycle(control_timeout_s=1.0)
     lifecycle.state = state
-    result = lifecycle.begin(b"client", _control(signal.value, _args(signal)), [0, 1], now=0.0)
+    result = lifecycle.begin(b"client", _control(signal.value, _args(signal)), running(0, 1), now=0.0)
     valid_in, target = TRANSITIONS[signal]
     if state in valid_in:
         assert not isinstance(result, protocol.ControlReply)
         assert lifecycle.state is target and result.waiting == {0, 1}
     else:
-        assert isinstance(result, protocol.ControlReply) and not result.ok
-        assert state.value in result.error and result.state == state.value
+        assert isinstance(result, protocol.ControlReply) and not result.ack.ok
+        assert state.value in result.ack.error and result.ack.state == state.value
         assert lifecycle.state is state and lifecycle.active is None
 
 
 def test_acks_aggregate_into_one_reply() -> None:
     lifecycle = Lifecycle(control_timeout_s=1.0)
-    act = lifecycle.begin(b"c", _control("pause"), [0, 1, 2], now=0.0)
+    act = lifecycle.begin(b"c", _control("pause"), running(0, 1, 2), now=0.0)
     assert not isinstance(act, protocol.ControlReply)
-    ack = protocol.ControlAck(act.control_id, "pause", True, "paused", "")
+    ack = protocol.ControlAck(act.control_id, Signal.PAUSE, protocol.RankAck(0, True, EngineState.PAUSED))
     assert not lifecycle.on_ack(0, ack)
     assert not lifecycle.on_ack(0, ack), "a duplicate ack must not complete the control"
-    assert not lifecycle.on_ack(1, protocol.ControlAck(act.control_id, "pause", False, "running", "busy"))
+    busy = protocol.RankAck(1, False, EngineState.RUNNING, "busy")
+    assert not lifecycle.on_ack(1, protocol.ControlAck(act.control_id, Signal.PAUSE, busy))
     assert lifecycle.on_rank_gone(2, "rank died: test")
     _, reply = lifecycle.finish()
-    assert reply.control_id == 7 and not reply.ok and reply.state == "paused"
-    assert [(a.rank, a.ok) for a in reply.acks] == [(0, True), (1, False), (2, False)]
-    assert "rank 1: busy" in reply.error and "rank 2" in reply.error
+    assert reply.control_id == 7 and not reply.ack.ok and reply.ack.state == "paused"
+    assert [(a.rank, a.ok) for a in reply.ack.acks] == [(0, True), (1, False), (2, False)]
+    assert reply.ack.acks[2].state is EngineState.RUNNING, "a dead rank is reported in its last known state"
+    assert "rank 1: busy" in reply.ack.error and "rank 2" in reply.ack.error
 
 
 def test_missing_acks_fail_at_the_deadline() -> None:
     lifecycle = Lifecycle(control_timeout_s=0.5)
-    act = lifecycle.begin(b"c", _control("pause"), [3], now=10.0)
+    act = lifecycle.begin(b"c", _control("pause"), running(3), now=10.0)
     assert not isinstance(act, protocol.ControlReply)
     assert not lifecycle.expire(10.4)
     assert lifecycle.expire(10.6)
     _, reply = lifecycle.finish()
-    assert not reply.ok and reply.acks[0].rank == 3 and "no acknowledgement" in reply.acks[0].error
+    assert (
+        not reply.ack.ok and reply.ack.acks[0].rank == 3 and "no acknowledgement" in reply.ack.acks[0].error
+    )
 
 
 @pytest.mark.parametrize(
@@ -126,13 +136,13 @@ def test_missing_acks_fail_at_the_deadline() -> None:
 def test_bad_control_requests_get_error_replies(signal: str, args: dict, needle: str) -> None:
     lifecycle = Lifecycle(control_timeout_s=1.0)
     lifecycle.state = EngineState.PAUSED
-    result = lifecycle.begin(b"c", _control(signal, args), [0], now=0.0)
-    assert isinstance(result, protocol.ControlReply) and not result.ok and needle in result.error
+    result = lifecycle.begin(b"c", _control(signal, args), running(0), now=0.0)
+    assert isinstance(result, protocol.ControlReply) and not result.ack.ok and needle in result.ack.error
 
 
 def test_shutdown_is_sent_to_ranks_as_an_aborting_stop() -> None:
     lifecycle = Lifecycle(control_timeout_s=1.0)
-    act = lifecycle.begin(b"c", _control("shutdown"), [0], now=0.0)
+    act = lifecycle.begin(b"c", _control("shutdown"), running(0), now=0.0)
     assert not isinstance(act, protocol.ControlReply)
     msg = act.engine_message()
     assert msg.signal == "stop" and msg.args == {"drain": False, "deadline_s": 0.0}

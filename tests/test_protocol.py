@@ -20,14 +20,19 @@ SAMPLES: list[p.Message] = [
     p.ClientBye(),
     p.HelloAck(1, "running", 2),
     p.Outputs((p.OutputEntry(1, True, 0),), (b"x",)),
-    p.ControlReply(7, "pause", True, "paused", (p.RankAck(0, True, "paused", ""),), ""),
+    p.ControlReply(
+        7,
+        p.ControlAcknowledgement(
+            "pause", p.EngineState.PAUSED, True, (p.RankAck(0, True, p.EngineState.PAUSED, ""),), ""
+        ),
+    ),
     p.StatusReply(1, (b"{}",)),
     p.Error("bad", "what", 4),
     p.Notice("shutdown", "bye"),
     p.Register(1, 0, 123, "host", "cpu", "tiny-llama", 2048, 4096),
-    p.Heartbeat(1, 2, 3, 4, "running"),
+    p.Heartbeat(p.LoadStats(1, 2, 3, 4, 10), p.EngineState.RUNNING),
     p.EngineOutputs((p.EngineOutputEntry(5, False, 1),), (b"y",)),
-    p.ControlAck(7, "pause", True, "paused", ""),
+    p.ControlAck(7, p.Signal.PAUSE, p.RankAck(0, True, p.EngineState.PAUSED, "")),
     p.Deregister("stopped"),
     p.RegisterAck(0, "running", 0.5),
     p.Requests((p.RequestEntry(5, True),), (b"z",)),

@@ -16,7 +16,8 @@ import pytest
 import zmq
 
 from dpinfer import protocol
-from dpinfer.protocol import EngineOutputEntry, OutputBody
+from dpinfer.errors import ProtocolError
+from dpinfer.protocol import EngineOutputEntry, OutputBody, Signal
 from dpinfer.protocol import local as m
 from dpinfer.rank import inflight
 from dpinfer.rank.loop import RankMain
@@ -42,6 +43,7 @@ class FakeConn:
         self._next_heartbeat = 0.0
 
     def inject(self, msg: protocol.Message) -> None:
+        msg = protocol.decode(protocol.encode(msg))  # as the real connection delivers it: decoded
         with self._lock:
             self._inbox.append(msg)
         self._wake.send(b"x")
@@ -59,15 +61,16 @@ class FakeConn:
     def send_outputs(self, entries: Any, bodies: Any) -> None:
         self.outputs += [(e, OutputBody.from_bytes(b)) for e, b in zip(entries, bodies, strict=True)]
 
-    def send_control_ack(self, control_id: int, signal: str, ok: bool, state: str, error: str = "") -> None:
-        self.acks.append((control_id, signal, ok, state, error))
+    def send_control_ack(self, msg: protocol.ControlAck) -> None:
+        assert msg.ack.rank == 3, "every ack names this rank"
+        self.acks.append((msg.control_id, msg.signal, msg.ack.ok, msg.ack.state, msg.ack.error))
 
     def seconds_until_heartbeat(self) -> float:
         return max(0.0, self._next_heartbeat - time.monotonic())
 
-    def send_heartbeat(self, *args: Any) -> None:
+    def send_heartbeat(self, load: protocol.LoadStats, state: protocol.EngineState) -> None:
         self._next_heartbeat = time.monotonic() + 0.05
-        self.heartbeats.append(args)
+        self.heartbeats.append((*load[:4], state))
 
     def deregister(self, reason: str) -> None:
         self.deregistered.append(reason)
@@ -147,7 +150,7 @@ class Harness:
         self.conn.inject(protocol.Requests(entries, tuple(b"\x80" for _ in ids)))
 
     def output(
-        self, rid: int, final: bool, text: str = "", results: tuple[m.ControlResult, ...] = ()
+        self, rid: int, final: bool, text: str = "", results: tuple[protocol.ControlAck, ...] = ()
     ) -> None:
         body = OutputBody(text=text, finish_reason="length" if final else None).to_bytes()
         self.push_outputs.send_pyobj(m.RankOutputs((EngineOutputEntry(rid, final, 1),), (body,), results))
@@ -198,18 +201,19 @@ def test_requests_relay_and_outputs_only_for_requests_in_flight(h: Harness) -> N
 
 
 def test_control_validation_forwarding_and_acks(h: Harness) -> None:
-    h.conn.inject(protocol.EngineControl(1, "resume", {}))
-    h.conn.inject(protocol.EngineControl(2, "explode", {}))
-    h.conn.inject(protocol.EngineControl(3, "pause", {}))
-    assert h.recv(h.scheduler) == m.ControlCommand(3, "pause", {})
-    h.wait(lambda: len(h.conn.acks) == 2, "two immediate error acks")
-    (c1, _, ok1, state1, err1), (c2, _, ok2, _, err2) = h.conn.acks
+    h.conn.inject(protocol.EngineControl(1, Signal.RESUME, {}))
+    with pytest.raises(ProtocolError, match="'explode' is not one of"):
+        h.conn.inject(protocol.EngineControl(2, "explode", {}))  # type: ignore[arg-type]
+    h.conn.inject(protocol.EngineControl(3, Signal.PAUSE, {}))
+    assert h.recv(h.scheduler) == protocol.EngineControl(3, Signal.PAUSE, {})
+    h.wait(lambda: len(h.conn.acks) == 1, "an immediate error ack")
+    ((c1, _, ok1, state1, err1),) = h.conn.acks
     assert (c1, ok1, state1) == (1, False, "running") and "cannot resume while running" in err1
-    assert (c2, ok2) == (2, False) and "unknown signal 'explode'" in err2
-    h.conn.inject(protocol.EngineControl(4, "suspend", {}))  # valid once the pause is applied
-    assert h.recv(h.scheduler) == m.ControlCommand(4, "suspend", {})
-    h.push_outputs.send_pyobj(m.RankOutputs(control_results=(m.ControlResult(3, "pause", True, "paused"),)))
-    h.wait(lambda: len(h.conn.acks) == 3, "the pause ack")
+    h.conn.inject(protocol.EngineControl(4, Signal.SUSPEND, {}))  # valid once the pause is applied
+    assert h.recv(h.scheduler) == protocol.EngineControl(4, Signal.SUSPEND, {})
+    paused = protocol.ControlAck(3, Signal.PAUSE, protocol.RankAck(3, True, protocol.EngineState.PAUSED))
+    h.push_outputs.send_pyobj(m.RankOutputs(control_acks=(paused,)))
+    h.wait(lambda: len(h.conn.acks) == 2, "the pause ack")
     assert h.conn.acks[-1] == (3, "pause", True, "paused", "")
     h.wait(lambda: h.conn.heartbeats[-1][-1] == "paused", "a heartbeat saying paused")
 
@@ -219,8 +223,8 @@ def test_reregistration_drops_requests_and_applies_state(h: Harness) -> None:
     h.recv(h.tokenizer)
     h.conn.inject(protocol.RegisterAck(3, "suspended", 0.5))
     assert h.recv(h.tokenizer) == m.AbortRequests((5, 6), "re-registered")
-    assert h.recv(h.scheduler) == m.ControlCommand(m.INTERNAL_CONTROL_ID, "pause")
-    assert h.recv(h.scheduler) == m.ControlCommand(m.INTERNAL_CONTROL_ID, "suspend")
+    assert h.recv(h.scheduler) == protocol.EngineControl(m.INTERNAL_CONTROL_ID, Signal.PAUSE, {})
+    assert h.recv(h.scheduler) == protocol.EngineControl(m.INTERNAL_CONTROL_ID, Signal.SUSPEND, {})
     h.output(5, True, "stale")
     h.requests(7)
     h.recv(h.tokenizer)
@@ -236,7 +240,7 @@ def test_stop_deadline_aborts_then_fails_what_never_answers(
     h.requests(1, 2)
     h.recv(h.tokenizer)
     h.conn.inject(protocol.EngineControl(9, "stop", {"drain": True, "deadline_s": 0.2}))
-    assert h.recv(h.scheduler) == m.ControlCommand(
+    assert h.recv(h.scheduler) == protocol.EngineControl(
         m.INTERNAL_CONTROL_ID, "stop", {"drain": True, "reason": "rank 3 stopped"}
     )
     h.requests(3)  # arrives while stopping: refused at once
@@ -278,7 +282,7 @@ def test_sigterm_aborts_in_flight_requests_and_exits_cleanly(h: Harness) -> None
     # What the signal machinery does: the handler records, the wake-up fd becomes readable.
     h.main._wakeup._record(signal.SIGTERM, None)
     os.write(h.main._wakeup._write_fd, b"\x0f")
-    stop = m.ControlCommand(m.INTERNAL_CONTROL_ID, "stop", {"drain": False, "reason": "rank 3 stopped"})
+    stop = protocol.EngineControl(m.INTERNAL_CONTROL_ID, "stop", {"drain": False, "reason": "rank 3 stopped"})
     assert h.recv(h.scheduler) == stop
     assert h.recv(h.tokenizer) == m.AbortRequests((1,), "rank 3 stopped")
     h.output(1, True, "aborted")

@@ -13,8 +13,9 @@ import pytest
 import zmq
 
 from dpinfer.config import LocalSocket, TransportConfig, ipc_address
+from dpinfer.protocol import ControlAck, EngineControl, EngineState, LoadStats, RankAck, Signal
 from dpinfer.protocol import local as m
-from dpinfer.protocol.local import LoadReport, SchedulerOutput, TokenizedRequest
+from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.sampling import SamplingParams
 from dpinfer.scheduler.process import IdleSleeper, SchedulerProcess
 from dpinfer.transport.channel import make_receiver, make_sender
@@ -27,9 +28,13 @@ class FakeScheduler:
 
     def __init__(self) -> None:
         self.running: dict[int, tuple[TokenizedRequest, int]] = {}
-        self.paused = False
+        self.state = EngineState.RUNNING
         self.calls: list[str] = []
         self.num_steps = 0
+
+    @property
+    def paused(self) -> bool:
+        return self.state in (EngineState.PAUSED, EngineState.SUSPENDED)
 
     @property
     def has_work(self) -> bool:
@@ -62,21 +67,23 @@ class FakeScheduler:
                 self.running[rid] = (req, n)
         return outs
 
-    def load(self) -> LoadReport:
-        return LoadReport(0, len(self.running), len(self.running), 100, 100)
+    def load(self) -> LoadStats:
+        return LoadStats(0, len(self.running), len(self.running), 100, 100)
 
     def pause(self) -> None:
-        self.paused = True
+        self.state = EngineState.PAUSED
         self.calls.append("pause")
 
     def unpause(self) -> None:
-        self.paused = False
+        self.state = EngineState.RUNNING
         self.calls.append("unpause")
 
     def suspend(self) -> None:
+        self.state = EngineState.SUSPENDED
         self.calls.append("suspend")
 
     def resume(self) -> None:
+        self.state = EngineState.PAUSED
         self.calls.append("resume")
 
     def update_weights(self, path: str) -> None:
@@ -145,8 +152,11 @@ def outputs(batches: list[m.SchedulerBatch]) -> list[SchedulerOutput]:
     return [o for b in batches for o in b.outputs]
 
 
-def results(batches: list[m.SchedulerBatch]) -> list[m.ControlResult]:
-    return [r for b in batches for r in b.control_results]
+def results(batches: list[m.SchedulerBatch]) -> list[RankAck]:
+    """The scheduler's acknowledgements, in order (each names this rank)."""
+    acks = [a for b in batches for a in b.control_acks]
+    assert all(a.ack.rank == 0 for a in acks)
+    return [a.ack for a in acks]
 
 
 def last_load(batches: list[m.SchedulerBatch]) -> int | None:
@@ -197,12 +207,14 @@ def test_idle_loop_sleeps_instead_of_spinning(h: Harness) -> None:
 
 
 def test_pause_unpause_and_invalid_transition(h: Harness) -> None:
-    h.control.send_pyobj(m.ControlCommand(1, "pause"))
+    h.control.send_pyobj(EngineControl(1, Signal.PAUSE, {}))
     got = h.batches_until(lambda b: len(results(b)) == 1)
-    assert results(got)[0] == m.ControlResult(1, "pause", True, "paused")
+    assert next(a for b in got for a in b.control_acks) == ControlAck(
+        1, Signal.PAUSE, RankAck(0, True, EngineState.PAUSED)
+    )
     h.request(5, n=2)
-    h.control.send_pyobj(m.ControlCommand(2, "unpause"))
-    h.control.send_pyobj(m.ControlCommand(3, "resume"))  # invalid from running
+    h.control.send_pyobj(EngineControl(2, Signal.UNPAUSE, {}))
+    h.control.send_pyobj(EngineControl(3, Signal.RESUME, {}))  # invalid from running
     got = h.batches_until(lambda b: finished(b) == {5} and len(results(b)) == 2)
     ok, bad = results(got)
     assert ok.ok and ok.state == "running"
@@ -211,24 +223,24 @@ def test_pause_unpause_and_invalid_transition(h: Harness) -> None:
 
 
 def test_paused_scheduler_holds_requests_then_stop_drains(h: Harness) -> None:
-    h.control.send_pyobj(m.ControlCommand(1, "pause"))
-    h.control.send_pyobj(m.ControlCommand(2, "suspend"))
+    h.control.send_pyobj(EngineControl(1, Signal.PAUSE, {}))
+    h.control.send_pyobj(EngineControl(2, Signal.SUSPEND, {}))
     h.request(7, n=2)
     got = h.batches_until(lambda b: len(results(b)) == 2 and any(b_.metas for b_ in b))
     assert not finished(got) and h.fake.num_steps == 0, "a suspended scheduler must not step"
-    h.control.send_pyobj(m.ControlCommand(-1, "stop", {"drain": True}))
+    h.control.send_pyobj(EngineControl(-1, Signal.STOP, {"drain": True}))
     got = h.batches_until(lambda b: finished(b) == {7} and results(b))
     assert results(got)[-1].state == "stopped"
     assert h.fake.calls == ["pause", "suspend", "resume", "unpause"]
 
 
 def test_abort_on_channel_update_weights_errors_and_failing_add(h: Harness) -> None:
-    h.control.send_pyobj(m.ControlCommand(1, "pause"))
+    h.control.send_pyobj(EngineControl(1, Signal.PAUSE, {}))
     h.request(3, n=50)
     h.sender.send(m.AbortRequests((3, 99), "client"))
     h.request(4, ids=[666])
-    h.control.send_pyobj(m.ControlCommand(2, "update_weights", {"path": "bad"}))
-    h.control.send_pyobj(m.ControlCommand(3, "update_weights", {}))
+    h.control.send_pyobj(EngineControl(2, Signal.UPDATE_WEIGHTS, {"path": "bad"}))
+    h.control.send_pyobj(EngineControl(3, Signal.UPDATE_WEIGHTS, {}))
     got = h.batches_until(lambda b: finished(b) == {3, 4} and len(results(b)) == 3)
     by_id = {o.request_id: o for o in outputs(got)}
     assert by_id[3].finish_reason == "abort"

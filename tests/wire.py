@@ -188,7 +188,7 @@ class WireClient:
 
     def control(
         self, signal: str, args: dict[str, Any] | None = None, timeout_s: float = 10.0
-    ) -> protocol.ControlReply:
+    ) -> protocol.ControlAcknowledgement:
         control_id = self.send_control(signal, args)
         return self.wait_control(control_id, timeout_s)
 
@@ -197,9 +197,10 @@ class WireClient:
         self.send(protocol.Control(control_id, signal, args or {}))
         return control_id
 
-    def wait_control(self, control_id: int, timeout_s: float = 10.0) -> protocol.ControlReply:
+    def wait_control(self, control_id: int, timeout_s: float = 10.0) -> protocol.ControlAcknowledgement:
+        """The acknowledgement in the ``ControlReply`` to ``control_id`` (what SDK callers get)."""
         self.wait_for(lambda: control_id in self.control_replies, timeout_s, f"ControlReply {control_id}")
-        return self.control_replies[control_id]
+        return self.control_replies[control_id].ack
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         query_id = next(self._ids)

@@ -25,24 +25,9 @@ from dpinfer import protocol as p
 from dpinfer.errors import ProtocolError, ServiceError
 from dpinfer.log import get_logger
 from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.protocol import ControlAcknowledgement
 
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ControlAcknowledgement:
-    """The service's answer to a control signal, in aggregate and per rank."""
-
-    signal: str
-    """The signal sent (``pause``, ``stop``...)."""
-    state: str
-    """The deployment's state after the signal (or its unchanged state if refused)."""
-    ok: bool
-    """True when the transition was valid and every live rank acknowledged it."""
-    acks: tuple[p.RankAck, ...]
-    """One ``RankAck(rank, ok, state, error)`` per rank that answered."""
-    error: str = ""
-    """Why the signal was refused or failed (names the current state for invalid transitions)."""
 
 
 class ControlError(ServiceError):
@@ -196,8 +181,7 @@ class ClientSession:
         self.on_hello(msg)
 
     def _handle_control_reply(self, msg: p.ControlReply) -> None:
-        ack = ControlAcknowledgement(msg.signal, msg.state, msg.ok, msg.acks, msg.error)
-        self.on_control(msg.control_id, ack)
+        self.on_control(msg.control_id, msg.ack)
 
     def _handle_status_reply(self, msg: p.StatusReply) -> None:
         try:

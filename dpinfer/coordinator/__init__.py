@@ -5,7 +5,6 @@ Files, by concept:
 - ``server.py``      ``Coordinator``: the ROUTER socket, the event loop, dispatch by kind
 - ``peers.py``       handshakes, registration, liveness, control and status handlers
 - ``forwarding.py``  the request path: routing, outputs, aborts, re-dispatch, failures
-- ``codec.py``       validated fast header decoding for the hot message kinds
 - ``outbox.py``      per-turn batching and non-blocking sends; the STATUS counters
 - ``registry.py``    ranks (liveness, load) and clients
 - ``requests.py``    the in-flight record and the queue of requests waiting for a rank

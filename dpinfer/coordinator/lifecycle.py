@@ -40,11 +40,13 @@ class ActiveControl:
     target: EngineState
     deadline: float
     rank_ids: tuple[int, ...]
+    rank_states: dict[int, EngineState] = field(default_factory=dict)
+    """Each rank's state when the signal was sent: what a rank that never answers is reported in."""
     waiting: set[int] = field(default_factory=set)
     acks: dict[int, RankAck] = field(default_factory=dict)
 
     def engine_message(self) -> protocol.EngineControl:
-        return protocol.EngineControl(self.control_id, self.wire_signal.value, self.args)
+        return protocol.EngineControl(self.control_id, self.wire_signal, self.args)
 
 
 def _stop_args(args: dict[str, Any], default_drain: bool) -> dict[str, Any]:
@@ -94,7 +96,7 @@ class Lifecycle:
         return self.active is not None and self.active.wire_signal is Signal.STOP
 
     def begin(
-        self, client: bytes, msg: protocol.Control, rank_ids: list[int], now: float
+        self, client: bytes, msg: protocol.Control, rank_states: dict[int, EngineState], now: float
     ) -> ActiveControl | protocol.ControlReply:
         """Start ``msg``: the new ``ActiveControl``, or the error reply when it is invalid now."""
         assert self.active is None, "control signals are applied one at a time"
@@ -103,7 +105,7 @@ class Lifecycle:
             target = protocol.next_state(self.state, signal)
             args = parse_args(signal, msg.args)
         except ProtocolError as e:
-            return protocol.ControlReply(msg.control_id, msg.signal, False, self.state.value, (), str(e))
+            return self.refusal(msg, str(e))
         wire_signal = Signal.STOP if signal is Signal.SHUTDOWN else signal
         timeout_s = self.control_timeout_s
         if wire_signal is Signal.STOP:
@@ -118,8 +120,9 @@ class Lifecycle:
             control_id=self._next_control_id,
             target=target,
             deadline=now + timeout_s,
-            rank_ids=tuple(rank_ids),
-            waiting=set(rank_ids),
+            rank_ids=tuple(rank_states),
+            rank_states=dict(rank_states),
+            waiting=set(rank_states),
         )
         self._next_control_id += 1
         self.state = target
@@ -132,7 +135,8 @@ class Lifecycle:
         if act is None or msg.control_id != act.control_id or rank not in act.waiting:
             return False
         act.waiting.discard(rank)
-        act.acks[rank] = RankAck(rank, msg.ok, msg.state, msg.error)
+        # The registration authenticated the rank id; a rank cannot answer for another.
+        act.acks[rank] = msg.ack if msg.ack.rank == rank else msg.ack._replace(rank=rank)
         return not act.waiting
 
     def on_rank_gone(self, rank: int, why: str) -> bool:
@@ -141,7 +145,7 @@ class Lifecycle:
         if act is None or rank not in act.waiting:
             return False
         act.waiting.discard(rank)
-        act.acks[rank] = RankAck(rank, False, "", why)
+        act.acks[rank] = RankAck(rank, False, act.rank_states[rank], why)
         return not act.waiting
 
     def expire(self, now: float) -> bool:
@@ -150,9 +154,8 @@ class Lifecycle:
         if act is None or now < act.deadline:
             return False
         for rank in sorted(act.waiting):
-            act.acks[rank] = RankAck(
-                rank, False, "", f"no acknowledgement within {self.control_timeout_s:g} s"
-            )
+            why = f"no acknowledgement within {self.control_timeout_s:g} s"
+            act.acks[rank] = RankAck(rank, False, act.rank_states[rank], why)
         act.waiting.clear()
         return True
 
@@ -167,7 +170,11 @@ class Lifecycle:
         acks = tuple(act.acks[r] for r in sorted(act.acks))
         failed = [a for a in acks if not a.ok]
         error = "; ".join(f"rank {a.rank}: {a.error or 'failed'}" for a in failed)
-        reply = protocol.ControlReply(
-            act.client_control_id, act.signal.value, not failed, self.state.value, acks, error
+        ack = protocol.ControlAcknowledgement(act.signal.value, self.state, not failed, acks, error)
+        return act, protocol.ControlReply(act.client_control_id, ack)
+
+    def refusal(self, msg: protocol.Control, error: str) -> protocol.ControlReply:
+        """The reply to ``msg`` when it is not applied at all (state unchanged, no rank asked)."""
+        return protocol.ControlReply(
+            msg.control_id, protocol.ControlAcknowledgement(msg.signal, self.state, False, (), error)
         )
-        return act, reply

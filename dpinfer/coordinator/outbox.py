@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from dpinfer import protocol
-from dpinfer.coordinator.codec import KIND_OUTPUTS, KIND_REQUESTS, pack_batch
+from dpinfer.protocol.codec import KIND_OUTPUTS, KIND_REQUESTS, pack_batch
 
 
 @dataclass

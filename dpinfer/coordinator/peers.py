@@ -18,12 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import zmq
 
 from dpinfer import protocol
-from dpinfer.coordinator import codec
 from dpinfer.coordinator.registry import ClientPeer, RankPeer
 from dpinfer.log import get_logger
-from dpinfer.protocol import EngineState, Signal
+from dpinfer.protocol import EngineState, Signal, codec
 
 if TYPE_CHECKING:
     from dpinfer.config import CoordinatorConfig
@@ -90,41 +90,45 @@ class PeerHandlers:
         self._error(identity, "wrong_direction", message)
 
     def _on_wrong_direction(
-        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         kind = protocol.Kind(arr[0])
         self._wrong_direction(identity, f"{kind.name} is sent by the coordinator, not to it")
 
     def _client_kind(self, fn: ClientHandler) -> FrameHandler:
-        def handle(identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float) -> None:
+        def handle(
+            identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        ) -> None:
             client = self._clients.get(identity)
             if client is None:
                 self._reject_client_kind(identity)
             else:
-                fn(client, codec.decode_cold(header, bodies), now)
+                fn(client, codec.decode_header(arr, [header, *bodies]), now)
 
         return handle
 
     def _rank_kind(self, fn: RankHandler) -> FrameHandler:
-        def handle(identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float) -> None:
+        def handle(
+            identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        ) -> None:
             peer = self.registry.by_identity.get(identity)
             if peer is None:
                 self._reject_rank_kind(identity)
             else:
                 peer.last_seen = now
-                fn(peer, codec.decode_cold(header, bodies), now)
+                fn(peer, codec.decode_header(arr, [header, *bodies]), now)
 
         return handle
 
     # ------------------------------------------------------------------ clients
 
     def _on_hello(
-        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         if identity in self.registry.by_identity:
             self._wrong_direction(identity, "an engine rank may not say ClientHello")
             return
-        msg = codec.decode_cold(header, bodies)
+        msg = codec.decode_header(arr, [header, *bodies])
         assert isinstance(msg, protocol.ClientHello)
         if msg.version != protocol.PROTOCOL_VERSION:
             self._error(
@@ -138,7 +142,7 @@ class PeerHandlers:
             self._clients[identity] = ClientPeer(identity, msg.client_name)
         self.outbox.send(
             identity,
-            protocol.HelloAck(protocol.PROTOCOL_VERSION, self.lifecycle.state.value, len(self.registry.live)),
+            protocol.HelloAck(protocol.PROTOCOL_VERSION, self.lifecycle.state, len(self.registry.live)),
         )
 
     def _on_abort(self, client: ClientPeer, msg: protocol.Abort, now: float) -> None:
@@ -185,12 +189,12 @@ class PeerHandlers:
     # ------------------------------------------------------------------ ranks
 
     def _on_register_frames(
-        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         if identity in self._clients:
             self._wrong_direction(identity, "a client may not register as an engine rank")
             return
-        msg = codec.decode_cold(header, bodies)
+        msg = codec.decode_header(arr, [header, *bodies])
         assert isinstance(msg, protocol.Register)
         if msg.version != protocol.PROTOCOL_VERSION:
             self._error(
@@ -219,7 +223,7 @@ class PeerHandlers:
         if self.lifecycle.state is EngineState.STOPPED and not self.lifecycle.stopping:
             self.lifecycle.state = EngineState.RUNNING  # a rank joining a stopped deployment restarts it
         state = EngineState.RUNNING if self.lifecycle.stopping else self.lifecycle.state
-        peer = RankPeer(identity, msg, now, state.value)
+        peer = RankPeer(identity, msg, now, state)
         self.registry.add(peer)
         logger.info(
             "rank %d registered (pid %d on %s, %s, model %r)",
@@ -236,7 +240,7 @@ class PeerHandlers:
     def _send_register_ack(self, peer: RankPeer) -> None:
         state = EngineState.RUNNING if self.lifecycle.stopping else self.lifecycle.state
         self.outbox.send(
-            peer.identity, protocol.RegisterAck(peer.rank, state.value, self.config.heartbeat_interval_s)
+            peer.identity, protocol.RegisterAck(peer.rank, state, self.config.heartbeat_interval_s)
         )
 
     def _on_heartbeat(self, peer: RankPeer, msg: protocol.Heartbeat, now: float) -> None:
@@ -271,8 +275,8 @@ class PeerHandlers:
         self._advance_control(now)
 
     def _on_control_ack(self, peer: RankPeer, msg: protocol.ControlAck, now: float) -> None:
-        if msg.ok:
-            peer.state = msg.state
+        if msg.ack.ok:
+            peer.state = msg.ack.state
         if self.lifecycle.on_ack(peer.rank, msg):
             self._finish_control(now)
 
@@ -280,7 +284,8 @@ class PeerHandlers:
         lifecycle = self.lifecycle
         while lifecycle.active is None and lifecycle.queue:
             identity, msg = lifecycle.queue.popleft()
-            result = lifecycle.begin(identity, msg, [p.rank for p in self.registry.live], now)
+            rank_states = {p.rank: p.state for p in self.registry.live}
+            result = lifecycle.begin(identity, msg, rank_states, now)
             if isinstance(result, protocol.ControlReply):
                 self.outbox.send(identity, result)
                 continue
@@ -300,7 +305,8 @@ class PeerHandlers:
         if act.wire_signal is Signal.STOP and any(p.rank not in act.rank_ids for p in self.registry.live):
             self.lifecycle.state = EngineState.RUNNING  # a rank registered while the others stopped
         act, reply = self.lifecycle.finish()
-        logger.info("control %s done: ok=%s state=%s %s", reply.signal, reply.ok, reply.state, reply.error)
+        ack = reply.ack
+        logger.info("control %s done: ok=%s state=%s %s", ack.signal, ack.ok, ack.state.value, ack.error)
         self.outbox.send(act.client, reply)
         if act.signal is Signal.SHUTDOWN:
             self._shutdown_now("shutdown requested")

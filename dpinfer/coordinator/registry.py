@@ -23,11 +23,12 @@ class RankPeer:
 
     __slots__ = (
         "alive", "completed", "device", "host", "identity", "in_flight", "kv_capacity_tokens",
-        "kv_free_tokens", "kv_used_tokens", "last_heartbeat", "last_seen", "max_prompt_len", "model",
-        "num_running", "num_waiting", "pid", "rank", "state",
+        "last_heartbeat", "last_seen", "load", "max_prompt_len", "model", "pid", "rank", "state",
     )  # fmt: skip
 
-    def __init__(self, identity: bytes, msg: protocol.Register, now: float, state: str) -> None:
+    def __init__(
+        self, identity: bytes, msg: protocol.Register, now: float, state: protocol.EngineState
+    ) -> None:
         self.identity = identity
         self.rank = msg.rank
         self.pid = msg.pid
@@ -39,30 +40,24 @@ class RankPeer:
         self.alive = True
         self.in_flight = 0
         self.completed = 0
-        self.num_waiting = 0
-        self.num_running = 0
-        self.kv_used_tokens = 0
-        self.kv_free_tokens = msg.kv_capacity_tokens
+        self.load = protocol.LoadStats(0, 0, 0, msg.kv_capacity_tokens, msg.kv_capacity_tokens)
+        """The rank's own figures, for ``status`` only (routing uses ``in_flight``)."""
         self.state = state
         self.last_seen = now
         self.last_heartbeat = now
 
     def on_heartbeat(self, msg: protocol.Heartbeat, now: float) -> None:
         # Load figures are informational; ``in_flight`` stays the coordinator's own count.
-        self.num_waiting = msg.num_waiting
-        self.num_running = msg.num_running
-        self.kv_used_tokens = msg.kv_used_tokens
-        self.kv_free_tokens = msg.kv_free_tokens
+        self.load = msg.load
         self.state = msg.state
         self.last_heartbeat = now
 
     def describe(self, now: float) -> dict[str, Any]:
         return {
             "rank": self.rank, "pid": self.pid, "host": self.host, "device": self.device,
-            "model": self.model, "alive": self.alive, "state": self.state,
+            "model": self.model, "alive": self.alive, "state": self.state.value,
             "in_flight": self.in_flight, "completed": self.completed,
-            "num_waiting": self.num_waiting, "num_running": self.num_running,
-            "kv_used_tokens": self.kv_used_tokens, "kv_free_tokens": self.kv_free_tokens,
+            **self.load._asdict(),
             "kv_capacity_tokens": self.kv_capacity_tokens, "max_prompt_len": self.max_prompt_len,
             "heartbeat_age_s": round(now - self.last_heartbeat, 3),
         }  # fmt: skip

@@ -25,7 +25,6 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
-from dpinfer.coordinator import codec
 from dpinfer.coordinator.forwarding import Forwarder
 from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.outbox import Counters, Outbox
@@ -33,6 +32,7 @@ from dpinfer.coordinator.peers import PeerHandlers
 from dpinfer.coordinator.registry import RankRegistry
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
+from dpinfer.protocol import codec
 from dpinfer.protocol.curve import ServerCurve
 
 logger = get_logger(__name__)
@@ -245,7 +245,7 @@ class Coordinator(PeerHandlers):
     # ------------------------------------------------------------------ hot path
 
     def _on_submit(
-        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         client = self._clients.get(identity)
         if client is None:
@@ -257,7 +257,7 @@ class Coordinator(PeerHandlers):
             self.bump_timer(now + self.config.no_rank_timeout_s)
 
     def _on_engine_outputs(
-        self, identity: bytes, arr: tuple[Any, ...], header: Any, bodies: list[Any], now: float
+        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         peer = self.registry.by_identity.get(identity)
         if peer is None:
@@ -288,12 +288,7 @@ class Coordinator(PeerHandlers):
         self.forwarder.fail_all(f"{reason}; the request did not finish")
         while self.lifecycle.queue:
             identity, msg = self.lifecycle.queue.popleft()
-            self.outbox.send(
-                identity,
-                protocol.ControlReply(
-                    msg.control_id, msg.signal, False, self.lifecycle.state.value, (), reason
-                ),
-            )
+            self.outbox.send(identity, self.lifecycle.refusal(msg, reason))
         for client in self._clients.values():
             self.outbox.send(client.identity, protocol.Notice("shutdown", reason))
         self.outbox.flush()

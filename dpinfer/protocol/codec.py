@@ -1,12 +1,19 @@
-"""The one codec: ``encode``/``decode`` between messages and ZMQ frames (msgpack headers).
+"""The one codec: every frame on a dpinfer socket is packed and unpacked here.
 
-Decoding validates every field against the message's type hints; any invalid input raises
-``ProtocolError`` and nothing else.
+- ``encode``/``decode``: messages <-> ZMQ frames (msgpack header + opaque body frames).
+  Decoding validates every field against the message's type hints.
+- The hot path, for the coordinator's loop and the ranks' output path: ``unpack_header``
+  (the raw header array), ``submit_entries``/``engine_output_entries`` (checked entries of
+  the two kinds that carry every request and output, without building message objects)
+  and ``pack_batch`` (a batch header from plain entry tuples).
+
+Any invalid input raises ``ProtocolError`` and nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
+import zmq
 
 from dpinfer.errors import ProtocolError
 from dpinfer.protocol.kinds import MAX_HEADER_BYTES, Kind
@@ -27,6 +35,7 @@ from dpinfer.protocol.messages import (
     Deregister,
     EngineAbort,
     EngineControl,
+    EngineOutputEntry,
     EngineOutputs,
     Error,
     Heartbeat,
@@ -40,9 +49,13 @@ from dpinfer.protocol.messages import (
     StatusQuery,
     StatusReply,
     Submit,
+    SubmitEntry,
 )  # fmt: skip
 
 # ---------------------------------------------------------------------------- codec
+
+Frame = bytes | memoryview | zmq.Frame
+"""What a ZMQ message part may be on receive (``copy=False`` gives ``zmq.Frame``)."""
 
 _Check = Callable[[Any], Any]
 
@@ -113,11 +126,26 @@ def _checker(tp: Any, where: str) -> _Check:
             return make([c(x) for c, x in zip(subs, v, strict=True)])
 
         return check_named
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum_checker(tp, where)
     if tp is Any:
         return lambda v: v
     if isinstance(tp, types.UnionType):
         raise TypeError(f"{where}: unions are not supported in headers")
     raise TypeError(f"{where}: unsupported header type {tp!r}")
+
+
+def _enum_checker(tp: type[enum.Enum], where: str) -> _Check:
+    by_value = {member.value: member for member in tp}
+    valid = ", ".join(str(v) for v in by_value)
+
+    def check_enum(v: object) -> enum.Enum:
+        member = by_value.get(v) if type(v) in (str, int) else None
+        if member is None:
+            raise ProtocolError(f"{where}: {v!r} is not one of: {valid}")
+        return member
+
+    return check_enum
 
 
 @dataclass(frozen=True)
@@ -161,7 +189,7 @@ def encode(msg: Message) -> list[Any]:
     return [header]
 
 
-def decode(frames: Sequence[Any]) -> Message:
+def decode(frames: Sequence[Frame]) -> Message:
     """Decode ``[header, *bodies]``; any invalid input raises ``ProtocolError``.
 
     Frames may be ``bytes``, ``memoryview`` or ``zmq.Frame``; body frames are kept as given.
@@ -169,15 +197,11 @@ def decode(frames: Sequence[Any]) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     header = frames[0]
-    raw = header.buffer if hasattr(header, "buffer") else header
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        arr = msgpack.unpackb(raw, use_list=False, raw=False, strict_map_key=True)
-    except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
-        raise ProtocolError(f"undecodable header: {type(e).__name__}") from None
-    if type(arr) is not tuple or not arr or type(arr[0]) is not int:
-        raise ProtocolError("header must be an array starting with an integer kind")
+    return decode_header(unpack_header(header.buffer if isinstance(header, zmq.Frame) else header), frames)
+
+
+def decode_header(arr: tuple[Any, ...], frames: Sequence[Frame]) -> Message:
+    """The message of an already unpacked header array (``unpack_header``) and its frames."""
     schema = _SCHEMAS.get(arr[0])
     if schema is None:
         raise ProtocolError(f"unknown message kind {arr[0]}")
@@ -194,3 +218,73 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(frames) > 1:
         raise ProtocolError(f"{schema.cls.__name__} takes no body frames")
     return schema.cls(*args)
+
+
+# ---------------------------------------------------------------------------- hot path
+
+KIND_SUBMIT = int(Kind.SUBMIT)
+KIND_ENGINE_OUTPUTS = int(Kind.ENGINE_OUTPUTS)
+KIND_OUTPUTS = int(Kind.OUTPUTS)
+KIND_REQUESTS = int(Kind.REQUESTS)
+
+_unpackb = msgpack.unpackb
+
+
+def unpack_header(raw: bytes | memoryview) -> tuple[Any, ...]:
+    """The header array ``(kind, *fields)``; ``ProtocolError`` unless it is one."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        arr = _unpackb(raw, use_list=False, raw=False, strict_map_key=True)
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise ProtocolError(f"undecodable header: {type(e).__name__}") from None
+    if type(arr) is not tuple or not arr or type(arr[0]) is not int:
+        raise ProtocolError("header must be an array starting with an integer kind")
+    return arr
+
+
+def submit_entries(arr: tuple[Any, ...], num_bodies: int) -> tuple[SubmitEntry, ...]:
+    """The checked entries of a ``Submit`` header (one per body frame), as plain tuples."""
+    if len(arr) != 2 or type(arr[1]) is not tuple:
+        raise ProtocolError("Submit: expected [kind, entries]")
+    entries = arr[1]
+    if len(entries) != num_bodies:
+        raise ProtocolError(f"Submit: {len(entries)} entries but {num_bodies} bodies")
+    for e in entries:
+        if (
+            type(e) is not tuple
+            or len(e) != 3
+            or type(e[0]) is not int
+            or type(e[1]) is not int
+            or type(e[2]) is not bool
+        ):
+            raise ProtocolError(
+                "Submit: each entry must be [client_request_id: int, rank: int, stream: bool]"
+            )
+    return cast(tuple[SubmitEntry, ...], entries)  # same fields, in order; not rebuilt on the hot path
+
+
+def engine_output_entries(arr: tuple[Any, ...], num_bodies: int) -> tuple[EngineOutputEntry, ...]:
+    """The checked entries of an ``EngineOutputs`` header (one per body frame), as plain tuples."""
+    if len(arr) != 2 or type(arr[1]) is not tuple:
+        raise ProtocolError("EngineOutputs: expected [kind, entries]")
+    entries = arr[1]
+    if len(entries) != num_bodies:
+        raise ProtocolError(f"EngineOutputs: {len(entries)} entries but {num_bodies} bodies")
+    for e in entries:
+        if (
+            type(e) is not tuple
+            or len(e) != 3
+            or type(e[0]) is not int
+            or type(e[1]) is not bool
+            or type(e[2]) is not int
+        ):
+            raise ProtocolError(
+                "EngineOutputs: each entry must be [request_id: int, final: bool, num_tokens: int]"
+            )
+    return cast(tuple[EngineOutputEntry, ...], entries)
+
+
+def pack_batch(kind: int, entries: Sequence[tuple[object, ...]]) -> bytes:
+    """The header of a batch message (``Requests``, ``Outputs``, ``EngineOutputs``...)."""
+    return _packb((kind, entries))

@@ -5,7 +5,7 @@ These travel pickled on sockets that never leave the host (``ipc://`` addresses 
 
     rank main  --TokenizeRequests / AbortRequests / SetLimits / Shutdown-->  tokenizer
     tokenizer  --TokenizedRequest / AbortRequests (the transport channel)-->  scheduler
-    rank main  --ControlCommand / Shutdown (control socket)-->               scheduler
+    rank main  --EngineControl / Shutdown (control socket)-->                scheduler
     scheduler  --SchedulerBatch-->                                           detokenizer
     rank main  --Shutdown-->                                                 detokenizer
     detokenizer, tokenizer  --RankOutputs-->                                 rank main
@@ -17,10 +17,11 @@ an acknowledgement never overtakes the outputs produced before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpinfer.protocol.messages import EngineOutputEntry
+from dpinfer.protocol.messages import ControlAck, EngineOutputEntry, LoadStats
 from dpinfer.sampling import SamplingParams
 
 INTERNAL_CONTROL_ID = -1
@@ -28,6 +29,9 @@ INTERNAL_CONTROL_ID = -1
 
 
 # ---------------------------------------------------------------------------- start-up
+
+ReportReady = Callable[[dict[str, int]], None]
+"""What a child calls exactly once when it serves, with the small facts the rank main needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +114,6 @@ class TokenizedRequest:
 # ---------------------------------------------------------------------------- rank main -> scheduler
 
 
-@dataclass(frozen=True, slots=True)
-class ControlCommand:
-    """A lifecycle signal for the scheduler (``protocol.Signal`` value) and its arguments."""
-
-    control_id: int
-    signal: str
-    args: dict[str, Any] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------------------- scheduler -> detokenizer
 
 
@@ -163,27 +158,6 @@ class RequestMeta:
 
 
 @dataclass(frozen=True, slots=True)
-class LoadSnapshot:
-    """The scheduler's load, as the heartbeat reports it."""
-
-    num_waiting: int = 0
-    num_running: int = 0
-    kv_used_tokens: int = 0
-    kv_free_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ControlResult:
-    """The outcome of a ``ControlCommand``; ``state`` is the scheduler's state afterwards."""
-
-    control_id: int
-    signal: str
-    ok: bool
-    state: str
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class SchedulerBatch:
     """Everything one scheduler step produced, in order: metas, outputs, then control results.
 
@@ -192,8 +166,8 @@ class SchedulerBatch:
 
     metas: tuple[RequestMeta, ...] = ()
     outputs: tuple[SchedulerOutput, ...] = ()
-    control_results: tuple[ControlResult, ...] = ()
-    load: LoadSnapshot | None = None
+    control_acks: tuple[ControlAck, ...] = ()
+    load: LoadStats | None = None
 
 
 # ---------------------------------------------------------------------------- -> rank main
@@ -205,18 +179,5 @@ class RankOutputs:
 
     entries: tuple[EngineOutputEntry, ...] = ()
     bodies: tuple[bytes, ...] = ()
-    control_results: tuple[ControlResult, ...] = ()
-    load: LoadSnapshot | None = None
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """The scheduler's load, for heartbeats and routing."""
-
-    num_waiting: int
-    num_running: int
-    kv_used_tokens: int
-    """Slots held by requests (cached prefixes in use included)."""
-    kv_free_tokens: int
-    """Slots free now or reclaimable by evicting unused cached prefixes."""
-    kv_capacity_tokens: int
+    control_acks: tuple[ControlAck, ...] = ()
+    load: LoadStats | None = None

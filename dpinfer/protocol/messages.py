@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from dpinfer.protocol.kinds import NO_REQUEST, Kind
+from dpinfer.protocol.kinds import NO_REQUEST, EngineState, Kind, Signal
 
 # ---------------------------------------------------------------------------- entries
 
@@ -34,10 +34,49 @@ class OutputEntry(NamedTuple):
 
 
 class RankAck(NamedTuple):
+    """One rank's answer to a control signal: made by its scheduler (or by the rank main when
+    the rank is stopping, or by the coordinator for a rank that died or never answered) and
+    carried whole to the caller inside ``ControlAcknowledgement``."""
+
     rank: int
     ok: bool
-    state: str
-    error: str
+    state: EngineState
+    """The rank's state afterwards (when it did not answer: its state when the signal was sent)."""
+    error: str = ""
+
+
+class ControlAcknowledgement(NamedTuple):
+    """The service's answer to a control signal, in aggregate and per rank.
+
+    Public as ``dpinfer.ControlAcknowledgement``.
+
+    ``signal`` is the name the caller sent; ``state`` the deployment's state afterwards (or its
+    unchanged state if refused); ``ok`` is true when the transition was valid and every live
+    rank acknowledged it; ``acks`` holds one ``RankAck`` per rank; ``error`` says why it was
+    refused or failed (it names the current state for invalid transitions).
+    """
+
+    signal: str
+    state: EngineState
+    ok: bool
+    acks: tuple[RankAck, ...] = ()
+    error: str = ""
+
+
+class LoadStats(NamedTuple):
+    """A rank's load: measured by its scheduler, sent in heartbeats, shown by ``dpinfer status``.
+
+    Routing never uses these figures (they may be up to a heartbeat old); it uses the
+    coordinator's own exact in-flight counts.
+    """
+
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_used_tokens: int = 0
+    """Slots held by requests (cached prefixes in use included)."""
+    kv_free_tokens: int = 0
+    """Slots free now or reclaimable by evicting unused cached prefixes."""
+    kv_capacity_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------- messages
@@ -101,7 +140,7 @@ class ClientBye(Message):
 class HelloAck(Message):
     KIND = Kind.HELLO_ACK
     version: int
-    state: str
+    state: EngineState
     num_ranks: int
 
 
@@ -115,13 +154,11 @@ class Outputs(Message):
 
 @dataclass(frozen=True, slots=True)
 class ControlReply(Message):
+    """``control_id`` is the caller's; ``ack`` is what the caller gets, as is."""
+
     KIND = Kind.CONTROL_REPLY
     control_id: int
-    signal: str
-    ok: bool
-    state: str
-    acks: tuple[RankAck, ...]
-    error: str
+    ack: ControlAcknowledgement
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +209,8 @@ class Register(Message):
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     KIND = Kind.HEARTBEAT
-    num_waiting: int
-    num_running: int
-    kv_used_tokens: int
-    kv_free_tokens: int
-    state: str
+    load: LoadStats
+    state: EngineState
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +223,12 @@ class EngineOutputs(Message):
 
 @dataclass(frozen=True, slots=True)
 class ControlAck(Message):
+    """A rank's acknowledgement of ``EngineControl(control_id, signal)``; the scheduler makes it."""
+
     KIND = Kind.CONTROL_ACK
     control_id: int
-    signal: str
-    ok: bool
-    state: str
-    error: str
+    signal: Signal
+    ack: RankAck
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +246,7 @@ class Deregister(Message):
 class RegisterAck(Message):
     KIND = Kind.REGISTER_ACK
     rank: int
-    state: str
+    state: EngineState
     heartbeat_interval_s: float
 
 
@@ -232,7 +266,9 @@ class EngineAbort(Message):
 
 @dataclass(frozen=True, slots=True)
 class EngineControl(Message):
+    """A control signal for one rank; the rank main hands this very value to its scheduler."""
+
     KIND = Kind.ENGINE_CONTROL
     control_id: int
-    signal: str
+    signal: Signal
     args: dict[str, Any]

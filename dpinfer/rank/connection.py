@@ -28,6 +28,7 @@ import zmq
 from dpinfer import protocol
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
+from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
 
 logger = get_logger(__name__)
 
@@ -218,21 +219,18 @@ class EngineConnection:
         if len(entries) != len(bodies):
             raise ValueError(f"{len(entries)} entries but {len(bodies)} bodies")
         if entries:
-            self._send([_packb((protocol.Kind.ENGINE_OUTPUTS, entries)), *bodies])
+            self._send([pack_batch(KIND_ENGINE_OUTPUTS, entries), *bodies])
 
-    def send_control_ack(self, control_id: int, signal: str, ok: bool, state: str, error: str = "") -> None:
-        self._send(protocol.encode(protocol.ControlAck(control_id, signal, ok, state, error)))
+    def send_control_ack(self, ack: protocol.ControlAck) -> None:
+        self._send(protocol.encode(ack))
 
     def seconds_until_heartbeat(self) -> float:
         """Seconds until the next heartbeat is due (0 when overdue): use it as the poll timeout."""
         return max(0.0, self._next_heartbeat - time.monotonic())
 
-    def send_heartbeat(
-        self, num_waiting: int, num_running: int, kv_used_tokens: int, kv_free_tokens: int, state: str
-    ) -> None:
+    def send_heartbeat(self, load: protocol.LoadStats, state: protocol.EngineState) -> None:
         self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
-        msg = protocol.Heartbeat(num_waiting, num_running, kv_used_tokens, kv_free_tokens, str(state))
-        self._send(protocol.encode(msg))
+        self._send(protocol.encode(protocol.Heartbeat(load, state)))
 
     def deregister(self, reason: str) -> None:
         """Tell the coordinator this rank leaves on purpose (nothing of it is re-dispatched)."""

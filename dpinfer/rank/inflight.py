@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from dpinfer.protocol import EngineOutputEntry, FinishReason, error_body
+from dpinfer.protocol import EngineOutputEntry, FinishReason, Signal, error_body
 
 DEFAULT_STOP_DEADLINE_S = 60.0
 """How long a draining STOP waits for running requests before aborting them."""
@@ -78,7 +78,7 @@ class StopPlan:
     drain: bool
     deadline: float
     """Monotonic time at which a draining stop aborts what is left."""
-    control_ids: list[tuple[int, str]] = field(default_factory=list)
+    control_ids: list[tuple[int, Signal]] = field(default_factory=list)
     """(control_id, signal) to acknowledge once every request has its final reply."""
     abort_sent_at: float | None = None
 

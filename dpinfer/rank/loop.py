@@ -26,6 +26,8 @@ from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal
 from dpinfer.protocol import local as m
+from dpinfer.protocol.codec import Frame
+from dpinfer.rank.connection import EngineConnection
 from dpinfer.rank.inflight import DEFAULT_STOP_DEADLINE_S, InFlight, StopPlan
 from dpinfer.rank.signal_wakeup import SignalWakeup
 from dpinfer.rank.supervisor import Child, Supervisor
@@ -39,7 +41,9 @@ _ORDER = (EngineState.RUNNING, EngineState.PAUSED, EngineState.SUSPENDED)
 class RankMain:
     """The loop of one rank main; ``run_rank`` builds it once every child is ready."""
 
-    def __init__(self, rank: int, conn: Any, supervisor: Supervisor, sockets: dict[str, zmq.Socket]) -> None:
+    def __init__(
+        self, rank: int, conn: EngineConnection, supervisor: Supervisor, sockets: dict[str, zmq.Socket]
+    ) -> None:
         self.rank = rank
         self.conn = conn
         self.supervisor = supervisor
@@ -47,10 +51,12 @@ class RankMain:
         self.send_to_tokenizer = sockets["send_to_tokenizer"]
         self.send_to_scheduler = sockets["send_to_scheduler"]
         self.state = EngineState.RUNNING
+        """The scheduler's state as it last acknowledged it (the scheduler owns it; this mirrors it)."""
         self.target_state = EngineState.RUNNING
-        """The state once every control sent to the scheduler has been applied."""
+        """The state once every control sent to the scheduler has been applied: what a new
+        signal is checked against before it is forwarded (so invalid ones are refused at once)."""
         self.inflight = InFlight()
-        self.load = m.LoadSnapshot()
+        self.load = protocol.LoadStats()
         self.stop: StopPlan | None = None
         self.exit_code: int | None = None
         self._sentinels = supervisor.sentinels()
@@ -58,7 +64,7 @@ class RankMain:
         self.poller = zmq.Poller()
         for sock in (self.recv_outputs, conn.socket, self._wakeup.fd, *self._sentinels):
             self.poller.register(sock, zmq.POLLIN)
-        self._dispatch: dict[type, Callable[[Any], None]] = {
+        self._dispatch: dict[type[protocol.Message], Callable[[Any], None]] = {
             protocol.Requests: self.on_requests,
             protocol.EngineAbort: self.on_abort,
             protocol.EngineControl: self.on_control,
@@ -108,10 +114,8 @@ class RankMain:
             return
         # In-flight counts are fresh here; the scheduler's figures may be up to 100 ms old.
         num_running = min(self.load.num_running, len(self.inflight))
-        num_waiting = len(self.inflight) - num_running
-        self.conn.send_heartbeat(
-            num_waiting, num_running, self.load.kv_used_tokens, self.load.kv_free_tokens, self.state.value
-        )
+        load = self.load._replace(num_running=num_running, num_waiting=len(self.inflight) - num_running)
+        self.conn.send_heartbeat(load, self.state)
 
     # ------------------------------------------------------------------ coordinator -> rank
 
@@ -145,13 +149,8 @@ class RankMain:
             self.inflight.clear()
         self.apply_state(ack.state)
 
-    def apply_state(self, state: str) -> None:
+    def apply_state(self, target: EngineState) -> None:
         """Bring the scheduler to the coordinator's state (a late joiner may start paused)."""
-        try:
-            target = EngineState(state)
-        except ValueError:
-            logger.error("coordinator sent unknown state %r; ignored", state)
-            return
         if self.stop is not None:
             return  # already on the way out
         if target is EngineState.STOPPED:
@@ -161,17 +160,16 @@ class RankMain:
         down, up = (Signal.PAUSE, Signal.SUSPEND), (Signal.UNPAUSE, Signal.RESUME)
         steps = list(down[here:there]) if there > here else list(reversed(up[there:here]))
         for sig in steps:
-            self.send_to_scheduler.send_pyobj(m.ControlCommand(m.INTERNAL_CONTROL_ID, sig.value))
+            self.send_to_scheduler.send_pyobj(protocol.EngineControl(m.INTERNAL_CONTROL_ID, sig, {}))
         self.target_state = target
 
+    def ack(self, control_id: int, sig: Signal, ok: bool, error: str = "") -> None:
+        """Acknowledge a control the rank main answers itself (refused, or a finished STOP)."""
+        ack = protocol.RankAck(self.rank, ok, self.state, error)
+        self.conn.send_control_ack(protocol.ControlAck(control_id, sig, ack))
+
     def on_control(self, msg: protocol.EngineControl) -> None:
-        try:
-            sig = Signal(msg.signal)
-        except ValueError:
-            valid = ", ".join(s.value for s in Signal)
-            self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value,
-                                       f"unknown signal {msg.signal!r} (valid: {valid})")  # fmt: skip
-            return
+        sig = msg.signal
         if sig in (Signal.STOP, Signal.SHUTDOWN):
             self.begin_stop(msg.control_id, sig, msg.args)
             return
@@ -180,10 +178,10 @@ class RankMain:
                 raise ProtocolError(f"rank {self.rank} is stopping")
             target = protocol.next_state(self.target_state, sig)
         except ProtocolError as e:
-            self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value, str(e))
+            self.ack(msg.control_id, sig, False, str(e))
             return
         self.target_state = target
-        self.send_to_scheduler.send_pyobj(m.ControlCommand(msg.control_id, sig.value, dict(msg.args)))
+        self.send_to_scheduler.send_pyobj(msg)
 
     # ------------------------------------------------------------------ children -> rank
 
@@ -198,20 +196,19 @@ class RankMain:
                 continue
             entries, bodies = self.inflight.filter_outputs(msg.entries, msg.bodies)
             self.conn.send_outputs(entries, bodies)
-            for result in msg.control_results:
-                self.on_control_result(result)
+            for ack in msg.control_acks:
+                self.on_control_ack(ack)
             if msg.load is not None:
                 self.load = msg.load
 
-    def on_control_result(self, result: m.ControlResult) -> None:
-        self.state = EngineState(result.state)
-        if not result.ok:
+    def on_control_ack(self, msg: protocol.ControlAck) -> None:
+        """The scheduler's acknowledgement, passed upstream whole."""
+        self.state = msg.ack.state
+        if not msg.ack.ok:
             self.target_state = self.state
-            logger.warning("control %s failed: %s", result.signal, result.error)
-        if result.control_id != m.INTERNAL_CONTROL_ID:
-            self.conn.send_control_ack(
-                result.control_id, result.signal, result.ok, result.state, result.error
-            )
+            logger.warning("control %s failed: %s", msg.signal.value, msg.ack.error)
+        if msg.control_id != m.INTERNAL_CONTROL_ID:
+            self.conn.send_control_ack(msg)
 
     def on_child_died(self, child: Child) -> None:
         child.process.join(timeout=1.0)
@@ -224,7 +221,7 @@ class RankMain:
         self.conn.send_outputs(entries, bodies)
         if self.stop is not None:
             for control_id, sig in self.stop.control_ids:
-                self.conn.send_control_ack(control_id, sig, False, self.state.value, error)
+                self.ack(control_id, sig, False, error)
         self.conn.deregister(error)
         self.exit_code = 1
 
@@ -235,15 +232,15 @@ class RankMain:
         deadline_s = args.get("deadline_s", DEFAULT_STOP_DEADLINE_S)
         valid_deadline = isinstance(deadline_s, int | float) and not isinstance(deadline_s, bool)
         if not isinstance(drain, bool) or not valid_deadline or deadline_s < 0:
-            error = "stop takes args drain (bool) and deadline_s (number >= 0)"
-            self.conn.send_control_ack(control_id, sig.value, False, self.state.value, error)
+            self.ack(control_id, sig, False, "stop takes args drain (bool) and deadline_s (number >= 0)")
             return
         if self.stop is None:
             self.stop = StopPlan.start(drain, float(deadline_s))
             self.state = self.target_state = EngineState.STOPPED
             reason = f"rank {self.rank} stopped"
+            args = {"drain": drain, "reason": reason}
             self.send_to_scheduler.send_pyobj(
-                m.ControlCommand(m.INTERNAL_CONTROL_ID, Signal.STOP.value, {"drain": drain, "reason": reason})
+                protocol.EngineControl(m.INTERNAL_CONTROL_ID, Signal.STOP, args)
             )
             logger.info(
                 "stopping (drain=%s, deadline %.1f s, %d in flight)", drain, deadline_s, len(self.inflight)
@@ -251,7 +248,7 @@ class RankMain:
         elif not drain:
             self.stop.deadline = min(self.stop.deadline, time.monotonic())
         if control_id != m.INTERNAL_CONTROL_ID:
-            self.stop.control_ids.append((control_id, sig.value))
+            self.stop.control_ids.append((control_id, sig))
 
     def check_stop(self) -> None:
         stop = self.stop
@@ -274,7 +271,7 @@ class RankMain:
     def finish_stop(self) -> None:
         assert self.stop is not None
         for control_id, sig in self.stop.control_ids:
-            self.conn.send_control_ack(control_id, sig, True, EngineState.STOPPED.value)
+            self.ack(control_id, sig, True)
         self.conn.deregister("stopped")
         self.exit_code = 0
 
@@ -294,7 +291,7 @@ class RankMain:
             self.finish_stop()
 
 
-def _to_bytes(frame: Any) -> bytes:
+def _to_bytes(frame: Frame) -> bytes:
     if isinstance(frame, bytes):
         return frame
-    return bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+    return bytes(frame.buffer if isinstance(frame, zmq.Frame) else frame)

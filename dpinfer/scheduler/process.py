@@ -20,14 +20,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from dpinfer import protocol
 from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal, next_state
 from dpinfer.protocol import local as m
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+    from dpinfer.scheduler.scheduler import Scheduler
+    from dpinfer.transport.channel import RequestReceiver as Receiver
+    from dpinfer.transport.tensor_queue import TensorIpcData
 
 logger = get_logger(__name__)
 
@@ -57,23 +65,28 @@ class SchedulerProcess:
     """Drives one ``Scheduler``; see the module docstring for the sockets and the loop."""
 
     def __init__(
-        self, scheduler: Any, receiver: Any, recv_control: zmq.Socket, send_to_detokenizer: zmq.Socket
+        self,
+        scheduler: Scheduler,
+        receiver: Receiver,
+        recv_control: zmq.Socket,
+        send_to_detokenizer: zmq.Socket,
+        rank: int = 0,
     ):
         self.scheduler = scheduler
         self.receiver = receiver
         self.recv_control = recv_control
         self.send_to_detokenizer = send_to_detokenizer
+        self.rank = rank
         self.sleeper = IdleSleeper([receiver.socket, recv_control])
-        self.state = EngineState.RUNNING
         self.running = True
         self._metas: list[m.RequestMeta] = []
-        self._outputs: list[Any] = []
-        self._results: list[m.ControlResult] = []
-        self._last_load: m.LoadSnapshot | None = None
+        self._outputs: list[m.SchedulerOutput] = []
+        self._acks: list[protocol.ControlAck] = []
+        self._last_load: protocol.LoadStats | None = None
         self._last_load_at = 0.0
         self._dispatch: dict[type, Callable[[Any], None]] = {
             m.AbortRequests: self.on_abort,
-            m.ControlCommand: self.on_control,
+            protocol.EngineControl: self.on_control,
             m.Shutdown: self.on_shutdown,
         }
 
@@ -91,7 +104,8 @@ class SchedulerProcess:
 
     def can_step(self) -> bool:
         # Paused and suspended schedulers keep their queues but must not spin on them.
-        return self.state in (EngineState.RUNNING, EngineState.STOPPED) and bool(self.scheduler.has_work)
+        state = self.scheduler.state
+        return state in (EngineState.RUNNING, EngineState.STOPPED) and bool(self.scheduler.has_work)
 
     def recv_inputs(self) -> None:
         for obj in self.receiver.recv_ready():
@@ -103,10 +117,8 @@ class SchedulerProcess:
                 break
             self.dispatch(obj)
 
-    def dispatch(self, obj: Any) -> None:
-        from dpinfer.protocol.local import TokenizedRequest
-
-        if isinstance(obj, TokenizedRequest):
+    def dispatch(self, obj: object) -> None:
+        if isinstance(obj, m.TokenizedRequest):
             self.on_request(obj)
             return
         handler = self._dispatch.get(type(obj))
@@ -118,20 +130,17 @@ class SchedulerProcess:
     def flush(self, idle: bool) -> None:
         """Send what this iteration produced as one batch (plus the load when due)."""
         load = self._due_load(idle)
-        if not (self._metas or self._outputs or self._results or load):
+        if not (self._metas or self._outputs or self._acks or load):
             return
-        batch = m.SchedulerBatch(tuple(self._metas), tuple(self._outputs), tuple(self._results), load)
-        self._metas, self._outputs, self._results = [], [], []
+        batch = m.SchedulerBatch(tuple(self._metas), tuple(self._outputs), tuple(self._acks), load)
+        self._metas, self._outputs, self._acks = [], [], []
         self.send_to_detokenizer.send_pyobj(batch)
 
-    def _due_load(self, idle: bool) -> m.LoadSnapshot | None:
+    def _due_load(self, idle: bool) -> protocol.LoadStats | None:
         now = time.monotonic()
         if not idle and now - self._last_load_at < LOAD_INTERVAL_S:
             return None
-        report = self.scheduler.load()
-        load = m.LoadSnapshot(
-            report.num_waiting, report.num_running, report.kv_used_tokens, report.kv_free_tokens
-        )
+        load = self.scheduler.load()
         if idle and load == self._last_load:
             return None
         self._last_load, self._last_load_at = load, now
@@ -139,7 +148,7 @@ class SchedulerProcess:
 
     # ------------------------------------------------------------------ handlers
 
-    def on_request(self, req: Any) -> None:
+    def on_request(self, req: m.TokenizedRequest) -> None:
         stop = tuple(req.sampling.stop) if req.sampling is not None else ()
         self._metas.append(m.RequestMeta(req.request_id, bool(req.stream), stop, tuple(req.input_ids[-8:])))
         try:
@@ -157,22 +166,22 @@ class SchedulerProcess:
     def on_shutdown(self, msg: m.Shutdown) -> None:
         self.running = False
 
-    def on_control(self, cmd: m.ControlCommand) -> None:
+    def on_control(self, cmd: protocol.EngineControl) -> None:
+        signal, ok, error = cmd.signal, True, ""
         try:
-            signal = Signal(cmd.signal)
             if signal in (Signal.STOP, Signal.SHUTDOWN):
                 self._stop(bool(cmd.args.get("drain", True)), str(cmd.args.get("reason", "rank stopped")))
             else:
-                target = next_state(self.state, signal)
+                target = next_state(self.scheduler.state, signal)
                 self._apply(signal, cmd.args)
-                self.state = target
-            result = m.ControlResult(cmd.control_id, cmd.signal, True, self.state.value)
+                assert self.scheduler.state is target, (signal, self.scheduler.state, target)
         except Exception as e:  # noqa: BLE001 - a failed signal is acknowledged with its error
-            logger.warning("control %s failed: %s", cmd.signal, e)
-            result = m.ControlResult(cmd.control_id, cmd.signal, False, self.state.value, str(e))
-        self._results.append(result)
+            logger.warning("control %s failed: %s", signal.value, e)
+            ok, error = False, str(e)
+        ack = protocol.RankAck(self.rank, ok, self.scheduler.state, error)
+        self._acks.append(protocol.ControlAck(cmd.control_id, signal, ack))
 
-    def _apply(self, signal: Signal, args: dict[str, Any]) -> None:
+    def _apply(self, signal: Signal, args: dict[str, object]) -> None:
         if signal is Signal.PAUSE:
             self.scheduler.pause()
         elif signal is Signal.UNPAUSE:
@@ -190,20 +199,17 @@ class SchedulerProcess:
     def _stop(self, drain: bool, reason: str) -> None:
         """Drain: run to completion (leaving pause/suspend); otherwise abort everything now."""
         if drain:
-            if self.state is EngineState.SUSPENDED:
+            if self.scheduler.state is EngineState.SUSPENDED:
                 self.scheduler.resume()
-                self.state = EngineState.PAUSED
-            if self.state is EngineState.PAUSED:
+            if self.scheduler.state is EngineState.PAUSED:
                 self.scheduler.unpause()
         else:
             self._outputs.extend(self.scheduler.abort_all(reason) or ())
-        self.state = EngineState.STOPPED
+        self.scheduler.state = EngineState.STOPPED
 
 
-def _error_output(request_id: int, prompt_len: int, error: str) -> Any:
-    from dpinfer.protocol.local import SchedulerOutput
-
-    return SchedulerOutput(
+def _error_output(request_id: int, prompt_len: int, error: str) -> m.SchedulerOutput:
+    return m.SchedulerOutput(
         request_id=request_id,
         new_token_ids=[],
         finished=True,
@@ -215,7 +221,9 @@ def _error_output(request_id: int, prompt_len: int, error: str) -> Any:
     )
 
 
-def run_scheduler_process(config: RankConfig, report_ready: Any, tensor_queue: Any = None) -> None:
+def run_scheduler_process(
+    config: RankConfig, report_ready: m.ReportReady, tensor_queue: Queue[TensorIpcData] | None = None
+) -> None:
     """Child entry: build the scheduler and sockets -> report ready -> loop -> close."""
     from dpinfer.scheduler.scheduler import Scheduler
     from dpinfer.transport.channel import make_receiver
@@ -244,7 +252,7 @@ def run_scheduler_process(config: RankConfig, report_ready: Any, tensor_queue: A
                 "kv_capacity_tokens": int(load.kv_capacity_tokens),
             }
         )
-        SchedulerProcess(scheduler, receiver, recv_control, send_to_detokenizer).loop()
+        SchedulerProcess(scheduler, receiver, recv_control, send_to_detokenizer, rank).loop()
     finally:
         receiver.close()
         recv_control.close()

@@ -19,8 +19,8 @@ from typing import Any
 from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.errors import ServiceError
 from dpinfer.log import get_logger
-from dpinfer.protocol import FinishReason
-from dpinfer.protocol.local import LoadReport, SchedulerOutput, TokenizedRequest
+from dpinfer.protocol import EngineState, FinishReason, LoadStats
+from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.scheduler.admission import AddResult, PrefillAdder
 from dpinfer.scheduler.kv_manager import KVManager
@@ -50,8 +50,8 @@ class Scheduler:
         self.running: ScheduleBatch | None = None
         self.chunked_req: Req | None = None
         self.reqs: dict[int, Req] = {}
-        self.paused = False
-        self.suspended = False
+        self.state = EngineState.RUNNING
+        """The rank's lifecycle state: this is its only owner (the rank main mirrors the acks)."""
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self._tokenizer: Any | None = None
@@ -130,12 +130,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def paused(self) -> bool:
+        """Paused or suspended: nothing is scheduled."""
+        return self.state in (EngineState.PAUSED, EngineState.SUSPENDED)
+
     def pause(self) -> None:
         """Stop scheduling; every request keeps its state and KV."""
-        self.paused = True
+        self.state = EngineState.PAUSED
 
     def unpause(self) -> None:
-        self.paused = False
+        self.state = EngineState.RUNNING
 
     def suspend(self) -> None:
         """Give back the KV pool memory: running requests are retracted (output kept), the
@@ -143,12 +148,12 @@ class Scheduler:
         self._retract_all()
         self.kv.reset()
         self.runner.release_kv()
-        self.suspended = True
+        self.state = EngineState.SUSPENDED
 
     def resume(self) -> None:
         """Re-create the KV pool; retracted requests are recomputed when scheduling resumes."""
         self.runner.allocate_kv()
-        self.suspended = False
+        self.state = EngineState.PAUSED
 
     def update_weights(self, path: str) -> None:
         """Load new weights (HF directory or safetensors file) into the model; only while paused.
@@ -182,14 +187,14 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         """Whether ``step()`` would do something now (False while paused or suspended)."""
-        if self.paused or self.suspended:
+        if self.paused:
             return False
         return bool(self.waiting) or self.running is not None or self.chunked_req is not None
 
-    def load(self) -> LoadReport:
+    def load(self) -> LoadStats:
         num_running = (len(self.running) if self.running else 0) + (1 if self.chunked_req else 0)
         available = self.kv.available
-        return LoadReport(
+        return LoadStats(
             num_waiting=len(self.waiting),
             num_running=num_running,
             kv_used_tokens=self.kv.num_slots - available,

@@ -18,6 +18,7 @@ from dpinfer import protocol
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import spawn_reporting_address
+from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
 from dpinfer.testing.echo import EchoRequest
 
 logger = get_logger(__name__)
@@ -58,7 +59,7 @@ def serve_direct(
             for identity, (entries, bodies) in pending.items():
                 try:
                     sock.send_multipart(
-                        [identity, _packb((protocol.Kind.ENGINE_OUTPUTS, entries)), *bodies], zmq.NOBLOCK
+                        [identity, pack_batch(KIND_ENGINE_OUTPUTS, entries), *bodies], zmq.NOBLOCK
                     )
                 except zmq.Again:
                     logger.warning(

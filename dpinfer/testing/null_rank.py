@@ -59,6 +59,7 @@ class NullEngine:
         model: str = "null",
         context: zmq.Context | None = None,
     ) -> None:
+        self.rank = rank
         self.delay_s = delay_s
         self.stream_chunks = stream_chunks
         self.state = EngineState.RUNNING
@@ -94,7 +95,8 @@ class NullEngine:
                     self._maybe_finish_stop()
                 if self.exit_code is None and self.conn.seconds_until_heartbeat() == 0:
                     waiting = len(self._queued)
-                    self.conn.send_heartbeat(waiting, len(self._reqs) - waiting, 0, 0, self.state.value)
+                    load = protocol.LoadStats(waiting, len(self._reqs) - waiting)
+                    self.conn.send_heartbeat(load, self.state)
         finally:
             self.conn.close()
         return self.exit_code or 0
@@ -165,11 +167,11 @@ class NullEngine:
             self._out_entries, self._out_bodies = [], []
 
     def _control(self, msg: protocol.EngineControl) -> None:
+        signal = msg.signal
         try:
-            signal = Signal(msg.signal)
             target = protocol.next_state(self.state, signal)
-        except (ValueError, ProtocolError) as e:
-            self.conn.send_control_ack(msg.control_id, msg.signal, False, self.state.value, str(e))
+        except ProtocolError as e:
+            self._ack(msg.control_id, signal, False, str(e))
             return
         if signal is Signal.STOP or signal is Signal.SHUTDOWN:
             drain = bool(msg.args.get("drain", True))
@@ -183,7 +185,11 @@ class NullEngine:
                 self._start(self._reqs[request_id])
         if self._stop is None:
             self._flush()
-            self.conn.send_control_ack(msg.control_id, msg.signal, True, self.state.value)
+            self._ack(msg.control_id, signal, True)
+
+    def _ack(self, control_id: int, signal: Signal, ok: bool, error: str = "") -> None:
+        ack = protocol.RankAck(self.rank, ok, self.state, error)
+        self.conn.send_control_ack(protocol.ControlAck(control_id, signal, ack))
 
     def _maybe_finish_stop(self) -> None:
         assert self._stop is not None
@@ -196,7 +202,7 @@ class NullEngine:
         self._due.clear()
         self._flush()
         self.state = EngineState.STOPPED
-        self.conn.send_control_ack(control_id, Signal.STOP.value, True, self.state.value)
+        self._ack(control_id, Signal.STOP, True)
         self.conn.deregister("stopped")
         self.exit_code = 0
 
