@@ -22,8 +22,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from multiprocessing.queues import Queue
-from typing import TypeAlias
+from typing import Protocol
 
 import torch
 import torch.multiprocessing as torch_mp
@@ -58,8 +57,17 @@ class TensorIpcData:
     tensor: torch.Tensor
 
 
-TensorQueue: TypeAlias = "Queue[object]"
-"""The queue both ends share, made by ``new_tensor_queue`` in the parent; it carries ``TensorIpcData``."""
+class TensorQueue(Protocol):
+    """What both ends need of the queue ``new_tensor_queue`` makes (a ``multiprocessing`` queue
+    of ``TensorIpcData``; one typed ``Queue[object]`` fits too, the receiver checks each item)."""
+
+    def put(self, obj: TensorIpcData, *, timeout: float | None = None) -> None: ...
+
+    def get(self, *, timeout: float | None = None) -> object: ...
+
+    def close(self) -> None: ...
+
+    def join_thread(self) -> None: ...
 
 
 def new_tensor_queue(maxsize: int = 0) -> TensorQueue:
