@@ -200,22 +200,29 @@ def test_requests_relay_and_outputs_only_for_requests_in_flight(h: Harness) -> N
     assert h.conn.heartbeats[-1][-1] == "running"
 
 
-def test_control_validation_forwarding_and_acks(h: Harness) -> None:
-    h.conn.inject(protocol.EngineControl(1, Signal.RESUME, {}))
+def test_controls_are_forwarded_in_order_and_acks_relayed_whole(h: Harness) -> None:
+    """The scheduler owns the rank's state and checks every transition; the rank main forwards
+    each signal in order, relays each acknowledgement as it is, and mirrors the state."""
     with pytest.raises(ProtocolError, match="'explode' is not one of"):
         h.conn.inject(protocol.EngineControl(2, "explode", {}))  # type: ignore[arg-type]
+    h.conn.inject(protocol.EngineControl(1, Signal.RESUME, {}))
     h.conn.inject(protocol.EngineControl(3, Signal.PAUSE, {}))
+    assert h.recv(h.scheduler) == protocol.EngineControl(1, Signal.RESUME, {})
     assert h.recv(h.scheduler) == protocol.EngineControl(3, Signal.PAUSE, {})
-    h.wait(lambda: len(h.conn.acks) == 1, "an immediate error ack")
-    ((c1, _, ok1, state1, err1),) = h.conn.acks
-    assert (c1, ok1, state1) == (1, False, "running") and "cannot resume while running" in err1
-    h.conn.inject(protocol.EngineControl(4, Signal.SUSPEND, {}))  # valid once the pause is applied
-    assert h.recv(h.scheduler) == protocol.EngineControl(4, Signal.SUSPEND, {})
-    paused = protocol.ControlAck(3, Signal.PAUSE, protocol.RankAck(3, True, protocol.EngineState.PAUSED))
-    h.push_outputs.send_pyobj(m.RankOutputs(control_acks=(paused,)))
-    h.wait(lambda: len(h.conn.acks) == 2, "the pause ack")
-    assert h.conn.acks[-1] == (3, "pause", True, "paused", "")
+    refused = protocol.RankAck(3, False, protocol.EngineState.RUNNING, "cannot resume while running")
+    paused = protocol.RankAck(3, True, protocol.EngineState.PAUSED)
+    acks = (protocol.ControlAck(1, Signal.RESUME, refused), protocol.ControlAck(3, Signal.PAUSE, paused))
+    h.push_outputs.send_pyobj(m.RankOutputs(control_acks=acks))
+    h.wait(lambda: len(h.conn.acks) == 2, "both acks")
+    assert h.conn.acks == [
+        (1, "resume", False, "running", "cannot resume while running"),
+        (3, "pause", True, "paused", ""),
+    ]
     h.wait(lambda: h.conn.heartbeats[-1][-1] == "paused", "a heartbeat saying paused")
+    internal = protocol.ControlAck(m.INTERNAL_CONTROL_ID, Signal.SUSPEND, paused._replace(state="suspended"))
+    h.push_outputs.send_pyobj(m.RankOutputs(control_acks=(internal,)))
+    h.wait(lambda: h.conn.heartbeats[-1][-1] == "suspended", "a heartbeat saying suspended")
+    assert len(h.conn.acks) == 2, "the rank main's own controls are never acknowledged upstream"
 
 
 def test_reregistration_drops_requests_and_applies_state(h: Harness) -> None:
@@ -223,8 +230,7 @@ def test_reregistration_drops_requests_and_applies_state(h: Harness) -> None:
     h.recv(h.tokenizer)
     h.conn.inject(protocol.RegisterAck(3, "suspended", 0.5))
     assert h.recv(h.tokenizer) == m.AbortRequests((5, 6), "re-registered")
-    assert h.recv(h.scheduler) == protocol.EngineControl(m.INTERNAL_CONTROL_ID, Signal.PAUSE, {})
-    assert h.recv(h.scheduler) == protocol.EngineControl(m.INTERNAL_CONTROL_ID, Signal.SUSPEND, {})
+    assert h.recv(h.scheduler) == m.ReachState(protocol.EngineState.SUSPENDED)
     h.output(5, True, "stale")
     h.requests(7)
     h.recv(h.tokenizer)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpinfer.protocol.kinds import EngineState
 from dpinfer.protocol.messages import ControlAck, EngineOutputEntry, LoadStats
 from dpinfer.sampling import SamplingParams
 
@@ -112,6 +113,14 @@ class TokenizedRequest:
 
 
 # ---------------------------------------------------------------------------- rank main -> scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class ReachState:
+    """Walk the lifecycle to ``state`` (PAUSE/SUSPEND or RESUME/UNPAUSE steps, none acknowledged
+    upstream): how a rank that (re-)registers joins a deployment that is paused or suspended."""
+
+    state: EngineState
 
 
 # ---------------------------------------------------------------------------- scheduler -> detokenizer

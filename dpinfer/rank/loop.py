@@ -22,7 +22,6 @@ from typing import Any
 import zmq
 
 from dpinfer import protocol
-from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal
 from dpinfer.protocol import local as m
@@ -35,7 +34,6 @@ from dpinfer.rank.supervisor import Child, Supervisor
 logger = get_logger(__name__)
 
 MAX_DRAIN = 256
-_ORDER = (EngineState.RUNNING, EngineState.PAUSED, EngineState.SUSPENDED)
 
 
 class RankMain:
@@ -51,10 +49,9 @@ class RankMain:
         self.send_to_tokenizer = sockets["send_to_tokenizer"]
         self.send_to_scheduler = sockets["send_to_scheduler"]
         self.state = EngineState.RUNNING
-        """The scheduler's state as it last acknowledged it (the scheduler owns it; this mirrors it)."""
-        self.target_state = EngineState.RUNNING
-        """The state once every control sent to the scheduler has been applied: what a new
-        signal is checked against before it is forwarded (so invalid ones are refused at once)."""
+        """The scheduler's state as it last acknowledged it, for heartbeats. The scheduler owns
+        the rank's lifecycle state and checks every transition; the rank main only mirrors it
+        (and decides nothing but its own STOP plan)."""
         self.inflight = InFlight()
         self.load = protocol.LoadStats()
         self.stop: StopPlan | None = None
@@ -156,12 +153,7 @@ class RankMain:
         if target is EngineState.STOPPED:
             self.begin_stop(m.INTERNAL_CONTROL_ID, Signal.STOP, {"drain": False})
             return
-        here, there = _ORDER.index(self.target_state), _ORDER.index(target)
-        down, up = (Signal.PAUSE, Signal.SUSPEND), (Signal.UNPAUSE, Signal.RESUME)
-        steps = list(down[here:there]) if there > here else list(reversed(up[there:here]))
-        for sig in steps:
-            self.send_to_scheduler.send_pyobj(protocol.EngineControl(m.INTERNAL_CONTROL_ID, sig, {}))
-        self.target_state = target
+        self.send_to_scheduler.send_pyobj(m.ReachState(target))
 
     def ack(self, control_id: int, sig: Signal, ok: bool, error: str = "") -> None:
         """Acknowledge a control the rank main answers itself (refused, or a finished STOP)."""
@@ -173,15 +165,10 @@ class RankMain:
         if sig in (Signal.STOP, Signal.SHUTDOWN):
             self.begin_stop(msg.control_id, sig, msg.args)
             return
-        try:
-            if self.stop is not None:
-                raise ProtocolError(f"rank {self.rank} is stopping")
-            target = protocol.next_state(self.target_state, sig)
-        except ProtocolError as e:
-            self.ack(msg.control_id, sig, False, str(e))
+        if self.stop is not None:
+            self.ack(msg.control_id, sig, False, f"rank {self.rank} is stopping")
             return
-        self.target_state = target
-        self.send_to_scheduler.send_pyobj(msg)
+        self.send_to_scheduler.send_pyobj(msg)  # the scheduler checks the transition and acks
 
     # ------------------------------------------------------------------ children -> rank
 
@@ -205,7 +192,6 @@ class RankMain:
         """The scheduler's acknowledgement, passed upstream whole."""
         self.state = msg.ack.state
         if not msg.ack.ok:
-            self.target_state = self.state
             logger.warning("control %s failed: %s", msg.signal.value, msg.ack.error)
         if msg.control_id != m.INTERNAL_CONTROL_ID:
             self.conn.send_control_ack(msg)
@@ -236,7 +222,7 @@ class RankMain:
             return
         if self.stop is None:
             self.stop = StopPlan.start(drain, float(deadline_s))
-            self.state = self.target_state = EngineState.STOPPED
+            self.state = EngineState.STOPPED
             reason = f"rank {self.rank} stopped"
             args = {"drain": drain, "reason": reason}
             self.send_to_scheduler.send_pyobj(

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
+_ORDER = (EngineState.RUNNING, EngineState.PAUSED, EngineState.SUSPENDED)
+"""The lifecycle states a ``ReachState`` walks between, in PAUSE/SUSPEND order."""
+
 LOAD_INTERVAL_S = 0.1
 """Most frequent load report while busy; an idle scheduler reports a change at once."""
 
@@ -87,6 +90,7 @@ class SchedulerProcess:
         self._dispatch: dict[type, Callable[[Any], None]] = {
             m.AbortRequests: self.on_abort,
             protocol.EngineControl: self.on_control,
+            m.ReachState: self.on_reach_state,
             m.Shutdown: self.on_shutdown,
         }
 
@@ -180,6 +184,16 @@ class SchedulerProcess:
             ok, error = False, str(e)
         ack = protocol.RankAck(self.rank, ok, self.scheduler.state, error)
         self._acks.append(protocol.ControlAck(cmd.control_id, signal, ack))
+
+    def on_reach_state(self, msg: m.ReachState) -> None:
+        if self.scheduler.state not in _ORDER or msg.state not in _ORDER:
+            logger.warning("cannot go from %s to %s; ignored", self.scheduler.state.value, msg.state.value)
+            return
+        here, there = _ORDER.index(self.scheduler.state), _ORDER.index(msg.state)
+        down, up = (Signal.PAUSE, Signal.SUSPEND), (Signal.UNPAUSE, Signal.RESUME)
+        steps = down[here:there] if there > here else tuple(reversed(up[there:here]))
+        for signal in steps:
+            self.on_control(protocol.EngineControl(m.INTERNAL_CONTROL_ID, signal, {}))
 
     def _apply(self, signal: Signal, args: dict[str, object]) -> None:
         if signal is Signal.PAUSE:
