@@ -6,11 +6,13 @@ Files, by concept:
 - ``peers.py``       handshakes, registration, liveness, control and status handlers
 - ``forwarding.py``  the request path: routing, outputs, aborts, re-dispatch, failures
 - ``outbox.py``      per-turn batching and non-blocking sends; the STATUS counters
-- ``registry.py``    ranks (liveness, load) and clients
-- ``requests.py``    the in-flight record and the queue of requests waiting for a rank
+- ``registry.py``    ranks (liveness, load), clients, the in-flight record, the pending queue
 - ``routing.py``     routing policies (``round_robin``, ``least_loaded``) behind one base class
 - ``lifecycle.py``   the control state machine and acknowledgement aggregation
-- ``auth.py``        CurveZMQ keys and authentication
 - ``process.py``     ``run_coordinator``, ``start_coordinator`` and ``CoordinatorHandle``
 - ``commands.py``    ``dpinfer coordinator`` and ``dpinfer keys``
+
+May import: ``protocol`` (its codec and CURVE setup included), ``config``, ``log``, ``errors``,
+``procutil``. Never torch, transformers, the runner or the scheduler (an import-linter
+contract): the hub decodes headers only and never touches a model.
 """

@@ -1,5 +1,16 @@
 """The wire protocol: every message kind, every message type, one codec.
 
+- ``kinds.py``    ``Kind``, ``Signal``, ``EngineState``, ``TRANSITIONS``: every kind and state
+- ``messages.py`` one frozen dataclass per kind; typed entries and values (``LoadStats``,
+                  ``RankAck``, ``ControlAcknowledgement``) carried whole from hop to hop
+- ``bodies.py``   ``RequestBody`` and ``OutputBody``: the frames the coordinator never decodes
+- ``codec.py``    the one codec, hot path included
+- ``local.py``    the messages between the processes of one rank, grouped by receiver
+- ``curve.py``    CurveZMQ keys and socket setup, shared by the hub, the ranks and the clients
+
+The bottom layer with ``config``: may import only ``config``, ``sampling``, ``log`` and
+``errors`` of dpinfer (and msgpack, msgspec, zmq); never torch.
+
 A message on any dpinfer socket is a ZMQ multipart message ``[header, *bodies]``:
 
 - ``header`` is a small msgpack array ``[kind, field1, field2, ...]`` whose fields are the
