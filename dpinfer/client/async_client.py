@@ -28,6 +28,7 @@ from dpinfer.config import default_address
 from dpinfer.errors import ConnectionLostError, RequestTimeoutError
 from dpinfer.log import get_logger
 from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.protocol.codec import Frame
 
 logger = get_logger(__name__)
 
@@ -225,7 +226,7 @@ class AsyncInferenceClient(ClientSession):
         control_id, frames = self.control_frames(signal, args)
         return check_acknowledgement(await self._call(control_id, frames, self.timeout_s + extra_s))
 
-    async def _call(self, call_id: int, frames: list[Any], timeout_s: float) -> Any:
+    async def _call(self, call_id: int, frames: list[Frame], timeout_s: float) -> Any:
         self._check_usable()
         assert self._loop is not None
         waiter: asyncio.Future[Any] = self._loop.create_future()

@@ -26,6 +26,7 @@ from dpinfer.errors import ProtocolError, ServiceError
 from dpinfer.log import get_logger
 from dpinfer.outputs import GenerationResult, StreamDelta
 from dpinfer.protocol import ControlAcknowledgement
+from dpinfer.protocol.codec import Frame
 
 logger = get_logger(__name__)
 
@@ -74,7 +75,7 @@ class ClientSession:
 
     # ------------------------------------------------------------------ outgoing
 
-    def hello_frames(self) -> list[Any]:
+    def hello_frames(self) -> list[Frame]:
         return p.encode(p.ClientHello(p.PROTOCOL_VERSION, self.client_name))
 
     def add(self, stream: bool, rank: int | None) -> p.SubmitEntry:
@@ -83,21 +84,21 @@ class ClientSession:
         self._inflight[request_id] = _Inflight(time.perf_counter(), stream)
         return p.SubmitEntry(request_id, p.NO_RANK if rank is None else rank, stream)
 
-    def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Any]:
+    def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
         return p.encode(p.Submit(tuple(entries), tuple(bodies)))
 
-    def abort_frames(self, request_ids: Sequence[int]) -> list[Any]:
+    def abort_frames(self, request_ids: Sequence[int]) -> list[Frame]:
         return p.encode(p.Abort(tuple(request_ids)))
 
-    def control_frames(self, signal: p.Signal, args: dict[str, Any]) -> tuple[int, list[Any]]:
+    def control_frames(self, signal: p.Signal, args: dict[str, Any]) -> tuple[int, list[Frame]]:
         control_id = next(self._control_ids)
         return control_id, p.encode(p.Control(control_id, signal.value, args))
 
-    def status_frames(self) -> tuple[int, list[Any]]:
+    def status_frames(self) -> tuple[int, list[Frame]]:
         query_id = next(self._control_ids)
         return query_id, p.encode(p.StatusQuery(query_id))
 
-    def bye_frames(self) -> list[Any]:
+    def bye_frames(self) -> list[Frame]:
         return p.encode(p.ClientBye())
 
     def forget(self, request_ids: Sequence[int]) -> None:
@@ -114,7 +115,7 @@ class ClientSession:
 
     # ------------------------------------------------------------------ incoming
 
-    def dispatch(self, frames: Sequence[Any]) -> None:
+    def dispatch(self, frames: Sequence[Frame]) -> None:
         """Decode one incoming message and call the matching hook; bad input is logged and dropped."""
         try:
             msg = p.decode(frames)

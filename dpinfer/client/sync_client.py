@@ -30,6 +30,7 @@ from dpinfer.client.session import ClientSession, ControlAcknowledgement, check_
 from dpinfer.config import default_address
 from dpinfer.errors import ConnectionLostError, RequestTimeoutError, ServiceError
 from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.protocol.codec import Frame
 
 DEFAULT_TIMEOUT_S = 60.0
 _NO_REPLY = object()
@@ -180,7 +181,7 @@ class InferenceClient(ClientSession):
         control_id, frames = self.control_frames(signal, args)
         return check_acknowledgement(self._call(control_id, frames, self.timeout_s + extra_s))
 
-    def _call(self, call_id: int, frames: list[Any], timeout_s: float) -> Any:
+    def _call(self, call_id: int, frames: list[Frame], timeout_s: float) -> Any:
         self._send(frames)
         replies = self._replies
         replies[call_id] = _NO_REPLY  # a late reply to an abandoned call is dropped, not kept
@@ -227,7 +228,7 @@ class InferenceClient(ClientSession):
         self._send(self.submit_frames(entries, bodies))
         return entries
 
-    def _send(self, frames: list[Any]) -> None:
+    def _send(self, frames: list[Frame]) -> None:
         self._check_usable()
         self._sock.send_multipart(frames)
 

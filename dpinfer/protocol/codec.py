@@ -65,7 +65,7 @@ def _checker(tp: Any, where: str) -> _Check:
     origin = typing.get_origin(tp)
     if tp is bool:
 
-        def check_bool(v: Any) -> bool:
+        def check_bool(v: object) -> bool:
             if type(v) is not bool:
                 raise ProtocolError(f"{where}: expected bool, got {type(v).__name__}")
             return v
@@ -73,7 +73,7 @@ def _checker(tp: Any, where: str) -> _Check:
         return check_bool
     if tp is int:
 
-        def check_int(v: Any) -> int:
+        def check_int(v: object) -> int:
             if type(v) is not int:
                 raise ProtocolError(f"{where}: expected int, got {type(v).__name__}")
             return v
@@ -81,7 +81,7 @@ def _checker(tp: Any, where: str) -> _Check:
         return check_int
     if tp is float:
 
-        def check_float(v: Any) -> float:
+        def check_float(v: object) -> float:
             if type(v) is float:
                 return v
             if type(v) is int:
@@ -91,7 +91,7 @@ def _checker(tp: Any, where: str) -> _Check:
         return check_float
     if tp is str:
 
-        def check_str(v: Any) -> str:
+        def check_str(v: object) -> str:
             if type(v) is not str:
                 raise ProtocolError(f"{where}: expected str, got {type(v).__name__}")
             return v
@@ -99,7 +99,7 @@ def _checker(tp: Any, where: str) -> _Check:
         return check_str
     if origin is dict:
 
-        def check_dict(v: Any) -> dict[str, Any]:
+        def check_dict(v: object) -> dict[str, Any]:
             if type(v) is not dict or not all(type(k) is str for k in v):
                 raise ProtocolError(f"{where}: expected a map with string keys")
             return v
@@ -108,7 +108,7 @@ def _checker(tp: Any, where: str) -> _Check:
     if origin is tuple:
         item = _checker(typing.get_args(tp)[0], f"{where}[]")
 
-        def check_tuple(v: Any) -> tuple[Any, ...]:
+        def check_tuple(v: object) -> tuple[Any, ...]:
             if type(v) is not tuple and type(v) is not list:
                 raise ProtocolError(f"{where}: expected an array, got {type(v).__name__}")
             return tuple(item(x) for x in v)
@@ -120,7 +120,7 @@ def _checker(tp: Any, where: str) -> _Check:
         n = len(subs)
         make: Callable[[list[Any]], Any] = cast(Any, tp)._make  # a NamedTuple (checked via _fields)
 
-        def check_named(v: Any) -> Any:
+        def check_named(v: object) -> tuple[object, ...]:
             if (type(v) is not tuple and type(v) is not list) or len(v) != n:
                 raise ProtocolError(f"{where}: expected an array of {n} fields")
             return make([c(x) for c, x in zip(subs, v, strict=True)])
@@ -181,7 +181,7 @@ def encode_header(msg: Message) -> bytes:
     return _packb([int(msg.KIND), *(getattr(msg, n) for n in schema.names)])
 
 
-def encode(msg: Message) -> list[Any]:
+def encode(msg: Message) -> list[Frame]:
     """Frames for ``msg``: the header, then its bodies (if any), untouched."""
     header = encode_header(msg)
     if msg.HAS_BODIES:
