@@ -8,7 +8,7 @@ import multiprocessing as mp
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from multiprocessing.process import BaseProcess
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -32,8 +32,8 @@ def set_process_name(name: str) -> None:
 
 
 def spawn_reporting_address(
-    target: Callable[..., None], args: tuple[Any, ...], what: str, timeout_s: float = 30.0
-) -> tuple[Any, str]:
+    target: Callable[..., None], args: tuple[object, ...], what: str, timeout_s: float = 30.0
+) -> tuple[BaseProcess, str]:
     """Spawn ``target(*args, conn)`` as a daemon process and wait for the address it sends.
 
     ``target`` must send one string (the address it bound) on ``conn`` once it serves.

@@ -16,88 +16,78 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import click
 
-from dpinfer.bench.loadgen import RawLoad
+from dpinfer.bench.loadgen import RawLoad, Target, TargetStats, interleave
 from dpinfer.bench.relay import start_bare_relay
 from dpinfer.bench.report import (
     Column,
+    MachineInfo,
     emit,
     json_option,
     latency_summary_us,
     machine_info,
-    process_cpu_s,
     render_table,
 )
 from dpinfer.errors import RequestTimeoutError
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
 TARGETS = {"ratio_vs_direct_min": 0.6, "coordinator_cpu_us_per_req_max": 20.0, "added_p50_us_max": 100.0}
 
 
-class Target:
-    """One system under load (the direct rank or a coordinator) and what was measured on it.
+class Case(TargetStats):
+    """One entry of the report's ``cases``: ``direct``, ``bare_relay`` or ``coordinator``."""
 
-    ``pid`` is the coordinator's process (its CPU clock is read around each phase), or None.
-    """
-
-    def __init__(self, load: RawLoad, pid: int | None) -> None:
-        self.load = load
-        self.pid = pid
-        self.round_s: list[float] = []
-        self.num_requests = 0
-        self.cpu_s = 0.0
-        self.latencies: list[float] = []
-        self.latency_cpu_s = 0.0
-
-    def _cpu(self) -> float:
-        return process_cpu_s(self.pid) if self.pid else 0.0
-
-    def throughput_round(self, requests: int, window: int) -> None:
-        cpu0 = self._cpu()
-        self.round_s.append(self.load.throughput(requests, window))
-        self.cpu_s += self._cpu() - cpu0
-        self.num_requests += requests
-
-    def latency_round(self, requests: int) -> None:
-        cpu0 = self._cpu()
-        self.latencies.extend(self.load.latency(requests))
-        self.latency_cpu_s += self._cpu() - cpu0
-
-    def stats(self, requests: int) -> dict[str, Any]:
-        """Best round's throughput (the least disturbed by other load), all latency samples, mean CPU."""
-        summary = latency_summary_us(self.latencies)
-        per_req = self.pid is not None
-        return {
-            "req_per_s": round(requests / min(self.round_s), 1),
-            "req_per_s_rounds": [round(requests / s, 1) for s in self.round_s],
-            "p50_us": summary["p50_us"],
-            "p99_us": summary["p99_us"],
-            "coordinator_cpu_us_per_req": round(self.cpu_s / self.num_requests * 1e6, 2) if per_req else None,
-            "coordinator_cpu_us_per_req_c1": (
-                round(self.latency_cpu_s / len(self.latencies) * 1e6, 2) if per_req else None
-            ),
-        }
+    case: str
+    ranks: int
+    ratio_vs_direct: NotRequired[float]
+    added_p50_us: NotRequired[float]
+    """Added p50 latency over the direct case (not on the direct case itself)."""
+    added_p50_over_relay_us: NotRequired[float]
+    """Coordinator cases only: added p50 latency over the bare relay."""
 
 
-def interleave(
-    targets: Sequence[Target], requests: int, window: int, latency_requests: int, rounds: int
+class SdkStats(TypedDict):
+    """The SDK clients through a one-rank coordinator."""
+
+    sync_p50_us: float
+    sync_p99_us: float
+    async_req_per_s: float
+    sync_added_p50_us: NotRequired[float]
+    """Sync client p50 over the raw generator's p50 on the same deployment."""
+
+
+class Settings(TypedDict):
+    requests: int
+    concurrency: int
+    latency_requests: int
+    rounds: int
+
+
+class CoordinatorReport(TypedDict):
+    """What ``dpinfer bench coordinator --json`` prints."""
+
+    benchmark: str
+    ratio_vs_direct: float
+    ratio_ranks: int
+    cases: list[Case]
+    sdk: SdkStats
+    targets: dict[str, float]
+    settings: Settings
+    machine: MachineInfo
+
+
+def wait_for_ranks(
+    address: str, num_ranks: int, timeout_s: float = 30.0, process: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Warm up, then alternate the targets round by round so background load hits them alike."""
-    for target in targets:
-        target.load.throughput(min(requests, 2000), window)
-    per_round = max(1, latency_requests // rounds)
-    for _ in range(rounds):
-        for target in targets:
-            target.throughput_round(requests, window)
-        for target in targets:
-            target.latency_round(per_round)
-
-
-def wait_for_ranks(address: str, num_ranks: int, timeout_s: float = 30.0, process: Any = None) -> None:
     """Poll the coordinator's status until ``num_ranks`` ranks are live (bounded by ``timeout_s``).
 
     With ``process`` (a ``Popen`` of the rank), fail at once if it exits instead of waiting.
@@ -124,7 +114,7 @@ def null_deployment(num_ranks: int) -> Iterator[tuple[str, int]]:
     from dpinfer.testing.null_rank import start_null_engines
 
     handle = start_coordinator(CoordinatorConfig(port=0))
-    procs: list[Any] = []
+    procs: list[BaseProcess] = []
     try:
         procs = start_null_engines(handle.address, ranks=list(range(num_ranks)), stream_chunks=0)
         wait_for_ranks(handle.address, num_ranks)
@@ -138,7 +128,7 @@ def null_deployment(num_ranks: int) -> Iterator[tuple[str, int]]:
                 proc.join(5)
 
 
-def _measure_sdk(address: str, requests: int, window: int, latency_requests: int) -> dict[str, Any]:
+def _measure_sdk(address: str, requests: int, window: int, latency_requests: int) -> SdkStats:
     from dpinfer.client.async_client import AsyncInferenceClient
     from dpinfer.client.sync_client import InferenceClient
     from dpinfer.sampling import SamplingParams
@@ -177,7 +167,7 @@ def run_benchmark(
     concurrency: int = 128,
     latency_requests: int = 2000,
     rounds: int = 3,
-) -> dict[str, Any]:
+) -> CoordinatorReport:
     """Every case in one run; the report dict that ``--json`` prints.
 
     The direct rank stays up for the whole run and is measured in alternation with each
@@ -193,8 +183,8 @@ def run_benchmark(
     relay_proc, relay_address = start_bare_relay(direct_address)
     direct = Target(RawLoad(direct_address, via_coordinator=False), None)
     relay = Target(RawLoad(relay_address, via_coordinator=False), relay_proc.pid)
-    cases: list[dict[str, Any]] = []
-    sdk: dict[str, Any] | None = None
+    cases: list[Case] = []
+    sdk: SdkStats | None = None
     try:
         for num_ranks in sorted(set(ranks)):
             with null_deployment(num_ranks) as (address, pid):
@@ -207,8 +197,9 @@ def run_benchmark(
                     hub.load.close()
                 # Paired with the direct rounds run just before each of its own: robust to drifting load.
                 paired = [d / h for d, h in zip(direct.round_s[-rounds:], hub.round_s, strict=True)]
-                case = {"case": "coordinator", "ranks": num_ranks, **hub.stats(requests)}
-                cases.append(case | {"ratio_vs_direct": round(statistics.median(paired), 3)})
+                case: Case = {"case": "coordinator", "ranks": num_ranks, **hub.stats(requests)}
+                case["ratio_vs_direct"] = round(statistics.median(paired), 3)
+                cases.append(case)
                 if sdk is None:
                     sdk = _measure_sdk(address, requests, concurrency, latency_requests)
     finally:
@@ -217,8 +208,8 @@ def run_benchmark(
         for p in (relay_proc, proc):
             p.kill()
             p.join(5)
-    direct_case = {"case": "direct", "ranks": 1, **direct.stats(requests)}
-    relay_case = {"case": "bare_relay", "ranks": 1, **relay.stats(requests)}
+    direct_case: Case = {"case": "direct", "ranks": 1, **direct.stats(requests)}
+    relay_case: Case = {"case": "bare_relay", "ranks": 1, **relay.stats(requests)}
     paired = [d / r for d, r in zip(direct.round_s[:rounds], relay.round_s, strict=True)]
     relay_case["ratio_vs_direct"] = round(statistics.median(paired), 3)
     cases.insert(0, relay_case)
@@ -231,8 +222,9 @@ def run_benchmark(
         case["added_p50_over_relay_us"] = round(case["p50_us"] - relay_case["p50_us"], 1)
     assert sdk is not None
     sdk["sync_added_p50_us"] = round(sdk["sync_p50_us"] - one_rank["p50_us"], 1)
-    settings = dict(requests=requests, concurrency=concurrency, latency_requests=latency_requests)
-    settings["rounds"] = rounds
+    settings = Settings(
+        requests=requests, concurrency=concurrency, latency_requests=latency_requests, rounds=rounds
+    )
     return {
         "benchmark": "coordinator",
         "ratio_vs_direct": one_rank["ratio_vs_direct"],
@@ -265,7 +257,7 @@ _SDK_COLUMNS = [
 ]
 
 
-def _tables(report: dict[str, Any]) -> list[Any]:
+def _tables(report: CoordinatorReport) -> list[Table]:
     title = (
         f"coordinator overhead: req/s = best of {report['settings']['rounds']} rounds of "
         f"{report['settings']['requests']:,} requests at {report['settings']['concurrency']} in flight "
@@ -277,10 +269,10 @@ def _tables(report: dict[str, Any]) -> list[Any]:
     return tables
 
 
-def _notes(report: dict[str, Any]) -> list[str]:
+def _notes(report: CoordinatorReport) -> list[str]:
     cases = [c for c in report["cases"] if c["case"] == "coordinator"]
     relay = next(c for c in report["cases"] if c["case"] == "bare_relay")
-    worst_cpu = max(c["coordinator_cpu_us_per_req"] for c in cases)
+    worst_cpu = max(c["coordinator_cpu_us_per_req"] or 0.0 for c in cases)  # never None with a hub
     worst_added = max(c["added_p50_us"] for c in cases)
     checks = [
         f"ratio vs direct {report['ratio_vs_direct']:.2f} (target >= {TARGETS['ratio_vs_direct_min']})",

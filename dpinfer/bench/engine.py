@@ -19,17 +19,54 @@ step that produced them. TTFT counts from t=0 (queueing included), TPOT is
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import click
 
-from dpinfer.bench.report import Column, emit, json_option, machine_info, render_table
-from dpinfer.bench.workloads import Workload, make_mixed, make_shared_prefix, summarize
+from dpinfer.bench.report import Column, MachineInfo, emit, json_option, machine_info, render_table
+from dpinfer.bench.workloads import Case, Workload, make_mixed, make_shared_prefix, summarize
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from dpinfer.runner.model_runner import ModelRunner
 
 HF_BATCH_SIZE = 16
 
 
-def run_dpinfer(runner: Any, workload: Workload, radix: bool, system: str) -> dict[str, Any]:
+class Sizes(TypedDict):
+    """The workloads' length options: ranges are ``(low, high)``, inclusive."""
+
+    prompt: tuple[int, int]
+    output: tuple[int, int]
+    prefix: int
+    suffix: tuple[int, int]
+    shared_output: tuple[int, int]
+
+
+class EngineReport(TypedDict):
+    """What ``dpinfer bench engine --json`` prints."""
+
+    bench: str
+    model: str
+    device: str
+    dtype: str
+    torch_threads: int
+    machine: MachineInfo
+    cases: list[Case]
+    speedup: dict[str, float]
+    """Per workload: output tok/s of dpinfer over its baseline."""
+    targets: dict[str, float]
+
+
+class HFGenerator(Protocol):
+    """What the baseline calls on a ``transformers`` causal LM (``AutoModelForCausalLM``)."""
+
+    def generate(self, **kwargs: object) -> object: ...
+
+
+def run_dpinfer(runner: ModelRunner, workload: Workload, radix: bool, system: str) -> Case:
     from dpinfer.config import SchedulerConfig
     from dpinfer.protocol.local import TokenizedRequest
     from dpinfer.sampling import SamplingParams
@@ -57,11 +94,12 @@ def run_dpinfer(runner: Any, workload: Workload, radix: bool, system: str) -> di
                 if out.finish_reason != "length":
                     raise click.ClickException(f"request {out.request_id} ended with {out.finish_reason}")
     case = summarize(workload, system, t0, stamps, time.perf_counter(), time.process_time() - cpu0)
-    case.update(cached_tokens=cached, retractions=scheduler.num_retractions)
+    case["cached_tokens"] = cached
+    case["retractions"] = scheduler.num_retractions
     return case
 
 
-def run_hf_generate(model: Any, workload: Workload, pad_id: int) -> dict[str, Any]:
+def run_hf_generate(model: HFGenerator, workload: Workload, pad_id: int) -> Case:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -96,7 +134,7 @@ def run_hf_generate(model: Any, workload: Workload, pad_id: int) -> dict[str, An
     return summarize(workload, "hf_generate", t0, stamps, time.perf_counter(), time.process_time() - cpu0)
 
 
-def warm_up(runner: Any, model: Any) -> None:
+def warm_up(runner: ModelRunner, model: HFGenerator) -> None:
     """One short request through each system, so allocation and lazy init are not timed."""
     warm = Workload("warmup", [list(range(3, 40)), list(range(5, 20))], [4, 4])
     run_dpinfer(runner, warm, radix=True, system="warmup")
@@ -108,10 +146,10 @@ def run_bench(
     threads: int,
     workloads: list[str],
     num_requests: int,
-    sizes: dict[str, Any],
+    sizes: Sizes,
     seed: int,
     through_rank: bool = True,
-) -> dict[str, Any]:
+) -> EngineReport:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +162,8 @@ def run_bench(
     pad_id = model.generation_config.pad_token_id or 0
     vocab = runner.vocab_size
     warm_up(runner, model)
-    cases, speedup = [], {}
+    cases: list[Case] = []
+    speedup: dict[str, float] = {}
     if "mixed" in workloads:
         wl = make_mixed(num_requests, vocab, sizes["prompt"], sizes["output"], seed)
         ours, base = run_dpinfer(runner, wl, radix=True, system="dpinfer"), run_hf_generate(model, wl, pad_id)
@@ -171,10 +210,13 @@ COLUMNS = [
 ]
 
 
-def _tables(report: dict[str, Any]) -> list[Any]:
+def _tables(report: EngineReport) -> list[Table]:
     title = f"engine: {report['model']}, cpu fp32, {report['torch_threads']} torch threads"
-    rows = [{"workload": k, "system": "speedup", "output_tok_per_s": v} for k, v in report["speedup"].items()]
-    return [render_table(title, COLUMNS, [*report["cases"], *rows])]
+    rows: list[Mapping[str, object]] = [*report["cases"]]
+    rows += [
+        {"workload": k, "system": "speedup", "output_tok_per_s": v} for k, v in report["speedup"].items()
+    ]
+    return [render_table(title, COLUMNS, rows)]
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -239,13 +281,13 @@ def command(
     as_json: bool,
 ) -> None:
     """The in-process Scheduler against transformers generate (static batches of 16)."""
-    sizes = {
-        "prompt": _range(prompt_len),
-        "output": _range(output_len),
-        "prefix": prefix_len,
-        "suffix": _range(suffix_len),
-        "shared_output": _range(shared_output_len),
-    }
+    sizes = Sizes(
+        prompt=_range(prompt_len),
+        output=_range(output_len),
+        prefix=prefix_len,
+        suffix=_range(suffix_len),
+        shared_output=_range(shared_output_len),
+    )
     report = run_bench(
         model, threads, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
     )

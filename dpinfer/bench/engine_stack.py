@@ -14,13 +14,12 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import click
 
 from dpinfer.bench.coordinator import wait_for_ranks
 from dpinfer.bench.report import process_cpu_s
-from dpinfer.bench.workloads import Workload, summarize
+from dpinfer.bench.workloads import Case, Workload, summarize
 from dpinfer.errors import RequestTimeoutError
 
 RANK_START_TIMEOUT_S = 300.0
@@ -37,7 +36,10 @@ def _start_rank(address: str, model: str, threads: int) -> subprocess.Popen[byte
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def _drive(address: str, prompts: list[list[int]], output_lens: list[int]) -> tuple[list, float, float]:
+async def _drive(
+    address: str, prompts: list[list[int]], output_lens: list[int]
+) -> tuple[list[list[float]], float, float]:
+    """Per-request token timestamps, and the start and end of the timed run (after a warm-up)."""
     from dpinfer import AsyncInferenceClient, SamplingParams
 
     stamps: list[list[float]] = [[] for _ in prompts]
@@ -76,7 +78,7 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
-def run_rank_stack(model: str, threads: int, workload: Workload) -> dict[str, Any]:
+def run_rank_stack(model: str, threads: int, workload: Workload) -> Case:
     """One ``cases`` entry (system ``dpinfer_rank``) for ``workload`` through a real rank."""
     from dpinfer.config import CoordinatorConfig
     from dpinfer.coordinator.process import start_coordinator

@@ -1,14 +1,17 @@
-"""The benchmarks' load generator: a raw DEALER speaking the protocol, nothing in between."""
+"""The benchmarks' load generator (a raw DEALER speaking the protocol, nothing in between)
+and ``Target``, one system under that load with what was measured on it."""
 
 from __future__ import annotations
 
 import time
-from typing import cast
+from collections.abc import Sequence
+from typing import TypedDict, cast
 
 import msgpack
 import zmq
 
 from dpinfer import protocol
+from dpinfer.bench.report import latency_summary_us, process_cpu_s
 from dpinfer.errors import RequestTimeoutError
 
 BODY = protocol.pack_body({"prompt": "x", "sampling": {"max_new_tokens": 1}})
@@ -111,3 +114,73 @@ class RawLoad:
                 self._send(refill)
                 sent += refill
         return time.perf_counter() - start
+
+
+class TargetStats(TypedDict):
+    """What ``Target.stats`` measured; CPU figures are ``None`` without a hub process."""
+
+    req_per_s: float
+    req_per_s_rounds: list[float]
+    p50_us: float
+    p99_us: float
+    coordinator_cpu_us_per_req: float | None
+    coordinator_cpu_us_per_req_c1: float | None
+
+
+class Target:
+    """One system under load (the direct rank or a coordinator) and what was measured on it.
+
+    ``pid`` is the coordinator's process (its CPU clock is read around each phase), or None.
+    """
+
+    def __init__(self, load: RawLoad, pid: int | None) -> None:
+        self.load = load
+        self.pid = pid
+        self.round_s: list[float] = []
+        self.num_requests = 0
+        self.cpu_s = 0.0
+        self.latencies: list[float] = []
+        self.latency_cpu_s = 0.0
+
+    def _cpu(self) -> float:
+        return process_cpu_s(self.pid) if self.pid else 0.0
+
+    def throughput_round(self, requests: int, window: int) -> None:
+        cpu0 = self._cpu()
+        self.round_s.append(self.load.throughput(requests, window))
+        self.cpu_s += self._cpu() - cpu0
+        self.num_requests += requests
+
+    def latency_round(self, requests: int) -> None:
+        cpu0 = self._cpu()
+        self.latencies.extend(self.load.latency(requests))
+        self.latency_cpu_s += self._cpu() - cpu0
+
+    def stats(self, requests: int) -> TargetStats:
+        """Best round's throughput (the least disturbed by other load), all latency samples, mean CPU."""
+        summary = latency_summary_us(self.latencies)
+        per_req = self.pid is not None
+        return {
+            "req_per_s": round(requests / min(self.round_s), 1),
+            "req_per_s_rounds": [round(requests / s, 1) for s in self.round_s],
+            "p50_us": summary["p50_us"],
+            "p99_us": summary["p99_us"],
+            "coordinator_cpu_us_per_req": round(self.cpu_s / self.num_requests * 1e6, 2) if per_req else None,
+            "coordinator_cpu_us_per_req_c1": (
+                round(self.latency_cpu_s / len(self.latencies) * 1e6, 2) if per_req else None
+            ),
+        }
+
+
+def interleave(
+    targets: Sequence[Target], requests: int, window: int, latency_requests: int, rounds: int
+) -> None:
+    """Warm up, then alternate the targets round by round so background load hits them alike."""
+    for target in targets:
+        target.load.throughput(min(requests, 2000), window)
+    per_round = max(1, latency_requests // rounds)
+    for _ in range(rounds):
+        for target in targets:
+            target.throughput_round(requests, window)
+        for target in targets:
+            target.latency_round(per_round)

@@ -10,7 +10,8 @@ share of the added latency can be read off.
 from __future__ import annotations
 
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from multiprocessing.process import BaseProcess
+from typing import cast
 
 import zmq
 
@@ -42,6 +43,6 @@ def _relay_main(target: str, conn: Connection) -> None:
                 front.send_multipart([client, *back.recv_multipart(copy=False)], copy=False)
 
 
-def start_bare_relay(target: str, timeout_s: float = 30.0) -> tuple[Any, str]:
+def start_bare_relay(target: str, timeout_s: float = 30.0) -> tuple[BaseProcess, str]:
     """Spawn a relay in front of the direct rank at ``target``; ``(process, address)``."""
     return spawn_reporting_address(_relay_main, (target,), "the bare relay", timeout_s)

@@ -1,7 +1,8 @@
 """Shared helpers for benchmark reports: percentiles, CPU clocks, a rich table, ``--json`` output.
 
-Every ``dpinfer bench ...`` command builds one JSON-ready ``dict`` (its report) and hands it
-to ``emit``, which prints either that dict as JSON (``--json``) or rich tables plus notes.
+Every ``dpinfer bench ...`` command builds one JSON-ready ``dict`` (its report; the command's
+module may spell out its keys as a ``TypedDict``) and hands it to ``emit``, which prints
+either that dict as JSON (``--json``) or rich tables plus notes.
 Latencies are kept in seconds while measuring and reported in microseconds or milliseconds
 with the unit in the key (``p50_us``).
 """
@@ -13,11 +14,19 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
+    from rich.text import JustifyMethod
+
+ReportT = TypeVar("ReportT", bound=Mapping[str, object])
+F = TypeVar("F", bound=Callable[..., object])
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -64,7 +73,16 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def machine_info() -> dict[str, Any]:
+class MachineInfo(TypedDict):
+    """The report's ``machine`` key."""
+
+    cpus: int | None
+    load_avg_1m: float | None
+    python: str
+    platform: str
+
+
+def machine_info() -> MachineInfo:
     """What the numbers were measured on (for the report's ``machine`` key)."""
     return {
         "cpus": os.cpu_count(),
@@ -81,9 +99,9 @@ class Column:
     key: str
     header: str
     fmt: str = "{:,.1f}"
-    justify: str = "right"
+    justify: JustifyMethod = "right"
 
-    def format(self, value: Any) -> str:
+    def format(self, value: object) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
         if isinstance(value, str):
@@ -91,22 +109,22 @@ class Column:
         return self.fmt.format(value)
 
 
-def render_table(title: str, columns: Sequence[Column], rows: Sequence[dict[str, Any]]) -> Any:
+def render_table(title: str, columns: Sequence[Column], rows: Sequence[Mapping[str, object]]) -> Table:
     """A ``rich.table.Table`` of ``rows`` (dicts keyed by ``Column.key``)."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col.header, justify=col.justify)  # type: ignore[arg-type]
+        table.add_column(col.header, justify=col.justify)
     for row in rows:
         table.add_row(*(col.format(row.get(col.key)) for col in columns))
     return table
 
 
 def emit(
-    report: dict[str, Any],
+    report: ReportT,
     as_json: bool,
-    tables: Callable[[dict[str, Any]], Sequence[Any]],
+    tables: Callable[[ReportT], Sequence[RenderableType]],
     notes: Sequence[str] = (),
 ) -> None:
     """Print ``report`` as JSON (``--json``) or as the rich tables ``tables(report)`` returns, then notes."""
@@ -123,14 +141,14 @@ def emit(
         console.print(f"[dim]{note}[/dim]")
 
 
-def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+def json_option(func: F) -> F:
     """The ``--json`` flag every benchmark takes."""
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")(
         func
     )
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: object) -> object:
     """``value`` with NaN/inf turned into ``None`` (strict JSON) and arrays into lists."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None

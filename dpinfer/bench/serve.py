@@ -14,12 +14,24 @@ import collections
 import random
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import click
 
-from dpinfer.bench.report import Column, emit, json_option, machine_info, percentile, render_table
+from dpinfer.bench.report import (
+    Column,
+    MachineInfo,
+    emit,
+    json_option,
+    machine_info,
+    percentile,
+    render_table,
+)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,38 @@ class Workload:
         ]
 
 
-async def _drive(address: str, workload: Workload, on_done: Any) -> dict[str, Any]:
+class Stats(TypedDict):
+    """What the client measured on one deployment."""
+
+    output_tok_per_s: float
+    req_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    requests_per_rank: dict[str, int]
+    elapsed_s: float
+
+
+class Case(Stats):
+    """One entry of the report's ``cases``."""
+
+    dp: int
+
+
+class ServeReport(TypedDict):
+    """What ``dpinfer bench serve --json`` prints."""
+
+    model: str
+    workload: dict[str, int]
+    threads_per_rank: int
+    cases: list[Case]
+    scaling: float | None
+    """Output tokens/s at dp=2 over dp=1 (``None`` unless both ran)."""
+    machine: MachineInfo
+
+
+async def _drive(address: str, workload: Workload, on_done: Callable[[], object]) -> Stats:
     from dpinfer import AsyncInferenceClient, SamplingParams
 
     ttfts: list[float] = []
@@ -93,7 +136,9 @@ async def _drive(address: str, workload: Workload, on_done: Any) -> dict[str, An
     }
 
 
-def run_case(model: str, dp: int, workload: Workload, engine_args: tuple[str, ...], progress: Any) -> dict:
+def run_case(
+    model: str, dp: int, workload: Workload, engine_args: tuple[str, ...], progress: Progress
+) -> Case:
     from dpinfer.config import CoordinatorConfig
     from dpinfer.launcher.deployment import Deployment, ServeConfig
 
@@ -144,14 +189,14 @@ def command(
         if 1 in by_dp and 2 in by_dp
         else None
     )
-    report = {
-        "model": model,
-        "workload": workload.__dict__,
-        "threads_per_rank": 1,
-        "cases": cases,
-        "scaling": scaling,
-        "machine": machine_info(),
-    }
+    report = ServeReport(
+        model=model,
+        workload=workload.__dict__,
+        threads_per_rank=1,
+        cases=cases,
+        scaling=scaling,
+        machine=machine_info(),
+    )
     columns = [
         Column("dp", "dp", "{}"),
         Column("output_tok_per_s", "output tok/s"),

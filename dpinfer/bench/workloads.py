@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from dpinfer.bench.report import percentile
 
@@ -40,9 +40,30 @@ def make_shared_prefix(
     return Workload("shared_prefix", prompts, [rng.randint(*output_range) for _ in range(n)])
 
 
+class Case(TypedDict):
+    """One entry of the engine report's ``cases``: one system on one workload."""
+
+    workload: str
+    system: str
+    """``dpinfer``, ``dpinfer_no_cache``, ``dpinfer_rank`` or ``hf_generate``."""
+    num_requests: int
+    output_tokens: int
+    duration_s: float
+    cpu_s: float
+    output_tok_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    cached_tokens: NotRequired[int]
+    """In-process Scheduler only: prompt tokens served from the radix cache."""
+    retractions: NotRequired[int]
+    """In-process Scheduler only: requests retracted for lack of KV slots."""
+
+
 def summarize(
     workload: Workload, system: str, t0: float, stamps: list[list[float]], end: float, cpu_s: float
-) -> dict[str, Any]:
+) -> Case:
     """One ``cases`` entry from per-request token timestamps (and the CPU seconds it used)."""
     ttft = [(s[0] - t0) * 1e3 for s in stamps if s]
     tpot = [(s[-1] - s[0]) * 1e3 / (len(s) - 1) for s in stamps if len(s) > 1]

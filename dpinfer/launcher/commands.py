@@ -5,12 +5,20 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Unpack
 
 import click
 
-from dpinfer.config import CoordinatorConfig, RoutingPolicyName, default_address
-from dpinfer.launcher.options import engine_args_from_options, engine_options, rank_config_from_options
+from dpinfer.config import CoordinatorConfig, RoutingPolicyName, default_address, new_deployment_id
+from dpinfer.launcher.options import (
+    EngineOptions,
+    engine_args_from_options,
+    engine_options,
+    rank_config_from_options,
+)
+
+if TYPE_CHECKING:
+    from dpinfer.launcher.deployment import ServeConfig
 
 _COORD = CoordinatorConfig()
 
@@ -40,7 +48,7 @@ _COORD = CoordinatorConfig()
 @engine_options
 def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
           max_restarts: int, threads_per_rank: int, ready_file: str | None, log_file: str | None,
-          **engine: Any) -> None:  # fmt: skip
+          **engine: Unpack[EngineOptions]) -> None:  # fmt: skip
     """Serve a model on DP ranks behind one coordinator, in the foreground (Ctrl-C stops)."""
     from rich.console import Console
 
@@ -78,14 +86,14 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
 
 def _serve_config(
     dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
-    max_restarts: int, threads_per_rank: int, log_file: str | None, engine: dict[str, Any],
-) -> Any:  # fmt: skip
+    max_restarts: int, threads_per_rank: int, log_file: str | None, engine: EngineOptions,
+) -> ServeConfig:  # fmt: skip
     """Every option validated here (engine options too), so a typo fails in the terminal
     at once instead of inside N ranks a few seconds later."""
     from dpinfer.launcher.deployment import ServeConfig
 
-    device = engine["device"] if engine["device"] != "auto" else "cpu"
-    rank_config_from_options(default_address(), **{**engine, "device": device})
+    checked: EngineOptions = {**engine, "device": engine["device"] if engine["device"] != "auto" else "cpu"}
+    rank_config_from_options(default_address(), **checked)
     coordinator = CoordinatorConfig(
         host=host,
         port=port,
@@ -100,5 +108,5 @@ def _serve_config(
         max_restarts=max_restarts,
         threads_per_rank=threads_per_rank,
         log_path=log_file,
-        **({"deployment_id": engine["deployment_id"]} if engine.get("deployment_id") else {}),
+        deployment_id=engine.get("deployment_id") or new_deployment_id(),
     )

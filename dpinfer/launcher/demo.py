@@ -8,9 +8,14 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dpinfer.outputs import GenerationResult
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -82,7 +87,7 @@ def demo(model: str | None, dp: int, max_new_tokens: int) -> None:
     console.print(f"[bold green]demo finished[/] in {time.monotonic() - started:.0f} s: every step worked")
 
 
-def _run_steps(console: Any, address: str, max_new_tokens: int) -> None:
+def _run_steps(console: Console, address: str, max_new_tokens: int) -> None:
     from rich.table import Table
 
     from dpinfer import InferenceClient, SamplingParams
@@ -125,7 +130,7 @@ def _run_steps(console: Any, address: str, max_new_tokens: int) -> None:
         ack = client.pause_engines()
         console.print(f"paused: {', '.join(f'rank {a.rank}: {a.state}' for a in ack.acks)}")
         done = threading.Event()
-        box: dict[str, Any] = {}
+        box: dict[str, GenerationResult] = {}
 
         def submit_while_paused() -> None:
             with InferenceClient(address, timeout_s=120.0) as other:

@@ -14,18 +14,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING
 
 from dpinfer.config import ConfigError, CoordinatorConfig, new_deployment_id
 from dpinfer.errors import DpinferError
 from dpinfer.log import get_logger
 
+if TYPE_CHECKING:
+    from dpinfer.client.sync_client import InferenceClient
+    from dpinfer.coordinator.process import CoordinatorHandle
+
 logger = get_logger(__name__)
 
-ProgressFn = Callable[[str, dict[str, Any] | None], None]
+ProgressFn = Callable[[str, Mapping[str, object] | None], None]
+"""``progress(message, status)``: what start-up is doing, with the coordinator's status map
+once there is one."""
 
 
 class DeploymentError(DpinferError):
@@ -63,9 +69,9 @@ class Deployment:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.address = ""
-        self._coordinator: Any = None
+        self._coordinator: CoordinatorHandle | None = None
         self._torchrun: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
+        self._log_file: IO[bytes] | None = None
         self._client_keys: tempfile.TemporaryDirectory[str] | None = None
         self._client_curve_dir: str | None = None
 
@@ -111,7 +117,7 @@ class Deployment:
     def _key_name(self) -> str:
         return f"serve-{self.config.deployment_id}"
 
-    def client(self, timeout_s: float) -> Any:
+    def client(self, timeout_s: float) -> InferenceClient:
         """A sync client of this deployment (with its own CURVE key when CURVE is on)."""
         from dpinfer.client.sync_client import InferenceClient
 
@@ -133,7 +139,7 @@ class Deployment:
     def _launch_torchrun(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        out: Any = None
+        out: IO[bytes] | None = None
         if self.config.log_path:
             self._log_file = open(self.config.log_path, "ab")  # noqa: SIM115 - closed in stop()
             out = self._log_file

@@ -1,13 +1,14 @@
 """The engine-rank options shared by ``dpinfer serve``, the torchrun worker and ``bench serve``.
 
 Defaults and choices come from the config dataclasses, so the CLI never drifts from them.
+``EngineOptions`` is what a command decorated with ``engine_options`` receives for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypedDict, TypeVar, Unpack, cast
 
 import click
 
@@ -21,7 +22,7 @@ from dpinfer.config import (
     new_deployment_id,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., object])
 
 _MODEL = ModelConfig()
 _SCHED = SchedulerConfig()
@@ -66,13 +67,37 @@ ENGINE_OPTIONS: list[Callable[[F], F]] = [
 ]  # fmt: skip
 
 
+class EngineOptions(TypedDict):
+    """The values of ``ENGINE_OPTIONS``, by parameter name (one key per option)."""
+
+    model: str
+    device: str
+    dtype: str
+    kv_cache_bytes: int
+    kv_cache_fraction: float
+    max_kv_tokens: int
+    max_running_requests: int
+    max_prefill_tokens: int
+    radix_cache: bool
+    transport: str
+    tensor_transport: str
+    shm_region_bytes: int
+    deployment_id: str | None
+    rank_curve_dir: str | None
+    ready_timeout_s: float
+    connect_timeout_s: float
+
+
 def engine_options(func: F) -> F:
+    """Add every option of ``ENGINE_OPTIONS`` to the click command ``func``."""
     for option in reversed(ENGINE_OPTIONS):
         func = option(func)
     return func
 
 
-def rank_config_from_options(coordinator: str, rank: int = 0, **opts: Any) -> RankConfig:
+def rank_config_from_options(
+    coordinator: str, rank: int = 0, *, num_threads: int = 0, **opts: Unpack[EngineOptions]
+) -> RankConfig:
     """Build a ``RankConfig`` from the values of ``engine_options`` (extra keys are ignored)."""
     model = ModelConfig(model=opts["model"], device=opts.get("device") or "cpu", dtype=opts["dtype"])
     scheduler = SchedulerConfig(
@@ -83,10 +108,11 @@ def rank_config_from_options(coordinator: str, rank: int = 0, **opts: Any) -> Ra
         max_prefill_tokens=opts["max_prefill_tokens"],
         enable_radix_cache=opts["radix_cache"],
     )
+    # The option strings become enums in TransportConfig.__post_init__, whose errors name the flag.
     transport = dataclasses.replace(
         _TRANSPORT,
-        transport=opts["transport"],
-        tensor_transport=opts["tensor_transport"],
+        transport=cast(TransportMode, opts["transport"]),
+        tensor_transport=cast(TensorTransportMode, opts["tensor_transport"]),
         shm_region_bytes=opts.get("shm_region_bytes", _TRANSPORT.shm_region_bytes),
     )
     return RankConfig(
@@ -99,11 +125,11 @@ def rank_config_from_options(coordinator: str, rank: int = 0, **opts: Any) -> Ra
         ready_timeout_s=opts["ready_timeout_s"],
         connect_timeout_s=opts["connect_timeout_s"],
         curve_dir=opts.get("rank_curve_dir"),
-        num_threads=opts.get("num_threads", 0),
+        num_threads=num_threads,
     )
 
 
-def engine_args_from_options(**opts: Any) -> list[str]:
+def engine_args_from_options(**opts: Unpack[EngineOptions]) -> list[str]:
     """Turn ``engine_options`` values back into command-line arguments (for torchrun)."""
     args: list[str] = []
     for option in ENGINE_OPTIONS:

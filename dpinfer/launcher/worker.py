@@ -30,12 +30,12 @@ import sys
 import time
 from datetime import timedelta
 from types import FrameType
-from typing import Any
+from typing import Unpack
 
 import click
 
 from dpinfer.config import ConfigError, RankConfig, default_address
-from dpinfer.launcher.options import engine_options, rank_config_from_options
+from dpinfer.launcher.options import EngineOptions, engine_options, rank_config_from_options
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import die_with_parent
 
@@ -84,10 +84,8 @@ def startup_barrier(env: TorchrunEnv, device: str, timeout_s: float) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    kwargs: dict[str, Any] = (
-        {"device_id": int(device.split(":")[1])} if backend == "nccl" and ":" in device else {}
-    )
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    device_id = int(device.split(":")[1]) if backend == "nccl" and ":" in device else None
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
     try:
         dist.barrier()
     finally:
@@ -179,18 +177,16 @@ def main(
     barrier_timeout_s: float,
     rank: int | None,
     supervise: bool,
-    **options: object,
+    **options: Unpack[EngineOptions],
 ) -> None:
     """torchrun entry point: run and supervise the engine rank of this worker."""
     env = TorchrunEnv.from_environ()
     rank_id = env.rank if rank is None else rank
     set_role("worker", rank_id)
-    device = pick_device(options.pop("device"), env.local_rank)  # type: ignore[arg-type]
+    device = options["device"] = pick_device(options["device"], env.local_rank)
     num_threads = threads_per_rank_from(threads_per_rank, env, device)
     try:
-        config = rank_config_from_options(
-            coordinator, rank=rank_id, device=device, num_threads=num_threads, **options
-        )
+        config = rank_config_from_options(coordinator, rank=rank_id, num_threads=num_threads, **options)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     startup_barrier(env, device, barrier_timeout_s)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +147,7 @@ def paged_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     dp_batch: ForwardBatch | None = None,
-    **kwargs: Any,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Write this layer's new K/V into the pool, then attend over each request's full KV."""
     if dp_batch is None:

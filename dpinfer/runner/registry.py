@@ -20,10 +20,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from dpinfer.config import ConfigError, ModelConfig
 from dpinfer.runner import builtin_models as bm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,9 @@ class BuiltinModel:
     description: str
     build: Callable[[Path], None]
     version: int = 1
-    load_tokenizer: Callable[[Path], Any] | None = None
+    load_tokenizer: Callable[[Path], PreTrainedTokenizerBase] | None = None
     """Overrides ``AutoTokenizer.from_pretrained(dir)`` for this model."""
-    load_processor: Callable[[Path], Any] | None = None
+    load_processor: Callable[[Path], ProcessorMixin] | None = None
     """Overrides ``AutoProcessor.from_pretrained(dir)`` (vision-language models only)."""
 
 
@@ -81,6 +84,28 @@ class ModelSpec:
         return self.image_token_id is not None
 
 
+class _VisionConfig(TypedDict, total=False):
+    """The ``vision_config`` fields read here (to count image tokens when the config does not)."""
+
+    image_size: int
+    patch_size: int
+
+
+class _HFConfig(TypedDict, total=False):
+    """The fields of a Hugging Face ``config.json`` (or its ``text_config``) that are read here."""
+
+    architectures: list[str]
+    max_position_embeddings: int
+    vocab_size: int
+    eos_token_id: int | list[int] | None
+    text_config: _HFConfig
+    vision_config: _VisionConfig | None
+    image_token_id: int
+    image_token_index: int
+    image_seq_length: int
+    vision_feature_select_strategy: str
+
+
 def _model_dir(config: ModelConfig) -> tuple[Path, bool]:
     entry = MODELS.get(config.model)
     if entry is not None:
@@ -97,8 +122,8 @@ def _model_dir(config: ModelConfig) -> tuple[Path, bool]:
     )
 
 
-def _eos_ids(path: Path, config: dict[str, Any]) -> tuple[int, ...]:
-    value: Any = None
+def _eos_ids(path: Path, config: _HFConfig) -> tuple[int, ...]:
+    value: int | list[int] | None = None
     gen_path = path / "generation_config.json"
     if gen_path.is_file():
         value = json.loads(gen_path.read_text()).get("eos_token_id")
@@ -116,7 +141,7 @@ def _has_chat_template(path: Path) -> bool:
     return tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template"))
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+def _text_config(config: _HFConfig) -> _HFConfig:
     # Vision-language configs nest the language model's fields.
     return config.get("text_config") or config
 
@@ -128,7 +153,7 @@ def resolve_model(config: ModelConfig) -> ModelSpec:
     model, or a built-in whose optional dependencies are missing.
     """
     path, builtin = _model_dir(config)
-    raw = json.loads((path / "config.json").read_text())
+    raw: _HFConfig = json.loads((path / "config.json").read_text())
     text = _text_config(raw)
     archs = raw.get("architectures") or ["unknown"]
     image_token_id, image_seq_length = _image_fields(raw)
@@ -146,7 +171,7 @@ def resolve_model(config: ModelConfig) -> ModelSpec:
     )
 
 
-def _image_fields(config: dict[str, Any]) -> tuple[int | None, int]:
+def _image_fields(config: _HFConfig) -> tuple[int | None, int]:
     """``(image_token_id, image_seq_length)`` of a LLaVA-style config, ``(None, 0)`` otherwise."""
     if "vision_config" not in config:
         return None, 0
@@ -164,7 +189,7 @@ def _image_fields(config: dict[str, Any]) -> tuple[int | None, int]:
     return int(token), int(seq_len)
 
 
-def load_tokenizer(config: ModelConfig) -> Any:
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer (a ``transformers`` tokenizer), built-in overrides applied."""
     spec = resolve_model(config)
     entry = MODELS.get(config.model)
@@ -183,7 +208,7 @@ def load_tokenizer(config: ModelConfig) -> Any:
         return named.from_pretrained(spec.path)
 
 
-def _named_tokenizer_class(path: Path) -> Any | None:
+def _named_tokenizer_class(path: Path) -> type[PreTrainedTokenizerBase] | None:
     cfg = path / "tokenizer_config.json"
     if not cfg.is_file():
         return None
@@ -193,10 +218,10 @@ def _named_tokenizer_class(path: Path) -> Any | None:
     import transformers
 
     cls = getattr(transformers, name, None)
-    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase) else None
 
 
-def load_processor(config: ModelConfig) -> Any:
+def load_processor(config: ModelConfig) -> ProcessorMixin:
     """The ``transformers`` processor (image processor + tokenizer) of a vision-language model.
 
     Built-in overrides first, then ``AutoProcessor``; a LLaVA directory whose tokenizer
@@ -219,11 +244,11 @@ def load_processor(config: ModelConfig) -> Any:
         return _assemble_llava_processor(Path(spec.path), load_tokenizer(config))
 
 
-def _assemble_llava_processor(path: Path, tokenizer: Any) -> Any:
+def _assemble_llava_processor(path: Path, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
     from transformers import AutoImageProcessor, LlavaProcessor
 
     keys = ("patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")
-    saved: dict[str, Any] = {}
+    saved: dict[str, object] = {}
     for name in ("processor_config.json", "preprocessor_config.json"):
         if (path / name).is_file():
             saved = {k: v for k, v in json.loads((path / name).read_text()).items() if k in keys}
@@ -236,7 +261,7 @@ def _assemble_llava_processor(path: Path, tokenizer: Any) -> Any:
     )
 
 
-def load_model(spec: ModelSpec, device: str, dtype: str) -> Any:
+def load_model(spec: ModelSpec, device: str, dtype: str) -> PreTrainedModel:
     """The ``transformers`` model in eval mode on ``device`` with ``dtype``.
 
     A causal LM, or for a multimodal spec the image-text-to-text model (vision tower,
@@ -253,7 +278,7 @@ def load_model(spec: ModelSpec, device: str, dtype: str) -> Any:
     return model.to(device).eval()  # type: ignore[arg-type]
 
 
-def _load_byt5(path: Path) -> Any:
+def _load_byt5(path: Path) -> PreTrainedTokenizerBase:
     from transformers import ByT5Tokenizer
 
     return ByT5Tokenizer.from_pretrained(path)
@@ -269,7 +294,7 @@ register_model(
 )
 
 
-def _load_tiny_llava_processor(path: Path) -> Any:
+def _load_tiny_llava_processor(path: Path) -> ProcessorMixin:
     from transformers import AutoImageProcessor
 
     return bm.tiny_llava_processor(_load_byt5(path), AutoImageProcessor.from_pretrained(path))

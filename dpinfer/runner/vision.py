@@ -17,23 +17,39 @@ same logits as passing ``pixel_values`` to the ``transformers`` model.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
 from dpinfer.runner.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PIXEL_VALUES = "pixel_values"
 IMAGE_FEATURES = "image_features"
 MM_INPUT_KEYS = (PIXEL_VALUES, IMAGE_FEATURES)
 
 
+class ImageFeatureModel(Protocol):
+    """What ``VisionEncoder`` calls on a LLaVA-style model (``PreTrainedModel`` does not declare it)."""
+
+    def get_image_features(
+        self,
+        *,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int],
+        vision_feature_select_strategy: str,
+    ) -> object: ...
+
+
 class VisionEncoder:
     """The vision tower + projector of ``model`` (a ``transformers`` LLaVA-style model)."""
 
-    def __init__(self, model: Any, spec: ModelSpec) -> None:
+    def __init__(self, model: PreTrainedModel, spec: ModelSpec) -> None:
         assert spec.image_token_id is not None, "VisionEncoder needs a multimodal spec"
-        self.model = model
+        self.model = cast(ImageFeatureModel, model)
         self.image_token_id: int = spec.image_token_id
         self.tokens_per_image = spec.image_seq_length
         config = model.config
@@ -49,7 +65,7 @@ class VisionEncoder:
         self.device = model.device
         self.dtype = model.dtype
 
-    def check(self, input_ids: list[int], mm_inputs: Any) -> str | None:
+    def check(self, input_ids: list[int], mm_inputs: object) -> str | None:
         """Why ``mm_inputs`` cannot go with ``input_ids`` (a message for the user), or ``None``."""
         if not isinstance(mm_inputs, dict):
             return f"mm_inputs must be a map with one of {', '.join(MM_INPUT_KEYS)}"
@@ -127,6 +143,7 @@ class VisionEncoder:
         feats = getattr(result, "pooler_output", result)
         if isinstance(feats, list | tuple):
             feats = torch.cat(list(feats))
+        assert isinstance(feats, torch.Tensor), f"get_image_features gave a {type(feats).__name__}"
         feats = feats.reshape(-1, feats.shape[-1])
         assert feats.shape[0] == pixel_values.shape[0] * self.tokens_per_image, (
             f"vision tower gave {feats.shape[0]} features for {pixel_values.shape[0]} images; "
@@ -140,7 +157,7 @@ def image_token_positions(input_ids: list[int], image_token_id: int) -> torch.Te
     return torch.tensor([i for i, t in enumerate(input_ids) if t == image_token_id], dtype=torch.int64)
 
 
-def mm_inputs_hash(mm_inputs: dict[str, Any]) -> bytes:
+def mm_inputs_hash(mm_inputs: Mapping[str, object]) -> bytes:
     """A content hash of ``mm_inputs`` tensors, for requests that arrive without ``mm_hash``."""
     digest = hashlib.blake2b(digest_size=16)
     for key in sorted(mm_inputs):
