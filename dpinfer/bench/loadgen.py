@@ -7,20 +7,14 @@ import time
 from collections.abc import Sequence
 from typing import TypedDict, cast
 
-import msgpack
 import zmq
 
 from dpinfer import protocol
 from dpinfer.bench.report import latency_summary_us, process_cpu_s
 from dpinfer.errors import RequestTimeoutError
+from dpinfer.protocol import codec
 
 BODY = protocol.pack_body({"prompt": "x", "sampling": {"max_new_tokens": 1}})
-_KIND_SUBMIT = int(protocol.Kind.SUBMIT)
-_KIND_REQUESTS = int(protocol.Kind.REQUESTS)
-_REPLY_KINDS = {int(protocol.Kind.OUTPUTS), int(protocol.Kind.ENGINE_OUTPUTS)}
-_KIND_ERROR = int(protocol.Kind.ERROR)
-_packb = msgpack.Packer(use_bin_type=True).pack
-_unpackb = msgpack.unpackb
 
 
 class RawLoad:
@@ -64,21 +58,20 @@ class RawLoad:
         self._next_id += count
         ids = range(first, first + count)
         if self.via_coordinator:
-            header = _packb((_KIND_SUBMIT, [(i, protocol.NO_RANK, False) for i in ids]))
+            header = codec.pack_batch(codec.KIND_SUBMIT, [(i, protocol.NO_RANK, False) for i in ids])
         else:
-            header = _packb((_KIND_REQUESTS, [(i, False) for i in ids]))
+            header = codec.pack_batch(codec.KIND_REQUESTS, [(i, False) for i in ids])
         self._sock.send_multipart([header, *([BODY] * count)])
 
     def _finals(self, frames: list[bytes]) -> int:
-        arr = _unpackb(frames[0])
-        if arr[0] not in _REPLY_KINDS:
-            detail = f"{arr[1]}: {arr[2]}" if arr[0] == _KIND_ERROR else f"kind {arr[0]}"
-            raise RuntimeError(f"unexpected reply during the benchmark: {detail}")
+        msg = protocol.decode(frames)
+        if not isinstance(msg, protocol.Outputs | protocol.EngineOutputs):
+            raise RuntimeError(f"unexpected reply during the benchmark: {msg}")
         # The last body stands for the batch: a failing target fails every request alike.
-        last = _unpackb(frames[-1])
+        last = protocol.unpack_body(frames[-1])
         if last.get("finish_reason") != "stop":
             raise RuntimeError(f"request failed during the benchmark: {last.get('error')}")
-        return sum(1 for entry in arr[1] if entry[1])
+        return sum(1 for entry in msg.entries if entry.final)
 
     def _recv_finals(self) -> int:
         """Block for one message, then drain what else is queued; the number of finished requests."""

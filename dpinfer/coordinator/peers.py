@@ -36,7 +36,8 @@ logger = get_logger(__name__)
 
 ClientHandler = Callable[[ClientPeer, Any, float], None]
 RankHandler = Callable[[RankPeer, Any, float], None]
-FrameHandler = Callable[[bytes, tuple[Any, ...], Any, list[Any], float], None]
+FrameHandler = Callable[[bytes, int, zmq.Frame, list[zmq.Frame], float], None]
+"""(identity, kind, header frame, body frames, now): one handler per kind in the dispatch table."""
 
 
 class PeerHandlers:
@@ -90,45 +91,45 @@ class PeerHandlers:
         self._error(identity, "wrong_direction", message)
 
     def _on_wrong_direction(
-        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        self, identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
-        kind = protocol.Kind(arr[0])
-        self._wrong_direction(identity, f"{kind.name} is sent by the coordinator, not to it")
+        kind_name = protocol.Kind(kind).name
+        self._wrong_direction(identity, f"{kind_name} is sent by the coordinator, not to it")
 
     def _client_kind(self, fn: ClientHandler) -> FrameHandler:
         def handle(
-            identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+            identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
         ) -> None:
             client = self._clients.get(identity)
             if client is None:
                 self._reject_client_kind(identity)
             else:
-                fn(client, codec.decode_header(arr, [header, *bodies]), now)
+                fn(client, codec.decode_frames(kind, header.buffer, bodies), now)
 
         return handle
 
     def _rank_kind(self, fn: RankHandler) -> FrameHandler:
         def handle(
-            identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+            identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
         ) -> None:
             peer = self.registry.by_identity.get(identity)
             if peer is None:
                 self._reject_rank_kind(identity)
             else:
                 peer.last_seen = now
-                fn(peer, codec.decode_header(arr, [header, *bodies]), now)
+                fn(peer, codec.decode_frames(kind, header.buffer, bodies), now)
 
         return handle
 
     # ------------------------------------------------------------------ clients
 
     def _on_hello(
-        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        self, identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         if identity in self.registry.by_identity:
             self._wrong_direction(identity, "an engine rank may not say ClientHello")
             return
-        msg = codec.decode_header(arr, [header, *bodies])
+        msg = codec.decode_frames(kind, header.buffer, bodies)
         assert isinstance(msg, protocol.ClientHello)
         if msg.version != protocol.PROTOCOL_VERSION:
             self._error(
@@ -189,12 +190,12 @@ class PeerHandlers:
     # ------------------------------------------------------------------ ranks
 
     def _on_register_frames(
-        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        self, identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         if identity in self._clients:
             self._wrong_direction(identity, "a client may not register as an engine rank")
             return
-        msg = codec.decode_header(arr, [header, *bodies])
+        msg = codec.decode_frames(kind, header.buffer, bodies)
         assert isinstance(msg, protocol.Register)
         if msg.version != protocol.PROTOCOL_VERSION:
             self._error(

@@ -48,7 +48,7 @@ _MONITOR_EVENTS = (
 _HWM = 100_000
 _CLOSE_LINGER_MS = 1000
 
-Handler = Callable[[bytes, tuple[Any, ...], Any, list[Any], float], None]
+Handler = Callable[[bytes, int, zmq.Frame, list[zmq.Frame], float], None]
 
 
 class Coordinator(PeerHandlers):
@@ -179,11 +179,11 @@ class Coordinator(PeerHandlers):
                 bodies.append(body)
                 more = body.more
             try:
-                arr = codec.unpack_header(header.buffer)
-                handler = handlers.get(arr[0])
+                kind = codec.peek_kind(header.buffer)
+                handler = handlers.get(kind)
                 if handler is None:
-                    raise ProtocolError(f"unknown message kind {arr[0]}")
-                handler(identity, arr, header, bodies, now)
+                    raise ProtocolError(f"unknown message kind {kind}")
+                handler(identity, kind, header, bodies, now)
             except ProtocolError as e:
                 self.counters.malformed_frames += 1
                 self._error(identity, "malformed", str(e))
@@ -245,26 +245,26 @@ class Coordinator(PeerHandlers):
     # ------------------------------------------------------------------ hot path
 
     def _on_submit(
-        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        self, identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         client = self._clients.get(identity)
         if client is None:
             self._reject_client_kind(identity)
             return
-        entries = codec.submit_entries(arr, len(bodies))
+        entries = codec.submit_entries(header.buffer, len(bodies))
         self.forwarder.submit(client, entries, bodies, now)
         if self.forwarder.pending:
             self.bump_timer(now + self.config.no_rank_timeout_s)
 
     def _on_engine_outputs(
-        self, identity: bytes, arr: tuple[Any, ...], header: zmq.Frame, bodies: list[zmq.Frame], now: float
+        self, identity: bytes, kind: int, header: zmq.Frame, bodies: list[zmq.Frame], now: float
     ) -> None:
         peer = self.registry.by_identity.get(identity)
         if peer is None:
             self._reject_rank_kind(identity)
             return
         peer.last_seen = now
-        self.forwarder.engine_outputs(peer, codec.engine_output_entries(arr, len(bodies)), bodies)
+        self.forwarder.engine_outputs(peer, codec.engine_output_entries(header.buffer, len(bodies)), bodies)
 
     # ------------------------------------------------------------------ shutdown
 

@@ -1,11 +1,16 @@
 """The one codec: every frame on a dpinfer socket is packed and unpacked here.
 
-- ``encode``/``decode``: messages <-> ZMQ frames (msgpack header + opaque body frames).
-  Decoding validates every field against the message's type hints.
-- The hot path, for the coordinator's loop and the ranks' output path: ``unpack_header``
-  (the raw header array), ``submit_entries``/``engine_output_entries`` (checked entries of
-  the two kinds that carry every request and output, without building message objects)
-  and ``pack_batch`` (a batch header from plain entry tuples).
+A header is a msgpack array ``[kind, field1, field2, ...]``; the fields are the message
+dataclass's, in declaration order (``bodies`` excepted: they are the frames after the header).
+Headers are encoded and decoded with ``msgspec``: each kind has a typed decoder built from the
+message's type hints, so one C call both parses and validates a header (types, lengths,
+enum values, nested entries), strictly (a bool is not an int, a list of three is not a pair).
+
+- ``encode``/``decode``: messages <-> ZMQ frames.
+- The hot path, for the coordinator's loop and the ranks' output path: ``peek_kind`` (the kind
+  of a header, without decoding it), ``submit_entries``/``engine_output_entries`` (the checked
+  entries of the two kinds that carry every request and output, without building message
+  objects) and ``pack_batch`` (a batch header from plain entry tuples).
 
 Any invalid input raises ``ProtocolError`` and nothing else.
 """
@@ -13,14 +18,10 @@ Any invalid input raises ``ProtocolError`` and nothing else.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Sequence
 
-import msgpack
+import msgspec
 import zmq
 
 from dpinfer.errors import ProtocolError
@@ -52,117 +53,8 @@ from dpinfer.protocol.messages import (
     SubmitEntry,
 )  # fmt: skip
 
-# ---------------------------------------------------------------------------- codec
-
 Frame = bytes | memoryview | zmq.Frame
 """What a ZMQ message part may be on receive (``copy=False`` gives ``zmq.Frame``)."""
-
-_Check = Callable[[Any], Any]
-
-
-def _checker(tp: Any, where: str) -> _Check:
-    """Build a function that validates (and normalises) one decoded value of type ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is bool:
-
-        def check_bool(v: object) -> bool:
-            if type(v) is not bool:
-                raise ProtocolError(f"{where}: expected bool, got {type(v).__name__}")
-            return v
-
-        return check_bool
-    if tp is int:
-
-        def check_int(v: object) -> int:
-            if type(v) is not int:
-                raise ProtocolError(f"{where}: expected int, got {type(v).__name__}")
-            return v
-
-        return check_int
-    if tp is float:
-
-        def check_float(v: object) -> float:
-            if type(v) is float:
-                return v
-            if type(v) is int:
-                return float(v)
-            raise ProtocolError(f"{where}: expected float, got {type(v).__name__}")
-
-        return check_float
-    if tp is str:
-
-        def check_str(v: object) -> str:
-            if type(v) is not str:
-                raise ProtocolError(f"{where}: expected str, got {type(v).__name__}")
-            return v
-
-        return check_str
-    if origin is dict:
-
-        def check_dict(v: object) -> dict[str, Any]:
-            if type(v) is not dict or not all(type(k) is str for k in v):
-                raise ProtocolError(f"{where}: expected a map with string keys")
-            return v
-
-        return check_dict
-    if origin is tuple:
-        item = _checker(typing.get_args(tp)[0], f"{where}[]")
-
-        def check_tuple(v: object) -> tuple[Any, ...]:
-            if type(v) is not tuple and type(v) is not list:
-                raise ProtocolError(f"{where}: expected an array, got {type(v).__name__}")
-            return tuple(item(x) for x in v)
-
-        return check_tuple
-    if isinstance(tp, type) and issubclass(tp, tuple) and hasattr(tp, "_fields"):
-        hints = typing.get_type_hints(tp)
-        subs = tuple(_checker(hints[f], f"{where}.{f}") for f in tp._fields)
-        n = len(subs)
-        make: Callable[[list[Any]], Any] = cast(Any, tp)._make  # a NamedTuple (checked via _fields)
-
-        def check_named(v: object) -> tuple[object, ...]:
-            if (type(v) is not tuple and type(v) is not list) or len(v) != n:
-                raise ProtocolError(f"{where}: expected an array of {n} fields")
-            return make([c(x) for c, x in zip(subs, v, strict=True)])
-
-        return check_named
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return _enum_checker(tp, where)
-    if tp is Any:
-        return lambda v: v
-    if isinstance(tp, types.UnionType):
-        raise TypeError(f"{where}: unions are not supported in headers")
-    raise TypeError(f"{where}: unsupported header type {tp!r}")
-
-
-def _enum_checker(tp: type[enum.Enum], where: str) -> _Check:
-    by_value = {member.value: member for member in tp}
-    valid = ", ".join(str(v) for v in by_value)
-
-    def check_enum(v: object) -> enum.Enum:
-        member = by_value.get(v) if type(v) in (str, int) else None
-        if member is None:
-            raise ProtocolError(f"{where}: {v!r} is not one of: {valid}")
-        return member
-
-    return check_enum
-
-
-@dataclass(frozen=True)
-class _Schema:
-    cls: type[Message]
-    checks: tuple[_Check, ...]
-    min_fields: int
-    names: tuple[str, ...]
-
-
-def _schema(cls: type[Message]) -> _Schema:
-    hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.name != "bodies"]
-    checks = tuple(_checker(hints[f.name], f"{cls.__name__}.{f.name}") for f in fields)
-    required = sum(1 for f in fields if f.default is dataclasses.MISSING)
-    return _Schema(cls, checks, required, tuple(f.name for f in fields))
-
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     ClientHello, Submit, Abort, Control, StatusQuery, ClientBye,
@@ -170,15 +62,53 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Register, Heartbeat, EngineOutputs, ControlAck, Deregister,
     RegisterAck, Requests, EngineAbort, EngineControl,
 )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schema:
+    cls: type[Message]
+    names: tuple[str, ...]
+    layout: str
+    """The header's fields for error messages, e.g. ``[kind, entries[client_request_id, rank, stream]]``."""
+    decoder: msgspec.msgpack.Decoder[tuple[object, ...]]
+    entries_per_body: bool
+    """A batch message: one body frame per entry of its first field."""
+
+
+def _schema(cls: type[Message]) -> _Schema:
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls) if f.name != "bodies")
+    header_type = tuple.__class_getitem__((int, *(hints[n] for n in names)))
+    decoder: msgspec.msgpack.Decoder[tuple[object, ...]] = msgspec.msgpack.Decoder(header_type)
+    layout = "[kind, " + ", ".join(_describe(n, hints[n]) for n in names) + "]"
+    return _Schema(cls, names, layout, decoder, cls.HAS_BODIES and cls is not StatusReply)
+
+
+def _describe(name: str, tp: object) -> str:
+    """A field and, for named tuples or arrays of them, their fields: what a peer must send."""
+    if typing.get_origin(tp) is tuple:
+        tp = typing.get_args(tp)[0]
+    fields = getattr(tp, "_fields", None)
+    return f"{name}[{', '.join(fields)}]" if fields else name
+
+
 _SCHEMAS: dict[int, _Schema] = {int(c.KIND): _schema(c) for c in MESSAGE_TYPES}
 assert len(_SCHEMAS) == len(Kind), "every Kind needs exactly one message type"
 
-_packb = msgpack.Packer(use_bin_type=True).pack
+_encode = msgspec.msgpack.Encoder().encode
+_decode_any = msgspec.msgpack.Decoder().decode
+
+
+def _raw(frame: Frame) -> bytes | memoryview:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+# ---------------------------------------------------------------------------- messages
 
 
 def encode_header(msg: Message) -> bytes:
     schema = _SCHEMAS[msg.KIND]
-    return _packb([int(msg.KIND), *(getattr(msg, n) for n in schema.names)])
+    return _encode((int(msg.KIND), *(getattr(msg, n) for n in schema.names)))
 
 
 def encode(msg: Message) -> list[Frame]:
@@ -196,28 +126,37 @@ def decode(frames: Sequence[Frame]) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message")
-    header = frames[0]
-    return decode_header(unpack_header(header.buffer if isinstance(header, zmq.Frame) else header), frames)
+    raw = _raw(frames[0])
+    return decode_frames(peek_kind(raw), raw, frames[1:])
 
 
-def decode_header(arr: tuple[Any, ...], frames: Sequence[Frame]) -> Message:
-    """The message of an already unpacked header array (``unpack_header``) and its frames."""
-    schema = _SCHEMAS.get(arr[0])
+def decode_frames(kind: int, header: bytes | memoryview, bodies: Sequence[Frame]) -> Message:
+    """The message of a header whose kind ``peek_kind`` found, with its body frames."""
+    schema = _SCHEMAS.get(kind)
     if schema is None:
-        raise ProtocolError(f"unknown message kind {arr[0]}")
-    values = arr[1:]
-    if not schema.min_fields <= len(values) <= len(schema.checks):
-        raise ProtocolError(f"{schema.cls.__name__}: expected {len(schema.checks)} fields, got {len(values)}")
-    args = [check(v) for check, v in zip(schema.checks, values, strict=False)]
-    if schema.cls.HAS_BODIES:
-        bodies = tuple(frames[1:])
-        entries = args[0] if schema.cls is not StatusReply else None
-        if entries is not None and len(entries) != len(bodies):
-            raise ProtocolError(f"{schema.cls.__name__}: {len(entries)} entries but {len(bodies)} bodies")
-        return schema.cls(*args, bodies=bodies)  # type: ignore[call-arg]
-    if len(frames) > 1:
-        raise ProtocolError(f"{schema.cls.__name__} takes no body frames")
-    return schema.cls(*args)
+        raise ProtocolError(f"unknown message kind {kind}")
+    values = _decode(schema, header)[1:]
+    if not schema.cls.HAS_BODIES:
+        if bodies:
+            raise ProtocolError(f"{schema.cls.__name__} takes no body frames")
+        return schema.cls(*values)
+    if schema.entries_per_body:
+        _check_count(schema.cls.__name__, len(values[0]), len(bodies))  # type: ignore[arg-type]
+    return schema.cls(*values, bodies=tuple(bodies))  # type: ignore[call-arg]
+
+
+def _decode(schema: _Schema, header: bytes | memoryview) -> tuple[object, ...]:
+    try:
+        return schema.decoder.decode(header)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"{schema.cls.__name__} {schema.layout}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"undecodable {schema.cls.__name__} header: {e}") from None
+
+
+def _check_count(name: str, num_entries: int, num_bodies: int) -> None:
+    if num_entries != num_bodies:
+        raise ProtocolError(f"{name}: {num_entries} entries but {num_bodies} bodies")
 
 
 # ---------------------------------------------------------------------------- hot path
@@ -226,65 +165,43 @@ KIND_SUBMIT = int(Kind.SUBMIT)
 KIND_ENGINE_OUTPUTS = int(Kind.ENGINE_OUTPUTS)
 KIND_OUTPUTS = int(Kind.OUTPUTS)
 KIND_REQUESTS = int(Kind.REQUESTS)
+_SUBMIT = _SCHEMAS[KIND_SUBMIT]
+_ENGINE_OUTPUTS = _SCHEMAS[KIND_ENGINE_OUTPUTS]
 
-_unpackb = msgpack.unpackb
 
+def peek_kind(raw: bytes | memoryview) -> int:
+    """The kind of a header, read without decoding the rest; ``ProtocolError`` if it has none.
 
-def unpack_header(raw: bytes | memoryview) -> tuple[Any, ...]:
-    """The header array ``(kind, *fields)``; ``ProtocolError`` unless it is one."""
+    Every dpinfer header is a short array whose first item is a small positive int: two bytes
+    (``0x91..0x9f``, then ``0x00..0x7f``). Anything else is parsed in full to find out.
+    """
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(raw) >= 2 and 0x91 <= raw[0] <= 0x9F and raw[1] < 0x80:
+        return raw[1]
     try:
-        arr = _unpackb(raw, use_list=False, raw=False, strict_map_key=True)
-    except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
-        raise ProtocolError(f"undecodable header: {type(e).__name__}") from None
-    if type(arr) is not tuple or not arr or type(arr[0]) is not int:
+        arr = _decode_any(raw)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"undecodable header: {e}") from None
+    if type(arr) is not list or not arr or type(arr[0]) is not int:
         raise ProtocolError("header must be an array starting with an integer kind")
-    return arr
+    return arr[0]
 
 
-def submit_entries(arr: tuple[Any, ...], num_bodies: int) -> tuple[SubmitEntry, ...]:
-    """The checked entries of a ``Submit`` header (one per body frame), as plain tuples."""
-    if len(arr) != 2 or type(arr[1]) is not tuple:
-        raise ProtocolError("Submit: expected [kind, entries]")
-    entries = arr[1]
-    if len(entries) != num_bodies:
-        raise ProtocolError(f"Submit: {len(entries)} entries but {num_bodies} bodies")
-    for e in entries:
-        if (
-            type(e) is not tuple
-            or len(e) != 3
-            or type(e[0]) is not int
-            or type(e[1]) is not int
-            or type(e[2]) is not bool
-        ):
-            raise ProtocolError(
-                "Submit: each entry must be [client_request_id: int, rank: int, stream: bool]"
-            )
-    return cast(tuple[SubmitEntry, ...], entries)  # same fields, in order; not rebuilt on the hot path
+def submit_entries(header: bytes | memoryview, num_bodies: int) -> tuple[SubmitEntry, ...]:
+    """The checked entries of a ``Submit`` header (one per body frame)."""
+    entries: tuple[SubmitEntry, ...] = _decode(_SUBMIT, header)[1]  # type: ignore[assignment]
+    _check_count("Submit", len(entries), num_bodies)
+    return entries
 
 
-def engine_output_entries(arr: tuple[Any, ...], num_bodies: int) -> tuple[EngineOutputEntry, ...]:
-    """The checked entries of an ``EngineOutputs`` header (one per body frame), as plain tuples."""
-    if len(arr) != 2 or type(arr[1]) is not tuple:
-        raise ProtocolError("EngineOutputs: expected [kind, entries]")
-    entries = arr[1]
-    if len(entries) != num_bodies:
-        raise ProtocolError(f"EngineOutputs: {len(entries)} entries but {num_bodies} bodies")
-    for e in entries:
-        if (
-            type(e) is not tuple
-            or len(e) != 3
-            or type(e[0]) is not int
-            or type(e[1]) is not bool
-            or type(e[2]) is not int
-        ):
-            raise ProtocolError(
-                "EngineOutputs: each entry must be [request_id: int, final: bool, num_tokens: int]"
-            )
-    return cast(tuple[EngineOutputEntry, ...], entries)
+def engine_output_entries(header: bytes | memoryview, num_bodies: int) -> tuple[EngineOutputEntry, ...]:
+    """The checked entries of an ``EngineOutputs`` header (one per body frame)."""
+    entries: tuple[EngineOutputEntry, ...] = _decode(_ENGINE_OUTPUTS, header)[1]  # type: ignore[assignment]
+    _check_count("EngineOutputs", len(entries), num_bodies)
+    return entries
 
 
 def pack_batch(kind: int, entries: Sequence[tuple[object, ...]]) -> bytes:
     """The header of a batch message (``Requests``, ``Outputs``, ``EngineOutputs``...)."""
-    return _packb((kind, entries))
+    return _encode((kind, entries))

@@ -22,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import msgpack
 import zmq
 
 from dpinfer import protocol
@@ -32,7 +31,6 @@ from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
 
 logger = get_logger(__name__)
 
-_packb = msgpack.Packer(use_bin_type=True).pack
 _RETRY_REGISTER_S = 0.5
 _MAX_DRAIN = 4096
 _HWM = 100_000

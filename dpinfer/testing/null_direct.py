@@ -11,7 +11,6 @@ import multiprocessing.connection
 from collections.abc import Callable
 from typing import Any, cast
 
-import msgpack
 import zmq
 
 from dpinfer import protocol
@@ -22,7 +21,6 @@ from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
 from dpinfer.testing.echo import EchoRequest
 
 logger = get_logger(__name__)
-_packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def serve_direct(
