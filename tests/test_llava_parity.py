@@ -147,8 +147,10 @@ def test_retraction_recomputes_image_features(runner: ModelRunner, cases: list[C
         scheduler.add_request(request(i, case))
 
     def retract_everything() -> None:
+        scheduler.pause()  # the lifecycle's way there: pause, suspend, resume, unpause
         scheduler.suspend()  # drops all KV and the prefix cache: prefill starts over
         scheduler.resume()
+        scheduler.unpause()
 
     # Step 1 is mid-prefill (a chunked request holds half an image); step 6 is mid-decode.
     final = drain(scheduler, {1: retract_everything, 6: retract_everything})
