@@ -1,21 +1,28 @@
-"""``SamplingParams``: how one request is decoded. Validated once, on construction."""
+"""``SamplingParams``: how one request is decoded. Validated once, on construction.
+
+``SamplingParams`` is a frozen ``msgspec.Struct`` (as vLLM's is), so the request body
+(``dpinfer.protocol.bodies.RequestBody``) carries it typed: the client encodes only the
+fields that differ from the defaults, and the engine rank decodes it refusing unknown
+fields. ``__post_init__`` runs both on construction and on decode, so an SDK user and a
+remote client get the same check and the same message for a bad value.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+
+import msgspec
 
 from dpinfer.errors import InvalidRequestError
 
 
-@dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """Decoding parameters of one request (the same names as vLLM's where they overlap).
 
     Every field is checked in ``__post_init__``; a bad value raises ``InvalidRequestError``
-    naming the field. ``temperature == 0`` means greedy decoding.
+    naming the field. ``temperature == 0`` means greedy decoding. ``stop`` may be given as
+    one string and ``stop``/``stop_token_ids`` as lists; they are stored as tuples.
     """
 
     max_new_tokens: int = 128
@@ -34,15 +41,19 @@ class SamplingParams:
     """Per-request seed: the same seed and prompt give the same sampled output."""
     ignore_eos: bool = False
     """Keep generating past EOS until ``max_new_tokens`` or a stop condition."""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    """Reserved; must be empty (kept so unknown-field errors can name the field)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        stop: object = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif not isinstance(stop, list | tuple):
+            raise InvalidRequestError(f"stop must be a list of strings, got {type(stop).__name__}")
+        if not isinstance(self.stop_token_ids, list | tuple):
+            raise InvalidRequestError(
+                f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}"
+            )
+        msgspec.structs.force_setattr(self, "stop", tuple(stop))
+        msgspec.structs.force_setattr(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_float("temperature", self.temperature)
         if self.temperature < 0:
@@ -59,49 +70,41 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
-        if self.extra:
-            raise InvalidRequestError(f"unknown sampling field(s): {', '.join(sorted(self.extra))}")
+            raise InvalidRequestError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """A msgpack-ready dict holding only the fields that differ from the defaults."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            if value != f.default:
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        fields: dict[str, object] = msgspec.to_builtins(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
     @classmethod
-    def from_dict(cls, data: Any) -> SamplingParams:
+    def from_dict(cls, data: Mapping[str, object] | None) -> SamplingParams:
         """Build from an untrusted mapping; unknown fields and wrong types raise ``InvalidRequestError``."""
         if data is None:
             return cls()
-        if not isinstance(data, dict):
-            raise InvalidRequestError(f"sampling params must be a map, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = {str(k): v for k, v in data.items() if k not in known}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        for name in ("stop", "stop_token_ids"):
-            if name in kwargs and not isinstance(kwargs[name], list | tuple | str):
-                raise InvalidRequestError(f"{name} must be a list, got {type(kwargs[name]).__name__}")
-        return cls(**kwargs, extra=unknown)
+        if not isinstance(data, Mapping):
+            raise InvalidRequestError(
+                f"sampling must be a map of sampling parameters, got {type(data).__name__}"
+            )
+        unknown = sorted(str(k) for k in data if k not in cls.__struct_fields__)
+        if unknown:
+            valid = ", ".join(sorted(cls.__struct_fields__))
+            raise InvalidRequestError(f"unknown sampling field(s): {', '.join(unknown)} (valid: {valid})")
+        return cls(**{str(k): v for k, v in data.items()})  # type: ignore[arg-type]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise InvalidRequestError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_float(name: str, value: Any) -> None:
+def _check_float(name: str, value: object) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):

@@ -9,10 +9,17 @@ import pytest
 from PIL import Image
 
 from dpinfer import protocol as p
-from dpinfer.client.inputs import as_prompt_list, as_sampling_list, encode_image, request_body
+from dpinfer.client.inputs import (
+    as_prompt_list,
+    as_sampling_list,
+    build_request,
+    encode_image,
+    request_body,
+)
 from dpinfer.client.session import ClientSession, ControlError, check_acknowledgement
 from dpinfer.errors import InvalidRequestError
 from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.protocol.bodies import ChatMessage, RawImage, RequestBody
 from dpinfer.sampling import SamplingParams
 
 
@@ -21,29 +28,37 @@ def _body(*args: object, **kwargs: object) -> dict:
 
 
 def test_prompt_forms_become_request_bodies() -> None:
-    assert _body("hi") == {"prompt": "hi", "sampling": {}}
+    assert _body("hi") == {"prompt": "hi"}, "default fields are left out"
     assert _body([5, 6, np.int64(7)])["prompt"] == [5, 6, 7]
     chat = _body({"messages": [{"role": "user", "content": "yo"}]}, SamplingParams(max_new_tokens=3))
     assert chat == {"messages": [{"role": "user", "content": "yo"}], "sampling": {"max_new_tokens": 3}}
     assert set(_body({"prompt": "x"})) <= p.REQUEST_BODY_FIELDS
 
 
+def test_the_client_builds_the_body_the_rank_decodes() -> None:
+    built = build_request({"messages": [{"role": "user", "content": "yo"}]}, {"top_k": 2})
+    assert built == RequestBody(messages=(ChatMessage("user", "yo"),), sampling=SamplingParams(top_k=2))
+    assert RequestBody.from_bytes(built.to_bytes()) == built
+
+
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "message"),
     [
-        "",
-        [],
-        [1, -2],
-        [1, True],
-        {"prompt": "x", "messages": []},
-        {"text": "x"},
-        {"messages": [{"role": "u"}]},
-        3.5,
+        ("", "prompt is empty"),
+        ([], "prompt is empty"),
+        ([1, -2], "prompt[1] = -2 is out of vocabulary"),
+        ([1, True], "prompt[1] must be an integer token id, got bool"),
+        ({"prompt": "x", "messages": []}, "exactly one of 'prompt' or 'messages'"),
+        ({"text": "x"}, "unknown prompt key(s): text"),
+        ({"messages": [{"role": "u"}]}, "messages[0] is missing the field 'content'"),
+        ({"messages": [{"role": "", "content": "x"}]}, "messages[0]: role must be a non-empty string"),
+        (3.5, "prompt must be a string or a list of token ids, got float"),
     ],
 )
-def test_bad_prompts_raise_invalid_request(bad: object) -> None:
-    with pytest.raises(InvalidRequestError):
+def test_bad_prompts_raise_invalid_request(bad: object, message: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
         request_body(bad)  # type: ignore[arg-type]
+    assert message in str(info.value)
 
 
 def test_single_versus_list_of_prompts() -> None:
@@ -64,16 +79,17 @@ def test_sampling_params_one_for_all_or_one_each() -> None:
     assert [s.max_new_tokens for s in each] == [2, 5]
     with pytest.raises(InvalidRequestError, match="2 sampling params for 3 prompts"):
         as_sampling_list([one, one], 3)
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError, match="unknown sampling field"):
         as_sampling_list({"nucleus": 0.5}, 1)
 
 
 def test_images_travel_as_bytes_or_raw_arrays(tmp_path: object) -> None:
     pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     raw = encode_image(pixels)
-    assert raw == {"shape": [2, 3, 3], "dtype": "uint8", "data": pixels.tobytes()}
+    assert raw == RawImage((2, 3, 3), "uint8", pixels.tobytes())
     pil = encode_image(Image.fromarray(pixels))
     assert pil == raw
+    assert encode_image(pixels[:, :, 0]) == RawImage((2, 3, 1), "uint8", pixels[:, :, 0].tobytes())
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     path = f"{tmp_path}/x.png"
@@ -81,15 +97,20 @@ def test_images_travel_as_bytes_or_raw_arrays(tmp_path: object) -> None:
         f.write(buf.getvalue())
     assert encode_image(path) == buf.getvalue() == encode_image(buf.getvalue())
     body = _body({"prompt": "look", "images": [path]}, images=[pixels])
-    assert body["images"] == [buf.getvalue(), raw]
-    for bad in (
-        np.zeros((2, 2, 3), np.float32),
-        np.zeros((2, 2, 7), np.uint8),
-        f"{tmp_path}/missing.png",
-        42,
+    assert body["images"] == [
+        buf.getvalue(),
+        {"shape": [2, 3, 3], "dtype": "uint8", "data": pixels.tobytes()},
+    ]
+    for bad, message in (
+        (np.zeros((2, 2, 3), np.float32), "dtype must be 'uint8'"),
+        (np.zeros((2, 2, 7), np.uint8), "1, 3 or 4 channels"),
+        (np.zeros((0, 2, 3), np.uint8), "positive sizes"),
+        (f"{tmp_path}/missing.png", "cannot read image"),
+        (b"", "image bytes are empty"),
+        (42, "unsupported image type int"),
     ):
-        with pytest.raises(InvalidRequestError):
-            encode_image(bad)
+        with pytest.raises(InvalidRequestError, match=message):
+            encode_image(bad)  # type: ignore[arg-type]
 
 
 class _Recorder(ClientSession):
@@ -149,7 +170,10 @@ def test_refused_control_raises_service_error_naming_state() -> None:
     s = ClientSession("tcp://x", "t")
     got: list[object] = []
     s.on_control = lambda cid, ack: got.append(ack)  # type: ignore[method-assign]
-    s.dispatch(p.encode(p.ControlReply(1, "unpause", False, "running", (), "cannot unpause while running")))
+    refused = p.ControlAcknowledgement(
+        "unpause", p.EngineState.RUNNING, False, (), "cannot unpause while running"
+    )
+    s.dispatch(p.encode(p.ControlReply(1, refused)))
     with pytest.raises(ControlError, match="while running") as info:
         check_acknowledgement(got[0])  # type: ignore[arg-type]
     assert info.value.acknowledgement.state == "running"

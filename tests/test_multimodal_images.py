@@ -15,6 +15,7 @@ from PIL import Image
 
 from dpinfer.config import ModelConfig
 from dpinfer.errors import InvalidRequestError
+from dpinfer.protocol.bodies import ChatMessage, ImagePart, RawImage, TextPart
 from dpinfer.runner.registry import load_processor
 from dpinfer.tokenizer.images import ImageLimits, ImageProcessorAdapter, decode_image
 
@@ -27,8 +28,8 @@ def pixels(seed: int, height: int = 30, width: int = 50, channels: int = 3) -> n
     return np.random.RandomState(seed).randint(0, 256, (height, width, channels), dtype=np.uint8)
 
 
-def raw(array: np.ndarray) -> dict[str, Any]:
-    return {"shape": list(array.shape), "dtype": "uint8", "data": array.tobytes()}
+def raw(array: np.ndarray) -> RawImage:
+    return RawImage(array.shape, "uint8", array.tobytes())
 
 
 def encoded(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -85,16 +86,16 @@ def test_no_mark_puts_images_in_front(adapter: ImageProcessorAdapter) -> None:
 
 def test_chat_content_parts_and_front_placement(adapter: ImageProcessorAdapter) -> None:
     image = [raw(pixels(3))]
-    parts = [{"type": "image"}, {"type": "text", "text": "what is it?"}]
-    system = {"role": "system", "content": "be brief"}
-    with_part = adapter.prepare(messages=[system, {"role": "user", "content": parts}], images=image)
-    with_mark = adapter.prepare(
-        messages=[system, {"role": "user", "content": "<image>what is it?"}], images=image
-    )
-    no_mark = adapter.prepare(messages=[system, {"role": "user", "content": "what is it?"}], images=image)
+    parts = (ImagePart(), TextPart("what is it?"))
+    system = ChatMessage("system", "be brief")
+    with_part = adapter.prepare(messages=[system, ChatMessage("user", parts)], images=image)
+    with_mark = adapter.prepare(messages=[system, ChatMessage("user", "<image>what is it?")], images=image)
+    no_mark = adapter.prepare(messages=[system, ChatMessage("user", "what is it?")], images=image)
     assert with_part.input_ids == with_mark.input_ids == no_mark.input_ids
     rendered = adapter.tokenizer.apply_chat_template(
-        [system, {"role": "user", "content": "X"}], add_generation_prompt=True, tokenize=False
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "X"}],
+        add_generation_prompt=True,
+        tokenize=False,
     )
     before_user = rendered.split("X")[0]
     start = len(text_ids(adapter, before_user))
@@ -111,7 +112,7 @@ def test_token_id_prompts(adapter: ImageProcessorAdapter) -> None:
         adapter.prepare(token_ids=[5, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN], images=images)
     with pytest.raises(InvalidRequestError, match="no images"):
         adapter.prepare(token_ids=[5, IMAGE_TOKEN])
-    with pytest.raises(InvalidRequestError, match="token id"):
+    with pytest.raises(InvalidRequestError, match=r"prompt\[1\] = 10000 is out of vocabulary"):
         adapter.prepare(token_ids=[5, 10_000], images=images[:1])
 
 
@@ -144,9 +145,11 @@ def test_text_without_images_has_no_mm_inputs(adapter: ImageProcessorAdapter) ->
         ({"prompt_text": "a <image> b", "images": [raw(pixels(1))] * 2}, "only 1 <image> mark"),
         ({"prompt_text": "a <image> b"}, "only 0 image"),
         ({"prompt_text": "x<extra_id_0>", "images": [raw(pixels(1))]}, "image token"),
-        ({"prompt_text": "a", "images": "not a list"}, "must be a list"),
         ({"prompt_text": "a", "token_ids": [5]}, "exactly one"),
-        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "content\\[0\\]"),
+        (
+            {"messages": [ChatMessage("user", (ImagePart(), ImagePart()))], "images": [raw(pixels(1))]},
+            "2 <image>",
+        ),
     ],
 )
 def test_prompt_errors(adapter: ImageProcessorAdapter, kwargs: dict[str, Any], match: str) -> None:
@@ -157,21 +160,21 @@ def test_prompt_errors(adapter: ImageProcessorAdapter, kwargs: dict[str, Any], m
 @pytest.mark.parametrize(
     ("item", "match"),
     [
-        (b"definitely not an image", "cannot decode"),
-        (b"", "empty"),
+        (b"definitely not an image", "images\\[0\\]: cannot decode"),
         (encoded(pixels(1))[:40], "cannot decode"),  # truncated PNG
-        ({**raw(pixels(1)), "dtype": "float32"}, "uint8"),
-        ({"shape": [30, 50], "dtype": "uint8", "data": pixels(1).tobytes()}, "height, width, channels"),
-        (raw(pixels(1, channels=2)), "1, 3 or 4 channels"),
-        ({"shape": [0, 50, 3], "dtype": "uint8", "data": b""}, "positive sizes"),
-        ({"shape": [30, 50, 3], "dtype": "uint8", "data": b"\x00" * 10}, "needs 4500"),
-        ({**raw(pixels(1)), "extra": 1}, "exactly the keys"),
-        ([1, 2, 3], "encoded image bytes or"),
     ],
 )
-def test_bad_image_items(adapter: ImageProcessorAdapter, item: Any, match: str) -> None:
+def test_bad_image_items(adapter: ImageProcessorAdapter, item: bytes, match: str) -> None:
+    # Raw images and item types are checked by RequestBody (tests/test_bad_input.py).
     with pytest.raises(InvalidRequestError, match=match):
         adapter.prepare(prompt_text="<image>x", images=[item])
+
+
+def test_raw_image_is_checked_when_built() -> None:
+    with pytest.raises(InvalidRequestError, match="1, 3 or 4 channels"):
+        raw(pixels(1, channels=2))
+    with pytest.raises(InvalidRequestError, match="needs 4500"):
+        RawImage((30, 50, 3), "uint8", b"\x00" * 10)
 
 
 def test_limits_are_checked_before_decoding() -> None:

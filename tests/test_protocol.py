@@ -9,6 +9,7 @@ import pytest
 
 from dpinfer import protocol as p
 from dpinfer.errors import InvalidRequestError, ProtocolError
+from dpinfer.protocol.bodies import ChatMessage, ImagePart, RawImage, RequestBody, TextPart
 from dpinfer.sampling import SamplingParams
 
 SAMPLES: list[p.Message] = [
@@ -106,8 +107,54 @@ def test_output_body_round_trip() -> None:
         p.OutputBody.from_bytes(msgpack.packb({"nope": 1}))
 
 
+def test_request_body_round_trip_leaves_defaults_out() -> None:
+    body = RequestBody(
+        messages=(ChatMessage("user", (TextPart("look: "), ImagePart())),),
+        images=(b"\x89PNG", RawImage((1, 2, 3), "uint8", bytes(6))),
+        sampling=SamplingParams(max_new_tokens=3, stop=("x",)),
+    )
+    wire = msgpack.unpackb(body.to_bytes())
+    assert wire["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "look: "}, {"type": "image"}]}
+    ]
+    assert wire["sampling"] == {"max_new_tokens": 3, "stop": ["x"]}
+    assert set(wire) == {"messages", "images", "sampling"} <= p.REQUEST_BODY_FIELDS
+    assert RequestBody.from_bytes(body.to_bytes()) == body
+    assert RequestBody.from_bytes(RequestBody(prompt=(1, 2)).to_bytes()).sampling == SamplingParams()
+
+
+def test_request_body_checks_run_on_construction_too() -> None:
+    with pytest.raises(InvalidRequestError, match="exactly one of 'prompt' or 'messages'"):
+        RequestBody()
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        RequestBody(prompt="")
+    with pytest.raises(InvalidRequestError, match="needs 6"):
+        RawImage((1, 2, 3), "uint8", b"")
+    with pytest.raises(InvalidRequestError, match=r"sampling: max_new_tokens must be >= 1, got 0"):
+        RequestBody.from_builtins({"prompt": "x", "sampling": {"max_new_tokens": 0}})
+
+
+def test_random_request_bodies_only_ever_raise_invalid_request() -> None:
+    rng = random.Random(1)
+    values: list[object] = [0, -1, "", "s", b"", b"b", 1.5, None, True, [], {}, [1, "x"], {"a": 1}]
+    fields = [*sorted(p.REQUEST_BODY_FIELDS), "shape", "role", "x"]
+    for _ in range(3000):
+        if rng.random() < 0.3:
+            frame = rng.randbytes(rng.randint(0, 30))
+        else:
+            body = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(0, 4))}
+            if rng.random() < 0.5:
+                body["prompt"] = rng.choice(["x", [1, 2], ""])
+            frame = msgpack.packb(body)
+        try:
+            RequestBody.from_bytes(frame)
+        except InvalidRequestError as e:
+            assert str(e), "every rejection says why"
+
+
 def test_sampling_params_validation() -> None:
     assert SamplingParams.from_dict(SamplingParams(top_k=3, stop="x").to_dict()).stop == ("x",)
+    assert SamplingParams(stop=["a"], stop_token_ids=[2]).to_dict() == {"stop": ["a"], "stop_token_ids": [2]}
     for bad in (
         {"max_new_tokens": 0},
         {"temperature": -1},

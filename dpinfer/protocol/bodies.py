@@ -30,23 +30,15 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, TypeAlias
 
 import msgpack
 import msgspec
 
 from dpinfer.errors import InvalidRequestError, ProtocolError
+from dpinfer.protocol.codec import Frame
 from dpinfer.protocol.kinds import FinishReason
 from dpinfer.sampling import SamplingParams
-
-
-class _Buffered(Protocol):
-    @property
-    def buffer(self) -> memoryview: ...
-
-
-Frame: TypeAlias = bytes | memoryview | _Buffered
-"""A received body: bytes, or a ZMQ frame (anything with a ``buffer``)."""
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -252,10 +244,8 @@ def _invalid(error: msgspec.ValidationError) -> InvalidRequestError:
         valid = f" (valid: {', '.join(sorted(struct.__struct_fields__))})" if struct else ""
         return InvalidRequestError(f"unknown {path or 'request'} field(s): {name}{valid}")
     if typed := _EXPECTED_GOT.match(what):
-        expected, got = typed["expected"], _words(typed["got"], _GOT_WORDS)
-        if " of length " in expected:
-            got = f"{got} items"
-        expected = _EXPECTED.get(general) or _words(expected, _TYPE_WORDS, " or ")
+        got = _words(typed["got"], _GOT_WORDS)
+        expected = _EXPECTED.get(general) or _words(typed["expected"], _TYPE_WORDS, " or ")
         return InvalidRequestError(f"{where} must be {expected}, got {got}")
     if what.startswith("Invalid value "):
         expected = _EXPECTED.get(general, "a valid value")
@@ -265,7 +255,7 @@ def _invalid(error: msgspec.ValidationError) -> InvalidRequestError:
 
 def _words(msgspec_types: str, words: dict[str, str], joiner: str = " | ") -> str:
     """``"`str | array`"`` as ``"a string or a list"`` (names not in ``words`` kept)."""
-    names = [name.strip("` ") for name in msgspec_types.split(" of length ")[0].split("|")]
+    names = [name.strip("` ") for name in msgspec_types.split("|")]
     return joiner.join(words.get(name, name) for name in names)
 
 

@@ -1,13 +1,16 @@
-"""Checks on a ``TokenizedRequest`` before it is queued: what makes it impossible to serve.
+"""Checks on a ``TokenizedRequest`` before it is queued: what this scheduler cannot serve.
 
-Every problem becomes a message for an ``error`` output, never an exception: the request
-came from a user and must not stop the scheduler loop.
+The request body was checked by the TokenizerProcess (``protocol.bodies.RequestBody``, then
+``tokenizer.request_parsing`` for the model's vocabulary and prompt limit), so a non-empty
+prompt of in-vocabulary ids is an internal invariant here (``assert``). What only the
+scheduler knows -- its live request ids, its context and KV pool size, the runner's image
+contract, whether the stop-string decoder loads -- becomes a message for an ``error``
+output, never an exception: the request must not stop the scheduler loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from typing import Any
 
 from dpinfer.errors import DpinferError
 from dpinfer.protocol.local import TokenizedRequest
@@ -19,27 +22,22 @@ def validate_request(
     runner: ModelRunner,
     live_ids: Container[int],
     max_context_len: int,
-    load_decoder: Callable[[], Any],
+    load_decoder: Callable[[], object],
 ) -> str | None:
     """Why ``req`` can never be served (a message for the user), or ``None`` if it can.
 
     ``load_decoder`` is called when the request has stop strings (they need the tokenizer).
     """
+    assert req.input_ids, "the tokenizer never sends an empty prompt"
+    assert all(0 <= t < runner.vocab_size for t in req.input_ids), "the tokenizer checks token ids"
     if req.request_id in live_ids:
         return f"request id {req.request_id} is already in use"
-    if not req.input_ids:
-        return "empty prompt: at least one input token is needed"
-    vocab = runner.vocab_size
-    if any(not isinstance(t, int) or not 0 <= t < vocab for t in req.input_ids):
-        return f"input token ids must be integers in [0, {vocab})"
     if len(req.input_ids) >= max_context_len:
         return (
             f"prompt of {len(req.input_ids)} tokens does not fit: prompt + output must stay "
             f"below {max_context_len} tokens (model context or KV pool size)"
         )
     if req.mm_inputs:
-        if not runner.supports_images:
-            return f"model {runner.spec.name} does not take images"
         error = runner.check_mm_inputs(req.input_ids, req.mm_inputs)
         if error is not None:
             return error

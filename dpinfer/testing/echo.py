@@ -1,18 +1,22 @@
 """TEST AND BENCHMARK FIXTURE: the echo "model" of the null rank (no tokenizer, no weights).
 
 A request's output is ``"echo: " + prompt``, one token per UTF-8 byte, optionally streamed in
-``stream_chunks`` pieces. Used by ``null_rank`` and ``null_direct``; never by the product.
+``stream_chunks`` pieces: token ids are echoed as numbers, chat messages as their contents.
+The body is decoded like a real rank's (``RequestBody.from_bytes``); a bad one gets the same
+``invalid request: ...`` error. Used by ``null_rank`` and ``null_direct``; never by the product.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import msgpack
 
 from dpinfer import protocol
+from dpinfer.errors import InvalidRequestError
 from dpinfer.protocol import EngineOutputEntry
+from dpinfer.protocol.bodies import RequestBody
+from dpinfer.tokenizer.multimodal import content_text
 
 ECHO_PREFIX = "echo: "
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -23,7 +27,7 @@ class EchoRequest:
 
     __slots__ = ("error", "next_output", "plan", "prompt_tokens", "request_id", "step_s", "stream", "text")
 
-    def __init__(self, request_id: int, stream: bool, body: Any) -> None:
+    def __init__(self, request_id: int, stream: bool, body: bytes) -> None:
         self.request_id = request_id
         self.stream = stream
         self.plan: tuple[list[EngineOutputEntry], list[bytes]] = ([], [])
@@ -33,18 +37,16 @@ class EchoRequest:
         self.text = ""
         self.prompt_tokens = 0
         try:
-            data = msgpack.unpackb(body, raw=False)
-            prompt = data.get("prompt") if isinstance(data, dict) else None
-            if prompt is None and isinstance(data, dict) and isinstance(data.get("messages"), list):
-                prompt = " ".join(str(m.get("content", "")) for m in data["messages"] if isinstance(m, dict))
-        except Exception as e:  # noqa: BLE001 - msgpack raises many types on garbage
-            self.error = f"undecodable request body: {type(e).__name__}"
+            request = RequestBody.from_bytes(body)
+        except InvalidRequestError as e:
+            self.error = f"invalid request: {e}"
             return
-        if isinstance(prompt, list):
-            prompt = " ".join(str(t) for t in prompt)
-        if not isinstance(prompt, str) or not prompt:
-            self.error = "request body needs a non-empty 'prompt' or 'messages'"
-            return
+        if request.messages is not None:
+            prompt = " ".join(content_text(m.content) for m in request.messages)
+        elif isinstance(request.prompt, str):
+            prompt = request.prompt
+        else:
+            prompt = " ".join(str(t) for t in request.prompt or ())
         self.text = ECHO_PREFIX + prompt
         self.prompt_tokens = len(prompt.encode())
 
@@ -68,7 +70,7 @@ class EchoRequest:
                 entries.append(EngineOutputEntry(rid, False, num_tokens))
                 bodies.append(_packb({"delta_text": text[start:end], "delta_token_ids": list(piece)}))
             last_delta = text[cuts[-2] :]
-        final: dict[str, Any] = {
+        final: dict[str, object] = {
             "text": text, "token_ids": token_ids, "finish_reason": "stop",
             "prompt_tokens": self.prompt_tokens, "completion_tokens": len(token_ids),
         }  # fmt: skip

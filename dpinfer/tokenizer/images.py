@@ -8,31 +8,40 @@ in the model's dtype, see ``dpinfer.runner.vision``) and ``mm_hash``, a content 
 decoded pixels that keys the prefix cache (two different images never share KV; the same
 image sent twice, even once as PNG and once as raw pixels, does).
 
-Each image item is what ``dpinfer.client.inputs`` sends: encoded file bytes (decoded with
-Pillow) or a raw map ``{"shape": [h, w, c], "dtype": "uint8", "data": bytes}`` with 1, 3 or
-4 channels. Items are checked against ``ImageLimits`` before any large allocation, and
-converted to RGB. Every problem raises ``InvalidRequestError`` naming it; the adapter never
-raises anything else for bad input.
+Each image item is a ``protocol.bodies.ImageItem`` of a decoded ``RequestBody``: encoded
+file bytes (decoded with Pillow) or a ``RawImage`` whose shape and size ``RequestBody``
+already checked. Items are checked against ``ImageLimits`` (this rank's limits) before any
+large allocation, and converted to RGB. Every problem raises ``InvalidRequestError`` naming
+it; the adapter never raises anything else for bad input.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from dpinfer.config import ModelConfig
 from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
+from dpinfer.protocol.bodies import ChatMessage, ImageItem, RawImage
 from dpinfer.tokenizer import multimodal as mm
+from dpinfer.tokenizer.multimodal import PreparedPrompt
+from dpinfer.tokenizer.request_parsing import check_token_ids
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import PreTrainedTokenizerBase
 
 logger = get_logger(__name__)
 
-RAW_IMAGE_KEYS = frozenset({"shape", "dtype", "data"})
 _RAW_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+__all__ = ["ImageLimits", "ImageProcessorAdapter", "PreparedPrompt", "decode_image", "images_hash"]
 
 
 @dataclass(frozen=True)
@@ -51,16 +60,10 @@ class ImageLimits:
     """Size of one encoded image file."""
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A prompt ready for the Scheduler's ``TokenizedRequest``."""
+class ImageProcessor(Protocol):
+    """What this adapter needs of a ``transformers`` image processor."""
 
-    input_ids: list[int]
-    """Token ids; each image is ``image_seq_length`` image tokens at its place."""
-    mm_inputs: dict[str, torch.Tensor] | None
-    """``{"pixel_values": tensor}`` for the images, ``None`` without images."""
-    mm_hash: bytes | None
-    """Content hash of the decoded images (``None`` without images)."""
+    def __call__(self, *, images: list[Image.Image], return_tensors: str) -> Mapping[str, torch.Tensor]: ...
 
 
 class ImageProcessorAdapter:
@@ -72,14 +75,17 @@ class ImageProcessorAdapter:
     """
 
     def __init__(
-        self, model_config: ModelConfig, tokenizer: Any | None = None, limits: ImageLimits | None = None
+        self,
+        model_config: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        limits: ImageLimits | None = None,
     ) -> None:
         from dpinfer.runner.registry import load_processor, load_tokenizer, resolve_model
 
         self.spec = resolve_model(model_config)
         self.limits = limits or ImageLimits()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_config)
-        self.image_processor: Any | None = None
+        self.image_processor: ImageProcessor | None = None
         self.image_token_id = self.spec.image_token_id
         self.seq_len = self.spec.image_seq_length
         self.pixel_dtype: torch.dtype = getattr(torch, model_config.dtype)
@@ -97,12 +103,13 @@ class ImageProcessorAdapter:
     def prepare(
         self,
         prompt_text: str | None = None,
-        token_ids: list[int] | None = None,
-        messages: list[Any] | None = None,
-        images: list[Any] | None = None,
+        token_ids: Sequence[int] | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        images: Sequence[ImageItem] = (),
     ) -> PreparedPrompt:
         """Token ids, ``mm_inputs`` and ``mm_hash`` of exactly one of ``prompt_text`` /
-        ``token_ids`` / ``messages`` with ``images`` (see the module docstring)."""
+        ``token_ids`` / ``messages`` with ``images`` (see the module docstring); these are
+        the fields of a ``RequestBody``, whose own checks they have passed."""
         given = [x is not None for x in (prompt_text, token_ids, messages)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt text, token ids or messages")
@@ -112,21 +119,25 @@ class ImageProcessorAdapter:
             text = self._render_chat(mm.flatten_messages(messages, num))
             ids = self._ids_from_text(text, num, prefix=[])
         elif prompt_text is not None:
-            if not isinstance(prompt_text, str) or not prompt_text:
-                raise InvalidRequestError("prompt is empty")
             ids = self._ids_from_text(prompt_text, num, prefix=self._bos)
         else:
-            ids = self._token_id_marks(self._check_token_ids(token_ids), num)
+            assert token_ids is not None
+            ids = self._token_id_marks(check_token_ids(token_ids, self.spec.vocab_size), num)
         return self._finish(ids, images)
 
-    def process(self, input_ids: list[int], images: list[Any], model_inputs: Any = None) -> PreparedPrompt:
-        """The same for a prompt already tokenized with its ``<image>`` marks as text (the
-        ``RequestParser``'s ``MultimodalProcessor`` seam); token-id prompts follow the
-        token-id rules of ``multimodal.py``."""
+    def process(
+        self,
+        input_ids: list[int],
+        images: Sequence[ImageItem],
+        model_inputs: Mapping[str, object] | None = None,
+    ) -> PreparedPrompt:
+        """The same for a prompt already tokenized with its ``<image>`` marks as text, or a
+        checked token-id prompt (the ``RequestParser``'s ``MultimodalProcessor`` seam);
+        token-id prompts follow the token-id rules of ``multimodal.py``."""
         if model_inputs is not None:
             raise InvalidRequestError("'model_inputs' is not supported; send the images in 'images'")
         images = self._check_image_list(images)
-        ids = self._check_token_ids(input_ids)
+        ids = list(input_ids)
         if self.image_token_id is None:
             return PreparedPrompt(ids, None, None)
         marked = ids
@@ -188,31 +199,20 @@ class ImageProcessorAdapter:
             )
         return mm.marks_from_token_ids(ids, token, num_images, self.seq_len)
 
-    def _check_token_ids(self, ids: Any) -> list[int]:
-        if not isinstance(ids, list | tuple) or not ids:
-            raise InvalidRequestError("token-id prompt must be a non-empty list of ints")
-        vocab = self.spec.vocab_size
-        for i, t in enumerate(ids):
-            if type(t) is not int or not 0 <= t < vocab:
-                raise InvalidRequestError(f"prompt[{i}] = {t!r} is not a token id in [0, {vocab})")
-        return list(ids)
-
     # ------------------------------------------------------------------ images
 
-    def _check_image_list(self, images: Any) -> list[Any]:
-        if images is None:
-            return []
-        if not isinstance(images, list | tuple):
-            raise InvalidRequestError(f"images must be a list, got {type(images).__name__}")
+    def _check_image_list(self, images: Sequence[ImageItem]) -> list[ImageItem]:
         if images and self.image_processor is None:
-            raise InvalidRequestError(f"model {self.spec.name!r} is text-only and does not accept images")
+            raise InvalidRequestError(
+                f"model {self.spec.name!r} is text-only and does not accept 'images'; remove them"
+            )
         if len(images) > self.limits.max_images:
             raise InvalidRequestError(
                 f"{len(images)} images in one request; at most {self.limits.max_images} are accepted"
             )
         return list(images)
 
-    def _finish(self, marked_ids: list[int], items: list[Any]) -> PreparedPrompt:
+    def _finish(self, marked_ids: list[int], items: Sequence[ImageItem]) -> PreparedPrompt:
         if not items:
             if mm.MARK in marked_ids:
                 raise mm.mark_mismatch(marked_ids.count(mm.MARK), 0)
@@ -228,28 +228,21 @@ class ImageProcessorAdapter:
         return PreparedPrompt(ids, {"pixel_values": pixel_values}, images_hash(decoded))
 
 
-def decode_image(item: Any, limits: ImageLimits, index: int = 0) -> Any:
-    """One image item (encoded bytes or a raw map) as an RGB ``PIL.Image``."""
+def decode_image(item: ImageItem, limits: ImageLimits, index: int = 0) -> Image.Image:
+    """One image item (encoded bytes or a ``RawImage``) as an RGB ``PIL.Image``."""
     from PIL import Image
 
     where = f"images[{index}]"
-    if isinstance(item, bytes | bytearray | memoryview):
-        return _decode_encoded(bytes(item), limits, where)
-    if isinstance(item, dict):
-        height, width, channels, data = _raw_fields(item, where)
+    if isinstance(item, RawImage):
+        height, width, channels = item.shape
         _check_size(width, height, limits, where)
-        image = Image.frombytes(_RAW_MODES[channels], (width, height), data)
-        return image.convert("RGB")
-    raise InvalidRequestError(
-        f"{where} must be encoded image bytes or a {{shape, dtype, data}} map, got {type(item).__name__}"
-    )
+        return Image.frombytes(_RAW_MODES[channels], (width, height), item.data).convert("RGB")
+    return _decode_encoded(item, limits, where)
 
 
-def _decode_encoded(data: bytes, limits: ImageLimits, where: str) -> Any:
+def _decode_encoded(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
 
-    if not data:
-        raise InvalidRequestError(f"{where}: image bytes are empty")
     if len(data) > limits.max_encoded_bytes:
         raise InvalidRequestError(
             f"{where}: encoded image of {len(data)} bytes exceeds {limits.max_encoded_bytes} bytes"
@@ -263,34 +256,6 @@ def _decode_encoded(data: bytes, limits: ImageLimits, where: str) -> Any:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise InvalidRequestError(f"{where}: cannot decode image bytes ({type(e).__name__}: {e})") from None
-
-
-def _raw_fields(item: dict[str, Any], where: str) -> tuple[int, int, int, bytes]:
-    if set(item) != RAW_IMAGE_KEYS:
-        raise InvalidRequestError(f"{where}: a raw image map needs exactly the keys shape, dtype, data")
-    if item["dtype"] != "uint8":
-        raise InvalidRequestError(f"{where}: raw image dtype must be 'uint8', got {item['dtype']!r}")
-    shape = item["shape"]
-    if (
-        not isinstance(shape, list | tuple)
-        or len(shape) != 3
-        or any(type(d) is not int or d <= 0 for d in shape)
-        or shape[2] not in _RAW_MODES
-    ):
-        raise InvalidRequestError(
-            f"{where}: raw image shape must be [height, width, channels] with positive sizes and "
-            f"1, 3 or 4 channels, got {shape!r}"
-        )
-    height, width, channels = shape
-    data = item["data"]
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise InvalidRequestError(f"{where}: raw image data must be bytes")
-    if len(data) != height * width * channels:
-        raise InvalidRequestError(
-            f"{where}: raw image data has {len(data)} bytes, shape {list(shape)} needs "
-            f"{height * width * channels}"
-        )
-    return height, width, channels, bytes(data)
 
 
 def _check_size(width: int, height: int, limits: ImageLimits, where: str) -> None:
@@ -307,7 +272,7 @@ def _check_size(width: int, height: int, limits: ImageLimits, where: str) -> Non
         )
 
 
-def images_hash(images: list[Any]) -> bytes:
+def images_hash(images: Sequence[Image.Image]) -> bytes:
     """blake2b of the images' decoded RGB pixels and sizes, in order."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(len(images).to_bytes(4, "little"))

@@ -3,8 +3,8 @@
 Rules (the same for every model; ``ImageProcessorAdapter`` in ``images.py`` applies them):
 
 - Text prompts and chat messages mark each image's place with ``IMAGE_MARK`` (``<image>``),
-  the i-th mark being the i-th image. Chat content may also be a list of parts,
-  ``{"type": "text", "text": ...}`` and ``{"type": "image"}``; an image part is a mark.
+  the i-th mark being the i-th image. Chat content may also be a list of parts
+  (``TextPart``, ``ImagePart`` of ``protocol.bodies``); an image part is a mark.
 - A prompt without any mark gets all its images in front: before the text, or at the start
   of the first user message.
 - Token-id prompts mark images with the model's image token: either one image token per
@@ -19,14 +19,31 @@ Every problem raises ``InvalidRequestError`` with a message that says what to fi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dpinfer.errors import InvalidRequestError
+from dpinfer.protocol.bodies import ChatMessage, ContentPart, ImagePart
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_MARK = "<image>"
 
 MARK = -1
 """Stand-in for one image mark inside a token list before expansion (never a real id)."""
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt ready for the Scheduler's ``TokenizedRequest`` (what a multimodal processor returns)."""
+
+    input_ids: list[int]
+    """Token ids; each image is ``image_seq_length`` image tokens at its place."""
+    mm_inputs: dict[str, torch.Tensor] | None
+    """``{"pixel_values": tensor}`` for the images, ``None`` without images."""
+    mm_hash: bytes | None
+    """Content hash of the decoded images (``None`` without images)."""
 
 
 def mark_mismatch(num_marks: int, num_images: int) -> InvalidRequestError:
@@ -41,43 +58,25 @@ def mark_mismatch(num_marks: int, num_images: int) -> InvalidRequestError:
     )
 
 
-def flatten_messages(messages: Any, num_images: int) -> list[dict[str, str]]:
-    """Chat messages with string content (image parts become marks).
+def flatten_messages(messages: Sequence[ChatMessage], num_images: int) -> list[dict[str, str]]:
+    """Chat messages as ``{"role", "content"}`` maps with string content (image parts become marks).
 
     If no message marks an image, ``num_images`` marks are put at the start of the first
     user message (the first message if none has the role ``user``).
     """
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise InvalidRequestError("messages must be a non-empty list of {role, content} maps")
-    out: list[dict[str, str]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequestError(f"messages[{i}] must be a map with a string 'role'")
-        out.append({"role": message["role"], "content": _content_text(message.get("content"), i)})
+    assert messages, "a RequestBody never has an empty messages list"
+    out = [{"role": m.role, "content": content_text(m.content)} for m in messages]
     if num_images and not any(IMAGE_MARK in m["content"] for m in out):
         first_user = next((m for m in out if m["role"] == "user"), out[0])
         first_user["content"] = IMAGE_MARK * num_images + first_user["content"]
     return out
 
 
-def _content_text(content: Any, index: int) -> str:
+def content_text(content: str | Sequence[ContentPart]) -> str:
+    """A message's content as one string, each image part an ``IMAGE_MARK``."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise InvalidRequestError(f"messages[{index}].content must be a string or a list of parts")
-    parts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image":
-            parts.append(IMAGE_MARK)
-        elif kind == "text" and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        else:
-            raise InvalidRequestError(
-                f"messages[{index}].content[{j}] must be {{'type': 'text', 'text': str}} "
-                f"or {{'type': 'image'}}"
-            )
-    return "".join(parts)
+    return "".join(IMAGE_MARK if isinstance(part, ImagePart) else part.text for part in content)
 
 
 def tokenize_with_marks(

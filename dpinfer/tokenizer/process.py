@@ -9,15 +9,16 @@ Sockets (all ``ipc://``, names from ``engine.messages``):
 - ``send_to_rank`` (PUSH, connects ``rank-outputs``): error finals for bad requests, which
   never reach the scheduler.
 
-A bad request (see ``request_parsing``) gets an error reply and the loop goes on; nothing a
-client sends can stop it.
+A bad request gets an error reply (``invalid request: `` and the message of the
+``InvalidRequestError`` that ``protocol.bodies.RequestBody`` or ``request_parsing`` raised)
+and the loop goes on; nothing a client sends can stop it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -26,14 +27,27 @@ from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, error_body
 from dpinfer.protocol import local as m
-from dpinfer.tokenizer.request_parsing import RequestParser, appends_eos
+from dpinfer.tokenizer.request_parsing import MultimodalProcessor, RequestParser, appends_eos
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from dpinfer.runner.registry import ModelSpec
+    from dpinfer.transport.tensor_queue import TensorQueue
+
+ReportReady = Callable[[dict[str, object]], None]
+"""The supervisor's callback: called once, with a small picklable dict, when the process serves."""
 
 logger = get_logger(__name__)
 
 
 class TokenizerProcess:
     def __init__(
-        self, config: RankConfig, parser: RequestParser, context: zmq.Context, tensor_queue: Any = None
+        self,
+        config: RankConfig,
+        parser: RequestParser,
+        context: zmq.Context,
+        tensor_queue: TensorQueue | None = None,
     ) -> None:
         from dpinfer.transport.channel import make_sender
 
@@ -124,7 +138,9 @@ def build_parser(config: RankConfig) -> RequestParser:
     )
 
 
-def build_mm_processor(config: RankConfig, spec: Any, tokenizer: Any) -> Any:
+def build_mm_processor(
+    config: RankConfig, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
+) -> MultimodalProcessor | None:
     """The multimodal seam: an image adapter for vision-language models, ``None`` for text-only
     models (they reject ``images`` with a clear error)."""
     if not spec.multimodal:
@@ -134,7 +150,9 @@ def build_mm_processor(config: RankConfig, spec: Any, tokenizer: Any) -> Any:
     return ImageProcessorAdapter(config.model, tokenizer=tokenizer)
 
 
-def run_tokenizer_process(config: RankConfig, report_ready: Any, tensor_queue: Any = None) -> None:
+def run_tokenizer_process(
+    config: RankConfig, report_ready: ReportReady, tensor_queue: TensorQueue | None = None
+) -> None:
     """Child entry: build -> report ready -> loop -> close."""
     context = zmq.Context()
     proc = TokenizerProcess(config, build_parser(config), context, tensor_queue)

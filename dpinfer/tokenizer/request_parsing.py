@@ -1,9 +1,11 @@
-"""Validate one untrusted request body and tokenize it (the TokenizerProcess's pure core).
+"""Decode one untrusted request body and tokenize it (the TokenizerProcess's pure core).
 
 ``RequestParser.parse(raw)`` returns a ``TokenizedRequest`` or raises
-``InvalidRequestError`` whose message tells the caller what to fix. It never raises
-anything else for bad input: the body is a msgpack map with the keys of
-``protocol.REQUEST_BODY_FIELDS`` (exactly one of ``prompt`` / ``messages``).
+``InvalidRequestError`` whose message tells the caller what to fix; it never raises
+anything else for bad input. The body's shape and every model-independent rule are
+``protocol.bodies.RequestBody``'s (decoded with ``RequestBody.from_bytes``); this module
+adds only what depends on the model: token ids within its vocabulary, a chat template,
+the prompt length limit of this rank, and whether it takes images at all.
 
 Images: a model with a ``MultimodalProcessor`` turns ``images`` (and ``model_inputs``)
 into ``mm_inputs``; a text-only model rejects them with a clear error.
@@ -11,43 +13,42 @@ into ``mm_inputs``; a text-only model rejects them with a clear error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from dpinfer.errors import InvalidRequestError, ProtocolError
-from dpinfer.protocol import REQUEST_BODY_FIELDS, unpack_body
+import msgspec
+
+from dpinfer.errors import InvalidRequestError
+from dpinfer.protocol.bodies import ChatMessage, ImageItem, RequestBody
 from dpinfer.protocol.local import RawRequest, TokenizedRequest
-from dpinfer.sampling import SamplingParams
+from dpinfer.tokenizer.multimodal import PreparedPrompt
 
-MESSAGE_FIELDS = frozenset({"role", "content"})
-
-
-@dataclass(frozen=True)
-class MultimodalResult:
-    input_ids: list[int]
-    """Prompt ids with every image placeholder expanded to the model's image tokens."""
-    mm_inputs: Any
-    """Model inputs for the images (e.g. ``{"pixel_values": tensor}``), sent with the request."""
-    mm_hash: bytes | None
-    """Stable hash of the image content; keys the prefix cache so images never alias."""
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class MultimodalProcessor(Protocol):
     """The seam for vision-language models (the text-only path passes ``None``).
 
-    ``process`` gets the tokenized prompt (placeholders from the prompt or chat template),
-    the raw ``images`` list of the body and its ``model_inputs`` map (or ``None``); it
-    raises ``InvalidRequestError`` for an image it cannot read or a placeholder count that
-    does not match the images.
+    ``process`` gets the tokenized prompt (``<image>`` marks as text, or a token-id prompt),
+    the body's images and its ``model_inputs`` map (or ``None``); ``prepare`` gets chat
+    messages with images, so that unmarked images land in the first user turn rather than
+    before the whole templated prompt. Both raise ``InvalidRequestError`` for an image they
+    cannot read or a placeholder count that does not match the images.
     """
 
     def process(
-        self, input_ids: list[int], images: list[Any], model_inputs: dict[str, Any] | None
-    ) -> MultimodalResult: ...
+        self,
+        input_ids: list[int],
+        images: Sequence[ImageItem],
+        model_inputs: Mapping[str, object] | None = None,
+    ) -> PreparedPrompt: ...
+
+    def prepare(self, *, messages: Sequence[ChatMessage], images: Sequence[ImageItem]) -> PreparedPrompt: ...
 
 
-def appends_eos(tokenizer: Any) -> bool:
+def appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether ``add_special_tokens=True`` appends EOS (ByT5/T5 do); then prompts must skip it."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -57,11 +58,25 @@ def appends_eos(tokenizer: Any) -> bool:
     return bool(with_special) and with_special[-1] == eos and (not without or without[-1] != eos)
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """A token-id prompt whose ids are all in ``[0, vocab_size)``, as a list."""
+    if not ids:
+        raise InvalidRequestError("prompt is empty (no token ids)")
+    for i, t in enumerate(ids):
+        if type(t) is not int:
+            raise InvalidRequestError(f"prompt[{i}] must be an integer token id, got {type(t).__name__}")
+        if not 0 <= t < vocab_size:
+            raise InvalidRequestError(
+                f"prompt[{i}] = {t} is out of vocabulary (valid token ids: 0..{vocab_size - 1})"
+            )
+    return list(ids)
+
+
 @dataclass
 class RequestParser:
     """Everything needed to turn a body into a ``TokenizedRequest`` for one model."""
 
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model_name: str
     vocab_size: int
     """Token ids must be in ``[0, vocab_size)``."""
@@ -72,123 +87,68 @@ class RequestParser:
     mm_processor: MultimodalProcessor | None = None
 
     def parse(self, raw: RawRequest) -> TokenizedRequest:
-        body = self._decode(raw.body)
-        sampling = SamplingParams.from_dict(body.get("sampling"))
-        images = body.get("images")
-        model_inputs = body.get("model_inputs")
-        multimodal = bool(images) or model_inputs is not None
-        if multimodal and self.mm_processor is None:
-            field = "images" if images else "model_inputs"
+        body = RequestBody.from_bytes(raw.body)
+        if body.images or body.model_inputs is not None:
+            prepared = self._multimodal(body)
+        else:
+            prepared = PreparedPrompt(self._prompt_ids(body), None, None)
+        if len(prepared.input_ids) > self.max_prompt_len:
             raise InvalidRequestError(
-                f"model {self.model_name!r} is text-only and does not accept '{field}'; remove it"
+                f"prompt has {len(prepared.input_ids)} tokens; model {self.model_name!r} accepts at "
+                f"most {self.max_prompt_len} on this rank"
             )
-        input_ids = self._prompt_ids(body)
-        mm_inputs, mm_hash = None, None
-        if multimodal:
-            assert self.mm_processor is not None
-            if images is not None and not isinstance(images, list):
-                raise InvalidRequestError(f"images must be a list, got {type(images).__name__}")
-            if model_inputs is not None and not isinstance(model_inputs, dict):
-                raise InvalidRequestError(f"model_inputs must be a map, got {type(model_inputs).__name__}")
-            if (
-                body.get("messages") is not None
-                and model_inputs is None
-                and hasattr(self.mm_processor, "prepare")
-            ):
-                # Chat: unmarked images go to the start of the first user turn, not before the
-                # whole templated prompt, so the adapter renders the template itself.
-                result = self.mm_processor.prepare(messages=body["messages"], images=images or [])
-            else:
-                result = self.mm_processor.process(input_ids, images or [], model_inputs)
-            input_ids, mm_inputs, mm_hash = result.input_ids, result.mm_inputs, result.mm_hash
-        self._check_len(input_ids)
         return TokenizedRequest(
             request_id=raw.request_id,
-            input_ids=input_ids,
-            sampling=sampling,
+            input_ids=prepared.input_ids,
+            sampling=body.sampling,
             stream=raw.stream,
-            mm_inputs=mm_inputs,
-            mm_hash=mm_hash,
+            mm_inputs=prepared.mm_inputs,
+            mm_hash=prepared.mm_hash,
         )
 
     # ------------------------------------------------------------------ pieces
 
-    @staticmethod
-    def _decode(body: bytes) -> dict[str, Any]:
-        try:
-            data = unpack_body(body, "request body")
-        except ProtocolError as e:
-            raise InvalidRequestError(str(e)) from None
-        unknown = sorted(str(k) for k in data if k not in REQUEST_BODY_FIELDS)
-        if unknown:
-            valid = ", ".join(sorted(REQUEST_BODY_FIELDS))
-            raise InvalidRequestError(f"unknown request field(s): {', '.join(unknown)} (valid: {valid})")
-        return data
+    def _multimodal(self, body: RequestBody) -> PreparedPrompt:
+        if self.mm_processor is None:
+            field = "images" if body.images else "model_inputs"
+            raise InvalidRequestError(
+                f"model {self.model_name!r} is text-only and does not accept '{field}'; remove it"
+            )
+        if body.messages is not None and body.model_inputs is None:
+            return self.mm_processor.prepare(messages=body.messages, images=body.images)
+        return self.mm_processor.process(self._prompt_ids(body), body.images, body.model_inputs)
 
-    def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
-        has_prompt, has_messages = "prompt" in body, "messages" in body
-        if has_prompt == has_messages:
-            raise InvalidRequestError("a request needs exactly one of 'prompt' or 'messages'")
-        if has_messages:
-            return self._chat_ids(body["messages"])
-        prompt = body["prompt"]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            ids = list(self.tokenizer(prompt, add_special_tokens=self.add_special_tokens)["input_ids"])
+    def _prompt_ids(self, body: RequestBody) -> list[int]:
+        if body.messages is not None:
+            return self._chat_ids(body.messages)
+        if isinstance(body.prompt, str):
+            encoded = self.tokenizer(body.prompt, add_special_tokens=self.add_special_tokens)
+            ids = list(encoded["input_ids"])
             if not ids:
                 raise InvalidRequestError("prompt is empty after tokenization")
             return ids
-        if isinstance(prompt, list | tuple):
-            return self._check_token_ids(prompt)
-        raise InvalidRequestError(
-            f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
-        )
+        assert body.prompt is not None, "RequestBody holds a prompt or messages"
+        return check_token_ids(body.prompt, self.vocab_size)
 
-    def _check_token_ids(self, ids: Sequence[Any]) -> list[int]:
-        if not ids:
-            raise InvalidRequestError("prompt is empty (no token ids)")
-        for i, t in enumerate(ids):
-            if type(t) is not int:
-                raise InvalidRequestError(f"prompt[{i}] must be an integer token id, got {type(t).__name__}")
-            if not 0 <= t < self.vocab_size:
-                raise InvalidRequestError(
-                    f"prompt[{i}] = {t} is out of vocabulary (valid ids: 0..{self.vocab_size - 1})"
-                )
-        return list(ids)
-
-    def _chat_ids(self, messages: Any) -> list[int]:
-        if not isinstance(messages, list | tuple) or not messages:
-            raise InvalidRequestError("messages must be a non-empty list of {role, content} maps")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise InvalidRequestError(f"messages[{i}] must be a map, got {type(m).__name__}")
-            extra = sorted(str(k) for k in m if k not in MESSAGE_FIELDS)
-            if extra:
-                raise InvalidRequestError(f"messages[{i}] has unknown field(s): {', '.join(extra)}")
-            if not isinstance(m.get("role"), str) or not m["role"]:
-                raise InvalidRequestError(f"messages[{i}].role must be a non-empty string")
-            content = m.get("content")
-            if not isinstance(content, str) and not (self.mm_processor and isinstance(content, list)):
-                raise InvalidRequestError(f"messages[{i}].content must be a string")
+    def _chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if self.mm_processor is None:
+            for i, m in enumerate(messages):
+                if not isinstance(m.content, str):
+                    raise InvalidRequestError(
+                        f"messages[{i}].content must be a string: model {self.model_name!r} is text-only"
+                    )
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
                 f"model {self.model_name!r} has no chat template; send 'prompt' instead"
             )
         try:
             encoded = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+                msgspec.to_builtins(messages), add_generation_prompt=True, tokenize=True, return_dict=True
             )
         except Exception as e:  # noqa: BLE001 - a template may raise anything for odd input
             raise InvalidRequestError(f"the chat template rejected the messages: {e}") from None
+        assert isinstance(encoded, Mapping), "return_dict=True gives a BatchEncoding"
         ids = list(encoded["input_ids"])
         if not ids:
             raise InvalidRequestError("messages produced an empty prompt")
         return ids
-
-    def _check_len(self, input_ids: list[int]) -> None:
-        if len(input_ids) > self.max_prompt_len:
-            raise InvalidRequestError(
-                f"prompt has {len(input_ids)} tokens; model {self.model_name!r} accepts at most "
-                f"{self.max_prompt_len} on this rank"
-            )
