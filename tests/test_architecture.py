@@ -79,3 +79,30 @@ def test_the_counter_counts_what_it_says(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("from typing import Any\ndef f(a: Any, b: int, *c: list[Any]) -> dict[str, Any]: ...\n")
     assert any_annotations(probe) == 3
+
+
+def documented_files() -> set[str]:
+    """The ``dpinfer/`` files of the annotated tree in docs/architecture.md (one line each)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## Files", 1)[1].split("```")[1]
+    stack: list[str] = []
+    files: set[str] = set()
+    for line in block.splitlines():
+        if not line.strip() or "·" in line:
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        stack = stack[:depth]
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+        elif name.endswith(".py"):
+            files.add("/".join([*stack, name]))
+    return {f for f in files if f.startswith("dpinfer/")}
+
+
+def test_the_documented_tree_is_the_tree() -> None:
+    """Every module has its line in docs/architecture.md (a package's line stands for its __init__)."""
+    actual = {str(p.relative_to(ROOT)) for p in _modules() if p.name != "__init__.py" or p.parent == PACKAGE}
+    documented = documented_files()
+    assert not actual - documented, f"add to docs/architecture.md: {sorted(actual - documented)}"
+    assert not documented - actual, f"gone, remove from docs/architecture.md: {sorted(documented - actual)}"
