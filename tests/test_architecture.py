@@ -106,3 +106,12 @@ def test_the_documented_tree_is_the_tree() -> None:
     documented = documented_files()
     assert not actual - documented, f"add to docs/architecture.md: {sorted(actual - documented)}"
     assert not documented - actual, f"gone, remove from docs/architecture.md: {sorted(documented - actual)}"
+
+
+def test_every_package_says_its_role_and_what_it_may_import() -> None:
+    missing = []
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        if "may import" not in doc.lower():
+            missing.append(str(init.relative_to(ROOT)))
+    assert not missing, f"these package docstrings must state the role and what it may import: {missing}"

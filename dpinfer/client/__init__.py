@@ -4,6 +4,9 @@ Both speak ``dpinfer.protocol`` to a coordinator over one DEALER socket and shar
 ``ClientSession`` (session.py) for the meaning of every message. ``inputs.py`` turns prompts,
 chat messages, images and sampling params into request bodies; ``commands.py`` and
 ``render.py`` are the CLI on top.
+
+May import: ``protocol``, ``config``, ``sampling``, ``outputs``, ``log``, ``errors``. Never torch,
+transformers, the runner or the scheduler (an import-linter contract): the SDK stays light.
 """
 
 from dpinfer.client.async_client import AsyncInferenceClient, RequestFuture, RequestStream

@@ -14,6 +14,7 @@
 - ``tensor_queue``: ``TensorIpcSender`` / ``TensorIpcReceiver`` over a torch.mp queue.
 
 Importing this package does not import torch; the modules that need it import it.
+May import: ``config``, ``log``, ``errors``; never ``protocol`` or anything above.
 """
 
 from dpinfer.transport.channel import (
