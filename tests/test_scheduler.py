@@ -193,13 +193,15 @@ def test_prompt_that_can_never_fit_gets_an_error() -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "why"),
-    [([], "empty"), ([3, 999999], "token ids"), ([3, -1], "token ids")],
+    [([], "empty prompt"), ([3, 999999], "token ids"), ([3, -1], "token ids")],
 )
-def test_invalid_prompts_get_error_outputs(runner: ModelRunner, prompt: list[int], why: str) -> None:
+def test_invalid_prompts_are_internal_invariants(runner: ModelRunner, prompt: list[int], why: str) -> None:
+    """The tokenizer rejects these with an error reply (tests/test_bad_input.py); reaching the
+    scheduler with one is a bug, asserted, and leaves nothing queued."""
     s = new_scheduler(runner)
-    out = s.add_request(TokenizedRequest(1, prompt, greedy(4)))
-    assert out[0].finish_reason == "error" and why in (out[0].error or "")
-    assert not s.has_work
+    with pytest.raises(AssertionError, match=why):
+        s.add_request(TokenizedRequest(1, prompt, greedy(4)))
+    assert not s.has_work and not s.reqs
 
 
 def test_duplicate_request_id_is_an_error(runner: ModelRunner) -> None:
