@@ -203,7 +203,7 @@ def test_requests_relay_and_outputs_only_for_requests_in_flight(h: Harness) -> N
 def test_controls_are_forwarded_in_order_and_acks_relayed_whole(h: Harness) -> None:
     """The scheduler owns the rank's state and checks every transition; the rank main forwards
     each signal in order, relays each acknowledgement as it is, and mirrors the state."""
-    with pytest.raises(ProtocolError, match="signal.*Invalid enum value 'explode'"):
+    with pytest.raises(ProtocolError, match=r"signal.*Invalid enum value 'explode'"):
         h.conn.inject(protocol.EngineControl(2, "explode", {}))  # type: ignore[arg-type]
     h.conn.inject(protocol.EngineControl(1, Signal.RESUME, {}))
     h.conn.inject(protocol.EngineControl(3, Signal.PAUSE, {}))
