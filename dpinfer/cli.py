@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "keys": "dpinfer.coordinator.commands:keys",
     "bench": "dpinfer.bench.commands:bench",
     "demo": "dpinfer.launcher.demo:demo",
+    "http": "dpinfer.http.commands:http",
+    "top": "dpinfer.client.top:top",
 }
 
 
