@@ -95,6 +95,11 @@ class CoordinatorConfig:
     """How long a request waits for any live rank before it fails."""
     max_frame_bytes: int = 256 << 20
     """Largest accepted message; larger ones are dropped by ZMQ and counted."""
+    max_queued_requests: int = 65536
+    """Most requests the hub holds at once (waiting for a rank plus in flight); beyond it a
+    request gets an immediate ``overloaded`` error (HTTP 429), never a silent drop."""
+    max_client_requests: int = 16384
+    """Most requests one client may have queued or in flight; beyond it, ``overloaded``."""
     curve_dir: str | None = None
     """With CURVE on: directory holding ``server.key_secret`` and ``authorized/*.key``."""
 
@@ -108,6 +113,8 @@ class CoordinatorConfig:
             raise ConfigError("--heartbeat-timeout-s must exceed --heartbeat-interval-s")
         _positive(self.control_timeout_s, "--control-timeout-s")
         _positive(self.no_rank_timeout_s, "--no-rank-timeout-s")
+        _positive(self.max_queued_requests, "--max-queued-requests")
+        _positive(self.max_client_requests, "--max-client-requests")
 
     @property
     def bind_address(self) -> str:

@@ -17,6 +17,9 @@ class GenerationResult:
     """``stop``, ``length``, ``abort`` or ``error``."""
     error: str | None = None
     """What went wrong when ``finish_reason`` is ``error`` (or why it was aborted)."""
+    error_code: str | None = None
+    """Why, for machines (``protocol.ErrorCode``): ``invalid_request``, ``overloaded`` (retry
+    later), ``unavailable`` (no rank can serve it now), ``aborted`` or ``internal``."""
     rank: int = -1
     """The engine rank that served it (-1 if none did)."""
     prompt_tokens: int = 0

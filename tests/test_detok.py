@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from transformers import ByT5Tokenizer
 
 from dpinfer.protocol import OutputBody
-from dpinfer.protocol.local import RequestMeta, SchedulerBatch
+from dpinfer.protocol.local import RequestMeta, SchedulerBatch, SchedulerOutput
 from dpinfer.tokenizer.incremental_detok import (
     MAX_HELD_TOKENS,
     IncrementalDecoder,
@@ -143,10 +143,10 @@ def test_prompt_context_gives_first_token_its_leading_space() -> None:
     assert det.token_ids == [2, 3]
 
 
-def _out(rid: int, ids: Sequence[int], finished: bool = False, **kw: object) -> SimpleNamespace:
-    base = dict(finish_reason=None, matched_stop=None, error=None, prompt_len=4, cached_len=1)
+def _out(rid: int, ids: Sequence[int], finished: bool = False, **kw: Any) -> SchedulerOutput:
+    base: dict[str, Any] = dict(finish_reason=None, matched_stop=None, error=None, prompt_len=4, cached_len=1)
     base.update(kw)
-    return SimpleNamespace(request_id=rid, new_token_ids=list(ids), finished=finished, **base)
+    return SchedulerOutput(request_id=rid, new_token_ids=list(ids), finished=finished, **base)
 
 
 def test_output_builder_streams_deltas_and_one_final(tok, decode) -> None:

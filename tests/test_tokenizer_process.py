@@ -109,6 +109,7 @@ def test_bad_requests_get_errors_and_never_reach_the_scheduler(h: Harness) -> No
         b.finish_reason == "error" and b.error and b.error.startswith("invalid request:")
         for b in errors.values()
     )
+    assert all(b.error_code == "invalid_request" for b in errors.values()), "front ends map this to 400"
     assert "prompt is empty" in (errors[10].error or "") and "unknown request field(s): x" in (
         errors[13].error or ""
     )

@@ -141,7 +141,8 @@ class ClientSession:
             try:
                 body = p.OutputBody.from_bytes(frame)
             except ProtocolError as e:
-                body = p.OutputBody(finish_reason=p.FinishReason.ERROR.value, error=f"bad output body: {e}")
+                error = f"bad output body: {e}"
+                body = p.OutputBody(finish_reason="error", error=error, error_code=p.ErrorCode.INTERNAL.value)
                 entry = p.OutputEntry(request_id, True, entry.rank)
             if not entry.final:
                 if record.stream:
@@ -168,6 +169,7 @@ class ClientSession:
             token_ids=(),
             finish_reason=p.FinishReason.ERROR.value,
             error=f"{msg.code}: {msg.message}",
+            error_code=msg.code,
             latency_s=time.perf_counter() - record.submitted_at,
         )
         self.on_result(result, _tail(result, None) if record.stream else None)
@@ -246,6 +248,7 @@ def _result(request_id: int, rank: int, body: p.OutputBody, latency_s: float) ->
         token_ids=body.token_ids,
         finish_reason=body.finish_reason or p.FinishReason.ERROR.value,
         error=body.error if body.finish_reason else (body.error or "final output without a finish reason"),
+        error_code=body.error_code if body.finish_reason else (body.error_code or p.ErrorCode.INTERNAL.value),
         rank=rank,
         prompt_tokens=body.prompt_tokens,
         completion_tokens=body.completion_tokens,

@@ -68,6 +68,20 @@ _DEFAULTS = CoordinatorConfig()
     help="Largest accepted message in bytes.",
 )
 @click.option(
+    "--max-queued-requests",
+    default=_DEFAULTS.max_queued_requests,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most requests the hub holds (waiting plus in flight); beyond it: an `overloaded` error.",
+)
+@click.option(
+    "--max-client-requests",
+    default=_DEFAULTS.max_client_requests,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most requests one client may have queued or in flight; beyond it: `overloaded`.",
+)
+@click.option(
     "--curve",
     "curve_dir",
     default=None,
@@ -85,6 +99,8 @@ def coordinator(
     control_timeout_s: float,
     no_rank_timeout_s: float,
     max_frame_bytes: int,
+    max_queued_requests: int,
+    max_client_requests: int,
     curve_dir: str | None,
     log_level: str | None,
 ) -> None:
@@ -108,6 +124,8 @@ def coordinator(
             control_timeout_s=control_timeout_s,
             no_rank_timeout_s=no_rank_timeout_s,
             max_frame_bytes=max_frame_bytes,
+            max_queued_requests=max_queued_requests,
+            max_client_requests=max_client_requests,
             curve_dir=curve_dir,
         )
         if host not in ("127.0.0.1", "localhost", "::1") and curve_dir is None:

@@ -19,7 +19,7 @@ from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.outbox import Counters, Outbox
 from dpinfer.coordinator.registry import ClientPeer, PendingQueue, RankPeer, RankRegistry, Req
 from dpinfer.coordinator.routing import make_policy
-from dpinfer.protocol import NO_RANK, EngineState, FinishReason, error_body
+from dpinfer.protocol import NO_RANK, EngineState, ErrorCode, FinishReason, error_body
 
 STOPPED_MESSAGE = "engines are stopped; start or register a rank to serve again"
 
@@ -39,6 +39,8 @@ class Forwarder:
         self.pending = PendingQueue()
         self.policy = make_policy(config.routing)
         self.no_rank_timeout_s = config.no_rank_timeout_s
+        self.max_requests = config.max_queued_requests
+        self.max_client_requests = config.max_client_requests
         self._registry = registry
         self._outbox = outbox
         self._counters = counters
@@ -54,7 +56,7 @@ class Forwarder:
         self._counters.submitted += len(entries)
         if self._lifecycle.state is EngineState.STOPPED:
             for (client_request_id, _, _), _body in zip(entries, bodies, strict=True):
-                self._reply_error(client, client_request_id, STOPPED_MESSAGE)
+                self._reply_error(client, client_request_id, STOPPED_MESSAGE, ErrorCode.UNAVAILABLE)
             return
         live = self._registry.live
         pick = self.policy.pick
@@ -73,11 +75,16 @@ class Forwarder:
                     ),
                 )
                 continue
+            if len(requests) >= self.max_requests or len(client_requests) >= self.max_client_requests:
+                self._overloaded(client, client_request_id)
+                continue
             req = Req(request_id, client, client_request_id, body, stream, pinned)
             if pinned != NO_RANK:
                 peer = self._registry.by_rank.get(pinned)
                 if peer is None or not peer.alive:
-                    self._reply_error(client, client_request_id, self._no_such_rank(pinned))
+                    self._reply_error(
+                        client, client_request_id, self._no_such_rank(pinned), ErrorCode.UNAVAILABLE
+                    )
                     continue
             elif live:
                 peer = pick(live)
@@ -234,9 +241,21 @@ class Forwarder:
                 req.client.identity, req.client_request_id, True, NO_RANK, error_body(message, reason)
             )
 
-    def _reply_error(self, client: ClientPeer, client_request_id: int, message: str) -> None:
+    def _reply_error(self, client: ClientPeer, client_request_id: int, message: str, code: ErrorCode) -> None:
         self._counters.failed += 1
-        self._outbox.output(client.identity, client_request_id, True, NO_RANK, error_body(message))
+        self._outbox.output(client.identity, client_request_id, True, NO_RANK, error_body(message, code=code))
+
+    def _overloaded(self, client: ClientPeer, client_request_id: int) -> None:
+        self._counters.overloaded += 1
+        if len(client.requests) >= self.max_client_requests:
+            why = (
+                f"this client has {len(client.requests)} requests queued or in flight (--max-client-requests)"
+            )
+        else:
+            why = f"the coordinator holds {len(self.requests)} requests (--max-queued-requests)"
+        message = f"overloaded: {why}; retry later"
+        body = error_body(message, code=ErrorCode.OVERLOADED)
+        self._outbox.output(client.identity, client_request_id, True, NO_RANK, body)
 
     def _no_such_rank(self, rank: int) -> str:
         live = ", ".join(str(r) for r in self._registry.live_ids()) or "none"

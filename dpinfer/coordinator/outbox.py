@@ -33,6 +33,8 @@ class Counters:
     failed: int = 0
     aborted: int = 0
     submitted: int = 0
+    overloaded: int = 0
+    """Requests refused at once because a queue limit was reached."""
     completed: int = 0
     rank_deaths: int = 0
     disconnects: int = 0

@@ -21,15 +21,14 @@ The request body on the wire is a map; a missing key takes the field's default:
 - ``sampling``: the ``SamplingParams`` fields that differ from the defaults;
 - ``model_inputs``: reserved for precomputed model inputs (no model accepts them yet).
 
-``OutputBody`` (rank -> client) is a frozen dataclass with ``to_bytes``/``from_bytes``.
+``OutputBody`` (rank -> client) is a frozen ``msgspec.Struct`` too, with ``to_bytes``/``from_bytes``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import msgpack
@@ -262,13 +261,14 @@ def _words(msgspec_types: str, words: dict[str, str], joiner: str = " | ") -> st
 # ---------------------------------------------------------------------------- output body
 
 
-@dataclass(frozen=True, slots=True)
-class OutputBody:
+class OutputBody(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """What a rank sends back for one request (an ``Outputs``/``EngineOutputs`` body).
 
     Partial (streamed) outputs carry ``delta_text``/``delta_token_ids`` only. The final
     output carries the whole ``text`` and ``token_ids``, plus for streamed requests the
-    last ``delta_text``/``delta_token_ids`` not yet sent, and the counters.
+    last ``delta_text``/``delta_token_ids`` not yet sent, and the counters. A request that
+    ends without its result has ``finish_reason`` ``error`` or ``abort``, a human ``error`` and
+    a machine ``error_code`` (``ErrorCode``) that front ends map to a status (429, 503, ...).
     """
 
     text: str = ""
@@ -277,30 +277,45 @@ class OutputBody:
     delta_token_ids: tuple[int, ...] = ()
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
 
     def to_bytes(self) -> bytes:
-        out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v != f.default:
-                out[f.name] = list(v) if isinstance(v, tuple) else v
-        return _packb(out)
+        return _encode_output(self)
 
     @classmethod
     def from_bytes(cls, frame: Frame) -> OutputBody:
-        data = unpack_body(frame, "output body")
         try:
-            body = cls(**data)
-        except TypeError as e:
+            return _decode_output(_raw(frame))
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise ProtocolError(f"output body: {e}") from None
-        object.__setattr__(body, "token_ids", tuple(body.token_ids))
-        object.__setattr__(body, "delta_token_ids", tuple(body.delta_token_ids))
-        return body
 
 
-def error_body(message: str, reason: FinishReason = FinishReason.ERROR) -> bytes:
+_encode_output = msgspec.msgpack.Encoder().encode
+_decode_output = msgspec.msgpack.Decoder(OutputBody).decode
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a request ended without its result, for machines (``OutputBody.error_code``)."""
+
+    INVALID_REQUEST = "invalid_request"
+    """The request itself is wrong (HTTP 400)."""
+    OVERLOADED = "overloaded"
+    """A queue limit was reached; retry later (HTTP 429)."""
+    UNAVAILABLE = "unavailable"
+    """No rank can serve it now: none is live, the deployment is stopped, a rank failed (HTTP 503)."""
+    ABORTED = "aborted"
+    """The client aborted it, or the rank stopped before it finished."""
+    INTERNAL = "internal"
+    """A bug on the serving side; the message says where."""
+
+
+def error_body(
+    message: str, reason: FinishReason = FinishReason.ERROR, code: ErrorCode | None = None
+) -> bytes:
     """The final output body of a request that ends without generating (error, abort)."""
-    return OutputBody(finish_reason=reason.value, error=message).to_bytes()
+    if code is None:
+        code = ErrorCode.ABORTED if reason is FinishReason.ABORT else ErrorCode.UNAVAILABLE
+    return OutputBody(finish_reason=reason.value, error=message, error_code=code.value).to_bytes()

@@ -148,11 +148,14 @@ class SchedulerOutput:
     prompt_len: int = 0
     cached_len: int = 0
     """Prompt tokens whose KV came from the prefix cache when the request was first admitted."""
+    error_code: str | None = None
+    """An ``ErrorCode`` value when ``finish_reason`` is ``error`` (none: an internal error)."""
 
     @classmethod
     def for_error(cls, request_id: int, prompt_len: int, error: str) -> SchedulerOutput:
         """The final output of a request that ends without generating anything."""
-        return cls(request_id, [], True, "error", error=error, prompt_len=prompt_len)
+        code = "invalid_request"  # what the scheduler refuses, the request asked for (too long, ...)
+        return cls(request_id, [], True, "error", error=error, prompt_len=prompt_len, error_code=code)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,9 @@ class EchoRequest:
         """Partial outputs (streamed requests only), then the final one."""
         rid = self.request_id
         if self.error:
-            return [EngineOutputEntry(rid, True, 0)], [protocol.error_body(self.error)]
+            return [EngineOutputEntry(rid, True, 0)], [
+                protocol.error_body(self.error, code=protocol.ErrorCode.INVALID_REQUEST)
+            ]
         text = self.text
         token_ids = list(text.encode())
         entries: list[EngineOutputEntry] = []

@@ -64,13 +64,13 @@ class DetokenizerProcess:
 
 def _failed_batch(builder: OutputBuilder, batch: m.SchedulerBatch) -> m.RankOutputs:
     """Error finals for the finished requests of a batch that could not be detokenized."""
-    from dpinfer.protocol import EngineOutputEntry, error_body
+    from dpinfer.protocol import EngineOutputEntry, ErrorCode, error_body
 
     finished = [o for o in batch.outputs if o.finished]
     for o in finished:
         builder.drop(o.request_id)
     entries = tuple(EngineOutputEntry(o.request_id, True, 0) for o in finished)
-    bodies = tuple(error_body("detokenization failed") for _ in finished)
+    bodies = tuple(error_body("detokenization failed", code=ErrorCode.INTERNAL) for _ in finished)
     return m.RankOutputs(entries, bodies, batch.control_acks, batch.load)
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, FinishReason, OutputBody
-from dpinfer.protocol.local import RankOutputs, RequestMeta, SchedulerBatch
+from dpinfer.protocol.bodies import ErrorCode
+from dpinfer.protocol.local import RankOutputs, RequestMeta, SchedulerBatch, SchedulerOutput
 from dpinfer.tokenizer.incremental_detok import DecodeFn, RequestDetokenizer
 
 logger = get_logger(__name__)
@@ -89,6 +90,7 @@ class OutputBuilder:
             delta_token_ids=ids[tracked.num_sent_tokens :] if stream else (),
             finish_reason=str(out.finish_reason or FinishReason.STOP.value),
             error=out.error or None,
+            error_code=_error_code(out),
             prompt_tokens=int(out.prompt_len or 0),
             completion_tokens=len(ids),
             cached_tokens=int(out.cached_len or 0),
@@ -97,3 +99,11 @@ class OutputBuilder:
 
     def drop(self, request_id: int) -> None:
         self._requests.pop(request_id, None)
+
+
+def _error_code(out: SchedulerOutput) -> str | None:
+    if out.finish_reason == FinishReason.ERROR.value:
+        return out.error_code or ErrorCode.INTERNAL.value
+    if out.finish_reason == FinishReason.ABORT.value:
+        return ErrorCode.ABORTED.value
+    return None

@@ -25,7 +25,7 @@ import zmq
 from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
-from dpinfer.protocol import EngineOutputEntry, error_body
+from dpinfer.protocol import EngineOutputEntry, ErrorCode, error_body
 from dpinfer.protocol import local as m
 from dpinfer.tokenizer.request_parsing import MultimodalProcessor, RequestParser, appends_eos
 
@@ -94,12 +94,14 @@ class TokenizerProcess:
                 request = self.parser.parse(raw)
             except InvalidRequestError as e:
                 entries.append(EngineOutputEntry(raw.request_id, True, 0))
-                bodies.append(error_body(f"invalid request: {e}"))
+                bodies.append(error_body(f"invalid request: {e}", code=ErrorCode.INVALID_REQUEST))
                 continue
             except Exception as e:
                 logger.exception("request %d failed in the tokenizer", raw.request_id)
                 entries.append(EngineOutputEntry(raw.request_id, True, 0))
-                bodies.append(error_body(f"tokenizer error: {type(e).__name__}: {e}"))
+                bodies.append(
+                    error_body(f"tokenizer error: {type(e).__name__}: {e}", code=ErrorCode.INTERNAL)
+                )
                 continue
             self.send_to_scheduler.send(request)
         if entries:

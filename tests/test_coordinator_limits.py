@@ -1,0 +1,79 @@
+"""Bounded queues: past a limit a request gets an immediate ``overloaded`` error, nothing is dropped.
+
+One slow null rank (each request takes ``SLOW_S``) behind a coordinator that holds at most
+``HUB_LIMIT`` requests, ``CLIENT_LIMIT`` per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import FAST_TIMINGS
+from wire import Deployment
+
+from dpinfer import AsyncInferenceClient, SamplingParams
+from dpinfer.protocol import ErrorCode
+
+SLOW_S = 1.0
+HUB_LIMIT = 6
+CLIENT_LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def dep() -> Iterator[Deployment]:
+    deployment = Deployment.start(
+        [0], {0: {"delay_s": SLOW_S}}, max_queued_requests=HUB_LIMIT, max_client_requests=CLIENT_LIMIT,
+        **FAST_TIMINGS,
+    )  # fmt: skip
+    yield deployment
+    deployment.close()
+
+
+def test_over_the_client_and_hub_limits_requests_are_refused_at_once(dep: Deployment) -> None:
+    a, b = dep.new_client("a"), dep.new_client("b")
+    try:
+        first = a.submit([f"a{i}" for i in range(CLIENT_LIMIT + 1)])
+        refused = a.wait_results(first[-1:], timeout_s=10 * SLOW_S)[0]
+        assert refused.final is not None and refused.final.error_code == ErrorCode.OVERLOADED
+        assert "--max-client-requests" in (refused.final.error or "")
+        assert all(i not in a.results for i in first[:-1]), "refused at once, not after the queue"
+        second = b.submit([f"b{i}" for i in range(HUB_LIMIT - CLIENT_LIMIT + 1)])
+        refused_b = b.wait_results(second[-1:], timeout_s=10 * SLOW_S)[0]
+        assert refused_b.final is not None and refused_b.final.error_code == ErrorCode.OVERLOADED
+        assert "--max-queued-requests" in (refused_b.final.error or "")
+        # Everything accepted completes, exactly once, with its own result.
+        done_a = a.wait_results(first[:-1], timeout_s=15 * SLOW_S)
+        done_b = b.wait_results(second[:-1], timeout_s=15 * SLOW_S)
+        for result in (*done_a, *done_b):
+            assert (
+                result.num_finals == 1 and result.final is not None and result.final.finish_reason == "stop"
+            )
+        # Room again: the next request is served.
+        again = a.wait_results(a.submit(["again"]), timeout_s=5 * SLOW_S)[0]
+        assert again.final is not None and again.final.text == "echo: again"
+        status = a.status()
+        assert status["counters"]["overloaded"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_sdk_reports_overloaded_as_a_typed_error_code(dep: Deployment) -> None:
+    import asyncio
+
+    async def run() -> list:
+        client = AsyncInferenceClient(dep.address, timeout_s=15 * SLOW_S)
+        await client.start()
+        try:
+            futures = [
+                client.add_request(f"p{i}", SamplingParams(max_new_tokens=1)) for i in range(CLIENT_LIMIT + 2)
+            ]
+            return list(await asyncio.gather(*futures))
+        finally:
+            await client.stop()
+
+    results = asyncio.run(run())
+    codes = [r.error_code for r in results]
+    assert codes.count(ErrorCode.OVERLOADED) == 2 and codes.count(None) == CLIENT_LIMIT, codes
+    assert all(r.ok for r in results if r.error_code is None)
