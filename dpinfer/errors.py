@@ -29,3 +29,7 @@ class RequestTimeoutError(DpinferError, TimeoutError):
 
 class ConnectionLostError(DpinferError, ConnectionError):
     """The coordinator went away (shut down, or unreachable) while a call was waiting."""
+
+
+class TransportError(DpinferError):
+    """The tensor channel inside a rank cannot deliver (closed, peer gone, bad configuration)."""

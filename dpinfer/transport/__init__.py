@@ -1,7 +1,9 @@
 """Tensor transport inside one engine rank (TokenizerProcess -> SchedulerProcess).
 
 - ``channel``: the ordered request channel (``make_sender`` / ``make_receiver``), the seam
-  the tokenizer and scheduler use; modes ``zmq``, ``shm``, ``tensor_queue``.
+  the tokenizer and scheduler use.
+- ``modes``: the one registry of ``--transport`` modes (``zmq``, ``shm``, ``tensor_queue``)
+  and the tensor route each end uses.
 - ``codec``: the one tensor codec: pickling with per-tensor routes (inline, shm region,
   tensor queue, CUDA IPC, CUDA IPC pool); ``wrap_mm_inputs_for_ipc`` /
   ``unwrap_mm_inputs_from_ipc`` are its names for one object without a channel.

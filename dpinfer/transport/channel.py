@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING
 import zmq
 
 from dpinfer.config import TensorTransportMode, TransportConfig, TransportMode
-from dpinfer.errors import DpinferError
+from dpinfer.errors import TransportError
 from dpinfer.log import get_logger
+from dpinfer.transport.modes import MODES, RouteArgs
 
 if TYPE_CHECKING:
     import torch
@@ -55,10 +56,6 @@ logger = get_logger(__name__)
 # Each recv_ready call drains at most this many messages so one flood cannot starve a step.
 MAX_DRAIN = 1024
 ZERO_COPY_BYTES = 64 << 10
-
-
-class TransportError(DpinferError):
-    """The channel cannot deliver (closed, peer gone, bad configuration)."""
 
 
 class RequestSender:
@@ -264,16 +261,9 @@ def make_sender(
     """
     from dpinfer.transport.codec import TensorEncoder
 
-    mode = TransportMode(config.transport)
-    route: TensorRoute | None = None
-    if mode is TransportMode.SHM:
-        from dpinfer.transport.shm_route import ShmSenderRoute, region_name
-
-        route = ShmSenderRoute(region_name(deployment_id, rank, address), config.shm_wait_s)
-    elif mode is TransportMode.TENSOR_QUEUE:
-        from dpinfer.transport.tensor_queue import QueueSenderRoute
-
-        route = QueueSenderRoute(_require_queue(tensor_queue), config.shm_wait_s)
+    route = MODES[TransportMode(config.transport)].sender(
+        RouteArgs(config, address, deployment_id, rank, tensor_queue)
+    )
     encoder = TensorEncoder(
         config.inline_bytes, route, config.tensor_transport, _pool_factory(config, deployment_id, rank)
     )
@@ -298,7 +288,6 @@ def make_receiver(
 
     mode = TransportMode(config.transport)
     pooled = TensorTransportMode(config.tensor_transport) is TensorTransportMode.CUDA_IPC_POOL
-    route: TensorRoute | None = None
 
     def on_close() -> None:
         if pooled:
@@ -308,17 +297,7 @@ def make_receiver(
         # Whatever a killed peer of this deployment left behind (live owners are kept).
         cleanup_stale_segments(deployment_id)
 
-    if mode is TransportMode.SHM:
-        from dpinfer.transport.shm_route import ShmReceiverRoute, region_name
-
-        cleanup_stale_segments(deployment_id)
-        route = ShmReceiverRoute(
-            region_name(deployment_id, rank, address), config.shm_region_bytes, config.shm_copy_out
-        )
-    elif mode is TransportMode.TENSOR_QUEUE:
-        from dpinfer.transport.tensor_queue import QueueReceiverRoute
-
-        route = QueueReceiverRoute(_require_queue(tensor_queue), config.shm_wait_s)
+    route = MODES[mode].receiver(RouteArgs(config, address, deployment_id, rank, tensor_queue))
     decoder = TensorDecoder({route.name: route} if route else None)
     try:
         routes = (route,) if route else ()
@@ -327,15 +306,6 @@ def make_receiver(
         if route is not None:
             route.close()
         raise
-
-
-def _require_queue(tensor_queue: TensorQueue | None) -> TensorQueue:
-    if tensor_queue is None:
-        raise TransportError(
-            "transport 'tensor_queue' needs the queue from make_tensor_queue(), created in the "
-            "parent and passed to both ends as tensor_queue="
-        )
-    return tensor_queue
 
 
 def make_tensor_queue(config: TransportConfig) -> TensorQueue | None:
