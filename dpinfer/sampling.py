@@ -17,6 +17,11 @@ import msgspec
 from dpinfer.errors import InvalidRequestError
 
 
+SAMPLING_EPS = 1e-5
+"""Below this, a temperature or top_p means greedy (as in vLLM): dividing logits by a tinier
+temperature, or keeping a tinier probability mass, overflows or underflows float32."""
+
+
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """Decoding parameters of one request (the same names as vLLM's where they overlap).
 
@@ -28,7 +33,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     max_new_tokens: int = 128
     """Most tokens to generate (>= 1)."""
     temperature: float = 1.0
-    """Softmax temperature (>= 0); 0 is greedy."""
+    """Softmax temperature (>= 0); 0 (or below ``SAMPLING_EPS``) is greedy."""
     top_p: float = 1.0
     """Nucleus sampling mass, in (0, 1]."""
     top_k: int = 0
@@ -74,7 +79,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Decoding picks the most likely token: temperature 0, top_k 1, or a temperature or
+        top_p so small that sampling with it would only underflow (float32) to the same choice."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1 or self.top_p < SAMPLING_EPS
 
     def to_dict(self) -> dict[str, object]:
         """A msgpack-ready dict holding only the fields that differ from the defaults."""

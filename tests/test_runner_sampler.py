@@ -40,6 +40,19 @@ def test_top_k_one_is_greedy_even_with_temperature() -> None:
     assert set(draw(params, 50)) == {5}
 
 
+def test_tiny_temperature_and_top_p_behave_as_greedy() -> None:
+    """Values that pass validation but underflow float32 must not pick the least likely token."""
+    for params in (
+        SamplingParams(temperature=1e-40),
+        SamplingParams(temperature=1e-6),
+        SamplingParams(top_p=1e-46),
+        SamplingParams(temperature=0.7, top_p=1e-7),
+    ):
+        assert params.greedy, params
+        assert set(draw(params, 20)) == {5}, params
+    assert not SamplingParams(temperature=1e-3).greedy, "a small but real temperature still samples"
+
+
 def test_top_k_keeps_only_the_k_most_likely() -> None:
     counts = draw(SamplingParams(temperature=1.0, top_k=2), 400)
     assert set(counts) == {5, 2}
