@@ -153,6 +153,11 @@ class ClientSession:
             self.on_result(result, _tail(result, body) if record.stream else None)
 
     def _handle_error(self, msg: p.Error) -> None:
+        if msg.code == "duplicate_request":
+            # The id of a request still in flight was used again: that submission was refused,
+            # the original request goes on and keeps its own result.
+            self.on_error(msg.code, msg.message)
+            return
         record = self._inflight.pop(msg.client_request_id, None)
         if record is None:
             if msg.code == "not_handshaken" and self.hello is not None:
