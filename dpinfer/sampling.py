@@ -16,6 +16,10 @@ import msgspec
 
 from dpinfer.errors import InvalidRequestError
 
+MAX_STOP_STRINGS = 16
+"""Stop strings per request (OpenAI allows 4; vLLM has no limit): each costs work on every token."""
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 SAMPLING_EPS = 1e-5
 """Below this, a temperature or top_p means greedy (as in vLLM): dividing logits by a tinier
@@ -67,9 +71,19 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k, minimum=0)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop must hold non-empty strings, got {s!r}")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError(
+                    f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters, got one of {len(s)}"
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}"
+            )
         for t in self.stop_token_ids:
             _check_int("stop_token_ids[]", t, minimum=0)
         if self.seed is not None:

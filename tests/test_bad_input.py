@@ -12,7 +12,7 @@ from dpinfer.errors import InvalidRequestError
 from dpinfer.protocol.local import RawRequest
 from dpinfer.runner.builtin_models import TINY_CHAT_TEMPLATE
 from dpinfer.sampling import SamplingParams
-from dpinfer.tokenizer.request_parsing import RequestParser, appends_eos
+from dpinfer.tokenizer.request_parsing import RequestParser, appends_eos, max_token_bytes
 
 MAX_PROMPT = 32
 
@@ -196,3 +196,48 @@ def test_chat_template_exception_becomes_an_error(tokenizer: ByT5Tokenizer) -> N
     parser = RequestParser(strict, "strict", 384, 100, add_special_tokens=False)
     with pytest.raises(InvalidRequestError, match="roles must alternate"):
         parser.parse(raw({"messages": [{"role": "user", "content": "hi"}]}))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ({"stop": ["x"] * 200_000}, "stop holds 200000 strings; at most 16"),
+        ({"stop": ["y" * 10_000]}, "stop strings may be at most 256 characters"),
+        ({"stop_token_ids": list(range(1000))}, "stop_token_ids holds 1000 ids; at most 64"),
+    ],
+)
+def test_stop_conditions_are_bounded(parser: RequestParser, sampling: dict[str, Any], expected: str) -> None:
+    """200,000 stop strings once made every token of every request on the rank cost 128 ms."""
+    with pytest.raises(InvalidRequestError, match=expected):
+        parser.parse(raw({"prompt": "a", "sampling": sampling}))
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenizing(
+    parser: RequestParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 MB prompt used to be tokenized in full before it was rejected as too long."""
+
+    def no_tokenizing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the prompt was tokenized")
+
+    big = "z" * (2 << 20)
+    monkeypatch.setattr(type(parser.tokenizer), "__call__", no_tokenizing)
+    with pytest.raises(InvalidRequestError, match="cannot fit in"):
+        parser.parse(raw({"prompt": big}))
+    with pytest.raises(InvalidRequestError, match="cannot fit in"):
+        parser.parse(raw({"messages": [{"role": "user", "content": big}]}))
+
+
+def test_the_byte_bound_is_sound_for_the_tokenizers_shipped(tokenizer: ByT5Tokenizer) -> None:
+    """No text needs fewer tokens than its bytes over the longest token: the bound never refuses
+    a prompt that would fit."""
+    longest = max_token_bytes(tokenizer)
+    for text in ("plain ascii", "é ü ß 漢字 🙂", "<extra_id_0> tags", "x" * 500):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(text.encode()) <= len(ids) * longest
+
+
+def test_an_oversized_body_is_refused_before_decoding(parser: RequestParser) -> None:
+    small = RequestParser(**{**parser.__dict__, "max_body_bytes": 1000})
+    with pytest.raises(InvalidRequestError, match=r"request body of \d+ bytes; at most 1000"):
+        small.parse(raw({"prompt": "a" * 2000}))

@@ -27,7 +27,7 @@ from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, ErrorCode, error_body
 from dpinfer.protocol import local as m
-from dpinfer.tokenizer.request_parsing import MultimodalProcessor, RequestParser, appends_eos
+from dpinfer.tokenizer.request_parsing import MultimodalProcessor, RequestParser, appends_eos, max_token_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,6 +137,7 @@ def build_parser(config: RankConfig) -> RequestParser:
         max_prompt_len=max(1, spec.context_len - 1),
         add_special_tokens=not appends_eos(tokenizer),
         mm_processor=build_mm_processor(config, spec, tokenizer),
+        max_token_bytes=max_token_bytes(tokenizer),
     )
 
 

@@ -72,6 +72,10 @@ def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
     return list(ids)
 
 
+MAX_BODY_BYTES = 64 << 20
+"""Largest request body a rank decodes (images included); the coordinator's frame limit is larger."""
+
+
 @dataclass
 class RequestParser:
     """Everything needed to turn a body into a ``TokenizedRequest`` for one model."""
@@ -85,8 +89,15 @@ class RequestParser:
     add_special_tokens: bool = True
     """For plain prompts; False for tokenizers that would append EOS (see ``appends_eos``)."""
     mm_processor: MultimodalProcessor | None = None
+    max_token_bytes: int = 64
+    max_body_bytes: int = MAX_BODY_BYTES
+    """The most UTF-8 bytes one token of this tokenizer stands for (``max_token_bytes``)."""
 
     def parse(self, raw: RawRequest) -> TokenizedRequest:
+        if len(raw.body) > self.max_body_bytes:
+            raise InvalidRequestError(
+                f"request body of {len(raw.body)} bytes; at most {self.max_body_bytes} are accepted"
+            )
         body = RequestBody.from_bytes(raw.body)
         if body.images or body.model_inputs is not None:
             prepared = self._multimodal(body)
@@ -122,6 +133,7 @@ class RequestParser:
         if body.messages is not None:
             return self._chat_ids(body.messages)
         if isinstance(body.prompt, str):
+            self._check_size(len(body.prompt.encode()), "prompt")
             encoded = self.tokenizer(body.prompt, add_special_tokens=self.add_special_tokens)
             ids = list(encoded["input_ids"])
             if not ids:
@@ -130,7 +142,18 @@ class RequestParser:
         assert body.prompt is not None, "RequestBody holds a prompt or messages"
         return check_token_ids(body.prompt, self.vocab_size)
 
+    def _check_size(self, num_bytes: int, what: str) -> None:
+        """Refuse text that cannot fit before tokenizing it: a token covers at most
+        ``max_token_bytes`` bytes, so more bytes than that many tokens' worth is too long."""
+        limit = self.max_prompt_len * self.max_token_bytes
+        if num_bytes > limit:
+            raise InvalidRequestError(
+                f"{what} of {num_bytes} bytes cannot fit in {self.max_prompt_len} tokens (model "
+                f"{self.model_name!r}: at most {limit} bytes); shorten it"
+            )
+
     def _chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        self._check_size(sum(len(_text_of(m).encode()) for m in messages), "messages")
         if self.mm_processor is None:
             for i, m in enumerate(messages):
                 if not isinstance(m.content, str):
@@ -152,3 +175,15 @@ class RequestParser:
         if not ids:
             raise InvalidRequestError("messages produced an empty prompt")
         return ids
+
+
+def _text_of(message: ChatMessage) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(getattr(part, "text", "") for part in message.content)
+
+
+def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest UTF-8 expansion of any single token (1 for byte tokenizers such as ByT5)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    return max(1, *(len(text.encode()) for text in texts))
