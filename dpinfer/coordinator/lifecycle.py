@@ -40,6 +40,8 @@ class ActiveControl:
     target: EngineState
     deadline: float
     rank_ids: tuple[int, ...]
+    prior_state: EngineState = EngineState.RUNNING
+    """The deployment's state before this signal (a pre-empted STOP goes back to it)."""
     rank_states: dict[int, EngineState] = field(default_factory=dict)
     """Each rank's state when the signal was sent: what a rank that never answers is reported in."""
     waiting: set[int] = field(default_factory=set)
@@ -121,6 +123,7 @@ class Lifecycle:
             target=target,
             deadline=now + timeout_s,
             rank_ids=tuple(rank_states),
+            prior_state=self.state,
             rank_states=dict(rank_states),
             waiting=set(rank_states),
         )
@@ -128,6 +131,35 @@ class Lifecycle:
         self.state = target
         self.active = act
         return act
+
+    def preempting(self, msg: protocol.Control) -> bool:
+        """Whether ``msg`` goes before a draining STOP that waits for its deadline: a STOP that
+        aborts (``dpinfer stop --abort``) or a SHUTDOWN. Every other signal waits its turn."""
+        act = self.active
+        if act is None or act.wire_signal is not Signal.STOP or not act.args.get("drain"):
+            return False
+        try:
+            signal = parse_signal(msg.signal)
+            args = parse_args(signal, msg.args)
+        except ProtocolError:
+            return False
+        return signal is Signal.SHUTDOWN or (signal is Signal.STOP and not args["drain"])
+
+    def preempt(self, by: protocol.Control) -> tuple[ActiveControl, protocol.ControlReply]:
+        """End the draining STOP now, for ``by`` to begin: the reply its caller gets says why.
+
+        The ranks are not told to undo anything: ``by`` reaches them as a STOP that aborts,
+        which ends the drain they are in.
+        """
+        act = self.active
+        assert act is not None and self.preempting(by)
+        self.active = None
+        self.state = act.prior_state
+        acks = tuple(act.acks[r] for r in sorted(act.acks))
+        how = "SHUTDOWN" if by.signal == Signal.SHUTDOWN else "a STOP that aborts"
+        error = f"pre-empted by {how}: requests still running are aborted, not drained"
+        ack = protocol.ControlAcknowledgement(act.signal.value, EngineState.STOPPED, False, acks, error)
+        return act, protocol.ControlReply(act.client_control_id, ack)
 
     def on_ack(self, rank: int, msg: protocol.ControlAck) -> bool:
         """Record a rank's ack; True when the active control is now complete."""
