@@ -88,6 +88,11 @@ _DEFAULTS = CoordinatorConfig()
     type=click.Path(file_okay=False),
     help="Turn on CurveZMQ: DIR holds server.key_secret and authorized/*.key (see `dpinfer keys`).",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Listen beyond loopback without --curve (anyone who can reach the port can use it).",
+)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default) or ERROR.")
 def coordinator(
     host: str,
@@ -102,6 +107,7 @@ def coordinator(
     max_queued_requests: int,
     max_client_requests: int,
     curve_dir: str | None,
+    insecure: bool,
     log_level: str | None,
 ) -> None:
     """Run the coordinator: the one address clients and engine ranks connect to.
@@ -128,15 +134,31 @@ def coordinator(
             max_client_requests=max_client_requests,
             curve_dir=curve_dir,
         )
-        if host not in ("127.0.0.1", "localhost", "::1") and curve_dir is None:
-            click.echo(
-                f"warning: listening on {host} without --curve: anyone who can reach it can use it", err=True
-            )
+        check_exposure(host, curve_dir, insecure)
         run_coordinator(config, on_ready=lambda address: click.echo(f"coordinator listening on {address}"))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     except zmq.ZMQError as e:
         raise click.ClickException(f"cannot listen on tcp://{host}:{port}: {e}") from None
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(host: str, curve_dir: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without CURVE unless the operator says ``--insecure``."""
+    if host in LOOPBACK_HOSTS or curve_dir is not None:
+        return
+    if not insecure:
+        raise click.UsageError(
+            f"--host {host} without --curve would let anyone who reaches the port register as a rank, "
+            "submit work and stop the deployment. Create keys (dpinfer keys --help) and pass --curve DIR, "
+            "or pass --insecure to accept that on a trusted network."
+        )
+    click.echo(
+        f"warning: listening on {host} without --curve (--insecure): anyone who can reach it can use it",
+        err=True,
+    )
 
 
 @click.command()
@@ -155,20 +177,34 @@ def coordinator(
     type=click.Path(file_okay=False, exists=True),
     help="A coordinator's --curve DIR: authorize the new key there and copy its server.key to --out.",
 )
-def keys(out_dir: str, name: str, server_dir: str | None) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["rank", "client", "admin"]),
+    default=None,
+    help="What the key may do (with --server-dir): rank registers; client submits, aborts its own "
+    "requests and reads status; admin also sends control signals.",
+)
+def keys(out_dir: str, name: str, server_dir: str | None, role: str | None) -> None:
     """Write a CurveZMQ key pair (NAME.key, NAME.key_secret).
 
     \b
     Typical setup:
-      dpinfer keys --out keys/server                       # the coordinator's pair
-      dpinfer keys --out keys/client --name client --server-dir keys/server
+      dpinfer keys --out keys/server                                   # the coordinator's pair
+      dpinfer keys --out keys/rank --name rank --role rank --server-dir keys/server
+      dpinfer keys --out keys/client --name client --role client --server-dir keys/server
+      dpinfer keys --out keys/admin --name admin --role admin --server-dir keys/server
       dpinfer coordinator --host 0.0.0.0 --curve keys/server
-      ... clients and ranks use --curve-dir keys/client
+      ... ranks use --rank-curve-dir keys/rank, clients --curve-dir keys/client,
+      ... operators (pause, stop, ...) --curve-dir keys/admin
     """
-    from dpinfer.protocol.curve import create_keys
+    from dpinfer.protocol.curve import Role, create_keys
 
+    if server_dir is not None and role is None:
+        raise click.UsageError(
+            "--server-dir needs --role rank, client or admin: the key's role decides what it may do"
+        )
     try:
-        public, secret = create_keys(out_dir, name, server_dir)
+        public, secret = create_keys(out_dir, name, server_dir, Role(role) if role else None)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"public key:  {public}")

@@ -3,8 +3,14 @@
 Layout of a key directory (``dpinfer keys --out DIR --name NAME`` writes ``NAME.key`` and
 ``NAME.key_secret``, the ``zmq.auth.create_certificates`` format):
 
-- coordinator ``--curve DIR``: ``DIR/server.key_secret`` (its key pair) and
-  ``DIR/authorized/*.key`` (the public keys allowed to connect; nothing else gets in);
+- coordinator ``--curve DIR``: ``DIR/server.key_secret`` (its key pair) and the public keys
+  allowed to connect, by role (nothing else gets in):
+
+  - ``DIR/authorized/ranks/*.key``: engine ranks; only they may register;
+  - ``DIR/authorized/clients/*.key``: clients; they submit, abort their own requests and read
+    status, and may not register or send control signals;
+  - ``DIR/authorized/admins/*.key``: operators; everything a client may, plus control signals;
+  - ``DIR/authorized/*.key`` (the layout before roles): every role, with a warning at start;
 - a peer (client or engine rank) ``--curve-dir DIR``: its own key pair (``client.key_secret``,
   or the only ``*.key_secret`` other than ``server.key_secret``) and ``DIR/server.key``
   (the coordinator's public key).
@@ -15,6 +21,7 @@ reach the coordinator's loop, and it gets no reply.
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +29,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from dpinfer.config import ConfigError
 from dpinfer.log import get_logger
@@ -32,17 +40,34 @@ SERVER_NAME = "server"
 AUTHORIZED_DIR = "authorized"
 
 
+class Role(enum.StrEnum):
+    """What a peer's key lets it do; the coordinator reads it from each peer's CURVE key."""
+
+    RANK = "rank"
+    CLIENT = "client"
+    ADMIN = "admin"
+    ANY = "any"
+    """A key of the layout before roles, or every peer when CURVE is off (loopback)."""
+
+
+ROLE_DIRS = {Role.RANK: "ranks", Role.CLIENT: "clients", Role.ADMIN: "admins"}
+"""Where each role's public keys live under ``DIR/authorized/``."""
+
+
 def _require_curve() -> None:
     if not zmq.has("curve"):
         raise ConfigError("--curve: this libzmq was built without CURVE support")
 
 
-def create_keys(out_dir: str, name: str = SERVER_NAME, server_dir: str | None = None) -> tuple[Path, Path]:
+def create_keys(
+    out_dir: str, name: str = SERVER_NAME, server_dir: str | None = None, role: Role | None = None
+) -> tuple[Path, Path]:
     """Write ``NAME.key`` and ``NAME.key_secret`` into ``out_dir``; return their paths.
 
     With ``server_dir`` (a coordinator's ``--curve`` directory that already holds its key pair),
-    also authorize the new public key there and copy the server's public key into ``out_dir``,
-    so ``out_dir`` is a complete peer ``--curve-dir``.
+    also authorize the new public key there for ``role`` (without one: every role, the layout
+    before roles) and copy the server's public key into ``out_dir``, so ``out_dir`` is a
+    complete peer ``--curve-dir``.
     """
     _require_curve()
     if not name or "/" in name or name.startswith("."):
@@ -57,6 +82,8 @@ def create_keys(out_dir: str, name: str = SERVER_NAME, server_dir: str | None = 
         if not os.path.isfile(server_public):
             raise ConfigError(f"--server-dir: {server_public} does not exist (create the server keys first)")
         authorized = os.path.join(server_dir, AUTHORIZED_DIR)
+        if role is not None and role is not Role.ANY:
+            authorized = os.path.join(authorized, ROLE_DIRS[role])
         os.makedirs(authorized, exist_ok=True)
         shutil.copy(public, os.path.join(authorized, f"{name}.key"))
         if os.path.abspath(out_dir) != os.path.abspath(server_dir):
@@ -74,8 +101,40 @@ def _load_pair(path: str, flag: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
+def load_roles(authorized: str) -> dict[bytes, Role]:
+    """Every authorized public key (z85) and its role, from ``authorized/`` and its role dirs."""
+    roles: dict[bytes, Role] = {}
+    for role, subdir in ROLE_DIRS.items():
+        path = os.path.join(authorized, subdir)
+        if os.path.isdir(path):
+            roles.update(dict.fromkeys(zmq.auth.load_certificates(path), role))
+    legacy = zmq.auth.load_certificates(authorized)
+    if legacy:
+        logger.warning(
+            "%d key(s) directly in %s have every role (rank, client, admin); authorize each under "
+            "authorized/ranks, authorized/clients or authorized/admins (dpinfer keys --role)",
+            len(legacy),
+            authorized,
+        )
+        for key in legacy:
+            roles.setdefault(key, Role.ANY)
+    return roles
+
+
+class _RoleAuthenticator(ThreadAuthenticator):
+    """A ZAP handler that lets in authorized keys only and names each peer by its role."""
+
+    roles: dict[bytes, Role]
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.roles[z85.encode(client_public_key)].value
+
+
 class ServerCurve:
-    """CURVE on the coordinator's ROUTER: its key pair plus a ZAP authenticator thread."""
+    """CURVE on the coordinator's ROUTER: its key pair plus a ZAP authenticator thread.
+
+    Each message a peer sends carries its role as the frame's ``User-Id`` (``role_of``).
+    """
 
     def __init__(self, context: zmq.Context, curve_dir: str) -> None:
         _require_curve()
@@ -83,11 +142,19 @@ class ServerCurve:
         authorized = os.path.join(curve_dir, AUTHORIZED_DIR)
         if not os.path.isdir(authorized):
             raise ConfigError(f"--curve: {authorized} does not exist (put the allowed public keys there)")
-        self._auth = ThreadAuthenticator(context)
+        roles = load_roles(authorized)
+        self._auth = _RoleAuthenticator(context)
+        self._auth.roles = roles
+        # Only the keys found under ``authorized`` pass; an empty directory lets nobody in.
+        self._auth.certs["*"] = dict.fromkeys(roles, True)
         self._auth.start()
-        # Only keys found in ``authorized`` pass; an empty directory lets nobody in.
-        self._auth.configure_curve(domain="*", location=authorized)
-        logger.info("CURVE on: %d authorized key(s) in %s", len(os.listdir(authorized)), authorized)
+        counts = {role.value: sum(r is role for r in roles.values()) for role in Role}
+        logger.info("CURVE on: authorized keys by role %s in %s", counts, authorized)
+
+    @staticmethod
+    def role_of(frame: zmq.Frame) -> Role:
+        """The role of the peer that sent ``frame`` (set by the ZAP handler at its handshake)."""
+        return Role(str(frame.get("User-Id")))
 
     def apply(self, socket: zmq.Socket) -> None:
         """Make ``socket`` a CURVE server; call before ``bind``."""
