@@ -180,6 +180,11 @@ def main(
     **options: Unpack[EngineOptions],
 ) -> None:
     """torchrun entry point: run and supervise the engine rank of this worker."""
+    # torchrun runs each worker in a session of its own: if torchrun is killed, nothing else
+    # would end this worker and its rank (they would keep serving, orphaned).
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() == 1:
+        sys.exit("the process that started this worker is gone")
     env = TorchrunEnv.from_environ()
     rank_id = env.rank if rank is None else rank
     set_role("worker", rank_id)
