@@ -24,6 +24,7 @@ from wire import WireClient
 
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.process import CoordinatorHandle, start_coordinator
+from dpinfer.transport.shm import list_segments
 
 
 def processes_started_under(workdir: Path) -> list[int]:
@@ -133,3 +134,22 @@ def test_children_of_a_killed_rank_main_exit(
         for pid in children.values():
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_scheduler_leaves_no_shared_memory_behind(
+    coordinator: CoordinatorHandle, workdir: Path
+) -> None:
+    """A rank started without `dpinfer serve`, on the shm transport, whose scheduler is SIGKILLed."""
+    before = set(list_segments())
+    rank = start_rank(coordinator.address, workdir, 2, "tiny-llama", "--transport", "shm")
+    client = WireClient(coordinator.address)
+    try:
+        wait_rank_live(client, rank, rank_id=2)
+        mine = set(list_segments()) - before
+        assert mine, "the shm transport holds a region while serving"
+        os.kill(child_pids(rank.proc.pid)["dpinfer-sched"], signal.SIGKILL)
+        assert rank.proc.wait(timeout=30) == 1, rank.log()
+        assert not (set(list_segments()) & mine), "the dead scheduler's region was removed"
+    finally:
+        client.close()
+        rank.kill()

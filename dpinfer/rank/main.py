@@ -23,6 +23,7 @@ from dpinfer.log import get_logger, set_role
 from dpinfer.protocol import local as m
 from dpinfer.rank.children import CHILDREN, SCHEDULER, TOKENIZER
 from dpinfer.rank.supervisor import ChildStartError, Supervisor
+from dpinfer.transport.shm import cleanup_stale_segments
 
 logger = get_logger(__name__)
 
@@ -97,6 +98,9 @@ def run_rank(config: RankConfig) -> int:
             sock.close(linger=0)
         context.term()
         remove_ipc_files(dep, rank)
+        # A child killed outright cannot unlink what it owned (the shm region of its channel):
+        # whoever started this rank, nothing of a dead child's stays behind.
+        cleanup_stale_segments(dep)
     if code != 0:
         raise SystemExit(code)
     logger.info("rank %d exited cleanly", rank)
