@@ -2,10 +2,10 @@
 # Several machines, one coordinator. Run the coordinator once (on node 0), then this script
 # on every node with NODE_RANK=0..NNODES-1. Ranks are numbered globally by torchrun.
 #
-#   node 0:   dpinfer keys --out keys/server                                   # the coordinator's pair
-#             dpinfer keys --out keys/peer --name peer --server-dir keys/server # authorized peer pair
+#   node 0:   dpinfer keys --out keys/server                                                # the coordinator's pair
+#             dpinfer keys --out keys/rank --name rank --role rank --server-dir keys/server  # the ranks' key
 #             dpinfer coordinator --host 0.0.0.0 --port 5555 --curve keys/server
-#   node k:   (copy keys/peer there) NODE_RANK=k NNODES=2 COORD_HOST=node0 CURVE_DIR=keys/peer \
+#   node k:   (copy keys/rank there) NODE_RANK=k NNODES=2 COORD_HOST=node0 CURVE_DIR=keys/rank \
 #                 ./launch/multi_node.sh
 #
 # Listening beyond loopback without --curve lets anyone on the network submit work: use CURVE.
