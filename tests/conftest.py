@@ -74,3 +74,82 @@ def deployment() -> Iterator[Deployment]:
     d = Deployment.start([0, 1], {})
     yield d
     d.close()
+
+
+# ---------------------------------------------------------------------------- dpinfer serve
+
+
+class ServeProcess:
+    """``python -m dpinfer serve ARGS`` in its own process group, as a user runs it.
+
+    Ready when its ready file names the coordinator (line 1) and the HTTP front (line 2, if
+    any); ``kill_all()`` ends it and every process it started.
+    """
+
+    def __init__(self, tmp: Any, args: list[str], timeout_s: float = 240.0) -> None:
+        import subprocess
+        import time
+
+        from dpinfer.config import new_deployment_id
+
+        self.deployment_id = new_deployment_id()
+        self.ready_file = tmp / "ready"
+        self.log = tmp / "serve.log"
+        cmd = [
+            sys.executable, "-m", "dpinfer", "serve", "--port", "0", "--threads-per-rank", "1",
+            "--kv-cache-bytes", str(64 << 20), "--deployment-id", self.deployment_id,
+            "--ready-file", str(self.ready_file), "--log-file", str(tmp / "ranks.log"), *args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(self.log, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not (self.ready_file.exists() and self.ready_file.read_text().endswith("\n")):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill_all()
+                pytest.fail(f"dpinfer serve did not become ready:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)  # another process's file: poll with a deadline
+        lines = self.ready_file.read_text().split()
+        self.address = lines[0]
+        self.http_url = lines[1] if len(lines) > 1 else ""
+        self.pids = self.descendants()
+
+    def descendants(self) -> set[int]:
+        from test_serve import _descendants
+
+        return _descendants(self.proc.pid) | {self.proc.pid}
+
+    def alive(self) -> list[int]:
+        from test_serve import _alive
+
+        return sorted(p for p in self.pids if _alive(p))
+
+    def kill_all(self) -> None:
+        import signal
+
+        for pid in getattr(self, "pids", set()) | self.descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[list[str]], ServeProcess]]:
+    """``serve_process(args)`` starts a ``dpinfer serve`` for this module; all are killed at its end."""
+    started: list[ServeProcess] = []
+
+    def start(args: list[str]) -> ServeProcess:
+        served = ServeProcess(tmp_path_factory.mktemp("serve"), args)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        if served.proc.poll() is None or served.alive():
+            served.kill_all()

@@ -76,7 +76,7 @@ class OpenAIRoutes:
         futures = _submit(client, client.add_request, choices, prompt_param)
         watch = DisconnectWatch(request.receive, client, [f.request_id for f in futures])
         try:
-            results = await futures[0] if len(futures) == 1 else await _gather(futures)
+            results = await futures[0] if len(futures) == 1 else await _gather(client, futures)
         except ConnectionLostError as e:
             raise unavailable(f"lost the coordinator: {e}") from None
         finally:
@@ -129,6 +129,9 @@ def _submit(
     except InvalidRequestError as e:
         _abort_all(client, handles)
         raise invalid(e, prompt_param) from None
+    except OverflowError:  # an integer (seed, token id) beyond 64 bits, met by the body's encoder
+        _abort_all(client, handles)
+        raise invalid("an integer parameter is out of range (64 bits at most)") from None
     except ConnectionLostError as e:
         _abort_all(client, handles)
         raise unavailable(f"lost the coordinator: {e}") from None
@@ -142,5 +145,11 @@ def _abort_all(client: AsyncInferenceClient, handles: Sequence[RequestFuture | R
     abort_soon(client, [h.request_id for h in handles])
 
 
-async def _gather(futures: list[RequestFuture]) -> list[GenerationResult]:
-    return list(await asyncio.gather(*futures))
+async def _gather(client: AsyncInferenceClient, futures: list[RequestFuture]) -> list[GenerationResult]:
+    """Every choice's result, in order; the first failure aborts the others and is raised."""
+    for done in asyncio.as_completed(futures):
+        result = await done
+        if not result.ok:
+            abort_soon(client, [f.request_id for f in futures if not f.done()])
+            raise result_error(result)
+    return [f.result() for f in futures]

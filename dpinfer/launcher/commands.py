@@ -1,4 +1,8 @@
-"""``dpinfer serve``: the coordinator and N torchrun ranks in the foreground, stopped by Ctrl-C."""
+"""``dpinfer serve``: the coordinator, N torchrun ranks and the HTTP front in the foreground.
+
+Ctrl-C (or SIGTERM) stops everything in order; so does ``dpinfer stop`` from elsewhere: once
+the ranks have exited, ``serve`` says so and shuts the rest down by itself.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from typing import TYPE_CHECKING, Unpack
 import click
 
 from dpinfer.config import CoordinatorConfig, RoutingPolicyName, default_address, new_deployment_id
+from dpinfer.http.commands import FrontOptions, front_options, http_config
+from dpinfer.http.config import DEFAULT_HTTP_PORT
 from dpinfer.launcher.options import (
     EngineOptions,
     engine_args_from_options,
@@ -18,7 +24,7 @@ from dpinfer.launcher.options import (
 )
 
 if TYPE_CHECKING:
-    from dpinfer.launcher.deployment import ServeConfig
+    from dpinfer.launcher.deployment import Deployment, ServeConfig
 
 _COORD = CoordinatorConfig()
 
@@ -38,18 +44,56 @@ _COORD = CoordinatorConfig()
 @click.option("--curve", "curve_dir", default=None, help="Turn on CurveZMQ with the keys in this directory.")
 @click.option("--max-restarts", default=0, show_default=True, help="Restart a dead rank this many times.")
 @click.option("--threads-per-rank", default=0, help="torch threads per rank on CPU (0: cores / dp).")
+@click.option("--max-queued-requests", default=_COORD.max_queued_requests, show_default=True,
+              help="Most requests the coordinator holds; beyond, 'overloaded' (HTTP 429).")  # fmt: skip
+@click.option("--max-client-requests", default=_COORD.max_client_requests, show_default=True,
+              help="Most requests one client (an API worker) may have in flight.")  # fmt: skip
 @click.option(
     "--ready-file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Write the coordinator address here once every rank is ready.",
+    help="Once ready, write the coordinator address here (and the HTTP URL on a second line).",
 )
 @click.option("--log-file", default=None, help="Send the ranks' logs here instead of the terminal.")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Interface the HTTP front binds.")
+@click.option("--http-port", default=DEFAULT_HTTP_PORT, show_default=True, help="HTTP port (0: any free).")
+@click.option("--no-http", is_flag=True, help="Start no HTTP front (the SDK and CLI only).")
+@front_options
 @engine_options
 def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
-          max_restarts: int, threads_per_rank: int, ready_file: str | None, log_file: str | None,
+          max_restarts: int, threads_per_rank: int, max_queued_requests: int, max_client_requests: int,
+          ready_file: str | None, log_file: str | None, http_host: str, http_port: int, no_http: bool,
+          api_workers: int, api_key: str | None, admin_api_key: str | None, served_model_name: str | None,
+          allowed_local_media_path: str | None, max_body_bytes: int,
           **engine: Unpack[EngineOptions]) -> None:  # fmt: skip
-    """Serve a model on DP ranks behind one coordinator, in the foreground (Ctrl-C stops)."""
+    """Serve a model on DP ranks behind one coordinator and an OpenAI-compatible HTTP front,
+    in the foreground (Ctrl-C stops)."""
+    from dpinfer.errors import DpinferError
+
+    front: FrontOptions = {
+        "api_workers": api_workers, "api_key": api_key, "admin_api_key": admin_api_key,
+        "served_model_name": served_model_name, "allowed_local_media_path": allowed_local_media_path,
+        "max_body_bytes": max_body_bytes,
+    }  # fmt: skip
+    try:
+        coordinator = CoordinatorConfig(
+            host=host, port=port, routing=RoutingPolicyName(routing), deterministic=deterministic,
+            curve_dir=curve_dir, max_queued_requests=max_queued_requests,
+            max_client_requests=max_client_requests,
+        )  # fmt: skip
+        config = _serve_config(dp, coordinator, max_restarts, threads_per_rank, log_file, engine)
+        if not no_http:
+            import dataclasses
+
+            http = http_config(default_address(), http_host, http_port, None, **front)
+            config = dataclasses.replace(config, http=http)
+    except DpinferError as e:  # a bad option: say which, before anything starts
+        raise click.BadParameter(str(e)) from None
+    _run(config, ready_file)
+
+
+def _run(config: ServeConfig, ready_file: str | None) -> None:
+    """Start, report ready, wait for Ctrl-C or for the ranks to be gone, stop in order."""
     from rich.console import Console
 
     from dpinfer.client.render import status_tables
@@ -57,36 +101,61 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
     from dpinfer.launcher.deployment import Deployment
 
     console = Console(stderr=True)
-    try:
-        config = _serve_config(dp, host, port, routing, deterministic, curve_dir, max_restarts,
-                               threads_per_rank, log_file, engine)  # fmt: skip
-    except DpinferError as e:  # a bad option: say which, before anything starts
-        raise click.BadParameter(str(e)) from None
     deployment = Deployment(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    gone: list[int] = []
     try:
         with console.status("starting...") as spinner:
             address = deployment.start(lambda msg, _status: spinner.update(msg))
         with deployment.client(timeout_s=10.0) as client:
             client_status = client.status()
         console.print(status_tables(client_status)[0])
-        console.print(f"[bold green]ready[/] at [bold]{address}[/] - Ctrl-C to stop")
+        http = f"; OpenAI API at [bold]{deployment.http_url}/v1[/]" if deployment.http_url else ""
+        console.print(f"[bold green]ready[/] at [bold]{address}[/]{http} - Ctrl-C to stop")
         if ready_file:
-            Path(ready_file).write_text(address + "\n")
+            Path(ready_file).write_text(
+                "".join(f"{line}\n" for line in (address, deployment.http_url) if line)
+            )
+        threading.Thread(target=_watch_ranks, args=(deployment, gone, stop), daemon=True).start()
         stop.wait()
-        console.print("stopping: draining in-flight requests...")
+        if gone:
+            console.print(_why_gone(deployment, gone[0]))
+        else:
+            console.print("stopping: draining in-flight requests...")
     except DpinferError as e:
         raise click.ClickException(str(e)) from None
     finally:
         deployment.stop()
     console.print("stopped")
+    if gone and gone[0] != 0:
+        raise SystemExit(1)
+
+
+def _watch_ranks(deployment: Deployment, gone: list[int], stop: threading.Event) -> None:
+    gone.append(deployment.wait_ranks_gone())
+    stop.set()
+
+
+def _why_gone(deployment: Deployment, code: int) -> str:
+    """Why the ranks exited: stopped on purpose (``dpinfer stop``), or not."""
+    from dpinfer.errors import DpinferError
+
+    state = "unknown"
+    try:
+        with deployment.client(timeout_s=2.0) as client:
+            state = str(client.status().get("state"))
+    except DpinferError:
+        pass
+    if state == "stopped" and code == 0:
+        return "the ranks were stopped (`dpinfer stop`) and have exited: shutting down"
+    return f"the ranks exited (torchrun code {code}, deployment state {state}): shutting down"
 
 
 def _serve_config(
-    dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
-    max_restarts: int, threads_per_rank: int, log_file: str | None, engine: EngineOptions,
+    dp: int, coordinator: CoordinatorConfig, max_restarts: int, threads_per_rank: int, log_file: str | None,
+    engine: EngineOptions,
 ) -> ServeConfig:  # fmt: skip
     """Every option validated here (engine options too), so a typo fails in the terminal
     at once instead of inside N ranks a few seconds later."""
@@ -94,13 +163,6 @@ def _serve_config(
 
     checked: EngineOptions = {**engine, "device": engine["device"] if engine["device"] != "auto" else "cpu"}
     rank_config_from_options(default_address(), **checked)
-    coordinator = CoordinatorConfig(
-        host=host,
-        port=port,
-        routing=RoutingPolicyName(routing),
-        deterministic=deterministic,
-        curve_dir=curve_dir,
-    )
     return ServeConfig(
         dp=dp,
         coordinator=coordinator,

@@ -1,13 +1,15 @@
 """One single-node deployment: a coordinator process plus ``torchrun`` for the ranks.
 
-``Deployment.start()`` launches both and returns once every rank has registered;
-``Deployment.stop()`` drains (or aborts) the ranks through the coordinator, waits for torchrun
-to exit, shuts the coordinator down and removes any shared memory the deployment left. Used by
+``Deployment.start()`` launches both, returns once every rank has registered, and then starts
+the HTTP front when ``ServeConfig.http`` asks for one; ``Deployment.stop()`` stops in the
+reverse order: the HTTP front (no new requests), then the ranks, drained (or aborted) through
+the coordinator, torchrun, the coordinator, and any shared memory the deployment left. Used by
 ``dpinfer serve``, ``dpinfer demo``, ``dpinfer bench serve`` and the tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -26,6 +28,8 @@ from dpinfer.log import get_logger
 if TYPE_CHECKING:
     from dpinfer.client.sync_client import InferenceClient
     from dpinfer.coordinator.process import CoordinatorHandle
+    from dpinfer.http.config import HttpConfig
+    from dpinfer.http.server import HttpFront
 
 logger = get_logger(__name__)
 
@@ -57,6 +61,9 @@ class ServeConfig:
     """How long ranks may drain in-flight requests on stop before they are aborted."""
     log_path: str | None = None
     """Where torchrun's output goes (default: inherit this process's stdout/stderr)."""
+    http: HttpConfig | None = None
+    """The HTTP front to start once every rank is ready (None: none); its ``coordinator`` is
+    set to this deployment's address."""
 
     def __post_init__(self) -> None:
         if self.dp < 1:
@@ -74,6 +81,9 @@ class Deployment:
         self._log_file: IO[bytes] | None = None
         self._client_keys: tempfile.TemporaryDirectory[str] | None = None
         self._client_curve_dir: str | None = None
+        self._front: HttpFront | None = None
+        self.http_url = ""
+        """Where the HTTP front serves ("" without one)."""
 
     # ------------------------------------------------------------------ start
 
@@ -93,10 +103,27 @@ class Deployment:
             progress(f"coordinator listening on {self.address}; launching {self.config.dp} rank(s)", None)
             self._torchrun = self._launch_torchrun()
             self._wait_ready(progress)
+            if self.config.http is not None:
+                self._start_front(self.config.http, progress)
         except BaseException:
             self.stop(drain=False)
             raise
         return self.address
+
+    def _start_front(self, http: HttpConfig, progress: ProgressFn) -> None:
+        from dpinfer.http.config import url_of
+        from dpinfer.http.server import start_http_front
+
+        progress(f"starting the HTTP front on {url_of(http.host, http.port)}", None)
+        curve_dir = http.curve_dir or self._client_curve_dir
+        http = dataclasses.replace(http, coordinator=self.address, curve_dir=curve_dir)
+        self._front = start_http_front(http)
+        self.http_url = self._front.url
+
+    def wait_ranks_gone(self) -> int:
+        """Block until torchrun (every rank) has exited; its exit code."""
+        assert self._torchrun is not None, "start() first"
+        return self._torchrun.wait()
 
     def _authorize_own_client(self) -> None:
         """With CURVE on, give this process a key of its own for status and stop calls.
@@ -177,7 +204,11 @@ class Deployment:
     # ------------------------------------------------------------------ stop
 
     def stop(self, drain: bool = True) -> None:
-        """Stop the ranks (drain or abort, every request gets a reply), torchrun and the coordinator."""
+        """Stop the HTTP front, the ranks (drain or abort, every request gets a reply), torchrun
+        and the coordinator."""
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
         running = self._torchrun is not None and self._torchrun.poll() is None
         if running and (self._coordinator is None or not self._stop_ranks(drain)):
             assert self._torchrun is not None
