@@ -19,6 +19,7 @@ from dpinfer import protocol
 from dpinfer.errors import ProtocolError
 from dpinfer.protocol import EngineOutputEntry, OutputBody, Signal
 from dpinfer.protocol import local as m
+from dpinfer.protocol.messages import NO_METRICS, FinishCounts, RankMetrics
 from dpinfer.rank import inflight
 from dpinfer.rank.loop import RankMain
 from dpinfer.rank.signal_wakeup import SignalWakeup
@@ -39,6 +40,7 @@ class FakeConn:
         self.outputs: list[tuple[EngineOutputEntry, OutputBody]] = []
         self.acks: list[tuple[int, str, bool, str, str]] = []
         self.heartbeats: list[tuple[int, int, int, int, str]] = []
+        self.heartbeat_metrics: list[RankMetrics] = []
         self.deregistered: list[str] = []
         self._next_heartbeat = 0.0
 
@@ -68,9 +70,12 @@ class FakeConn:
     def seconds_until_heartbeat(self) -> float:
         return max(0.0, self._next_heartbeat - time.monotonic())
 
-    def send_heartbeat(self, load: protocol.LoadStats, state: protocol.EngineState) -> None:
+    def send_heartbeat(
+        self, load: protocol.LoadStats, state: protocol.EngineState, metrics: RankMetrics
+    ) -> None:
         self._next_heartbeat = time.monotonic() + 0.05
         self.heartbeats.append((*load[:4], state))
+        self.heartbeat_metrics.append(metrics)
 
     def deregister(self, reason: str) -> None:
         self.deregistered.append(reason)
@@ -198,6 +203,18 @@ def test_requests_relay_and_outputs_only_for_requests_in_flight(h: Harness) -> N
     assert not h.tokenizer.poll(50), "the duplicate must not reach the tokenizer"
     h.wait(lambda: bool(h.conn.heartbeats), "a heartbeat")
     assert h.conn.heartbeats[-1][-1] == "running"
+
+
+def test_heartbeats_carry_the_schedulers_latest_metrics_whole(h: Harness) -> None:
+    h.wait(lambda: bool(h.conn.heartbeat_metrics), "a heartbeat")
+    assert h.conn.heartbeat_metrics[-1] == NO_METRICS, "no figures before the scheduler reports any"
+    figures = RankMetrics(prompt_tokens=7, generation_tokens=3, finished=FinishCounts(stop=1))
+    h.push_outputs.send_pyobj(m.RankOutputs(load=protocol.LoadStats(0, 0, 5, 95, 100), metrics=figures))
+    h.wait(lambda: h.conn.heartbeat_metrics[-1] == figures, "a heartbeat with the scheduler's metrics")
+    h.push_outputs.send_pyobj(m.RankOutputs(control_acks=()))  # a batch without figures keeps them
+    h.output(1, True)
+    h.wait(lambda: len(h.conn.heartbeat_metrics) > 3, "more heartbeats")
+    assert h.conn.heartbeat_metrics[-1] == figures
 
 
 def test_controls_are_forwarded_in_order_and_acks_relayed_whole(h: Harness) -> None:

@@ -16,6 +16,7 @@ from dpinfer.config import LocalSocket, TransportConfig, ipc_address
 from dpinfer.protocol import ControlAck, EngineControl, EngineState, LoadStats, RankAck, Signal
 from dpinfer.protocol import local as m
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
+from dpinfer.protocol.messages import RankMetrics
 from dpinfer.sampling import SamplingParams
 from dpinfer.scheduler.process import IdleSleeper, SchedulerProcess
 from dpinfer.transport.channel import make_receiver, make_sender
@@ -69,6 +70,9 @@ class FakeScheduler:
 
     def load(self) -> LoadStats:
         return LoadStats(0, len(self.running), len(self.running), 100, 100)
+
+    def metrics(self) -> RankMetrics:
+        return RankMetrics(generation_tokens=self.num_steps)
 
     def pause(self) -> None:
         self.state = EngineState.PAUSED
@@ -185,6 +189,11 @@ def test_requests_flow_meta_first_and_one_batch_per_step(h: Harness) -> None:
     for b in got:  # one batch per step: never two outputs of one request in one batch
         ids = [o.request_id for o in b.outputs]
         assert len(ids) == len(set(ids))
+    # Idle again, the scheduler reports its latest metrics (even though the load looks the same).
+    latest = RankMetrics(generation_tokens=h.fake.num_steps)  # no step runs once both finished
+    got += h.batches_until(lambda b: any(x.metrics == latest for x in got + b))
+    reports = [(b.load, b.metrics) for b in got if b.load is not None or b.metrics is not None]
+    assert all(load and metrics for load, metrics in reports), "load and metrics travel together"
 
 
 def test_idle_loop_sleeps_instead_of_spinning(h: Harness) -> None:

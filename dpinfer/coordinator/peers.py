@@ -158,7 +158,11 @@ class PeerHandlers:
         self.outbox.send(client.identity, protocol.StatusReply(msg.query_id, bodies=(body,)))
 
     def status(self, now: float | None = None) -> dict[str, Any]:
-        """The STATUS map: state, ranks (every rank id seen), totals, counters, control."""
+        """The STATUS map: state, ranks (every rank id seen), totals, counters, control.
+
+        Each rank's map holds its load, its ``metrics`` (``RankMetrics.as_map()``: the figures
+        its scheduler measured, as of its last heartbeat) and ``routed`` (requests sent to it).
+        """
         now = time.monotonic() if now is None else now
         counters = self.counters
         active = self.lifecycle.active
@@ -169,7 +173,7 @@ class PeerHandlers:
             "deterministic": self.config.deterministic,
             "uptime_s": round(now - self.started_at, 3),
             "cpu_s": time.process_time(),
-            "ranks": [self.registry.by_rank[r].describe(now) for r in sorted(self.registry.by_rank)],
+            "ranks": [self._describe_rank(peer, now) for _, peer in sorted(self.registry.by_rank.items())],
             "totals": {
                 "live_ranks": len(self.registry.live),
                 "clients": len(self._clients),
@@ -186,6 +190,9 @@ class PeerHandlers:
                 "queued": len(self.lifecycle.queue),
             },
         }
+
+    def _describe_rank(self, peer: RankPeer, now: float) -> dict[str, Any]:
+        return {**peer.describe(now), "routed": self.outbox.routed.get(peer.identity, 0)}
 
     # ------------------------------------------------------------------ ranks
 

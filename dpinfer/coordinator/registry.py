@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from dpinfer import protocol
+from dpinfer.protocol.messages import NO_METRICS
 
 _MAX_DISPLACED = 1024
 
@@ -23,7 +24,7 @@ class RankPeer:
 
     __slots__ = (
         "alive", "completed", "device", "host", "identity", "in_flight", "kv_capacity_tokens",
-        "last_heartbeat", "last_seen", "load", "max_prompt_len", "model", "pid", "rank", "state",
+        "last_heartbeat", "last_seen", "load", "max_prompt_len", "metrics", "model", "pid", "rank", "state",
     )  # fmt: skip
 
     def __init__(
@@ -42,6 +43,8 @@ class RankPeer:
         self.completed = 0
         self.load = protocol.LoadStats(0, 0, 0, msg.kv_capacity_tokens, msg.kv_capacity_tokens)
         """The rank's own figures, for ``status`` only (routing uses ``in_flight``)."""
+        self.metrics = NO_METRICS
+        """The rank's request figures, cumulative since its process started (``status``, ``/metrics``)."""
         self.state = state
         self.last_seen = now
         self.last_heartbeat = now
@@ -51,6 +54,8 @@ class RankPeer:
         self.load = msg.load
         self.state = msg.state
         self.last_heartbeat = now
+        if msg.metrics.is_consistent():  # else keep the last good figures (a broken peer)
+            self.metrics = msg.metrics
 
     def describe(self, now: float) -> dict[str, Any]:
         return {
@@ -60,6 +65,7 @@ class RankPeer:
             **self.load._asdict(),
             "kv_capacity_tokens": self.kv_capacity_tokens, "max_prompt_len": self.max_prompt_len,
             "heartbeat_age_s": round(now - self.last_heartbeat, 3),
+            "metrics": self.metrics.as_map(),
         }  # fmt: skip
 
 

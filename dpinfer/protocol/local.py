@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpinfer.protocol.kinds import EngineState
-from dpinfer.protocol.messages import ControlAck, EngineOutputEntry, LoadStats
+from dpinfer.protocol.messages import ControlAck, EngineOutputEntry, LoadStats, RankMetrics
 from dpinfer.sampling import SamplingParams
 
 INTERNAL_CONTROL_ID = -1
@@ -180,6 +180,8 @@ class SchedulerBatch:
     outputs: tuple[SchedulerOutput, ...] = ()
     control_acks: tuple[ControlAck, ...] = ()
     load: LoadStats | None = None
+    metrics: RankMetrics | None = None
+    """Sent with ``load`` (both or neither), when either changed."""
 
 
 # ---------------------------------------------------------------------------- -> rank main
@@ -193,3 +195,4 @@ class RankOutputs:
     bodies: tuple[bytes, ...] = ()
     control_acks: tuple[ControlAck, ...] = ()
     load: LoadStats | None = None
+    metrics: RankMetrics | None = None

@@ -79,6 +79,103 @@ class LoadStats(NamedTuple):
     kv_capacity_tokens: int = 0
 
 
+TIME_TO_FIRST_TOKEN_EDGES_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+INTER_TOKEN_LATENCY_EDGES_S = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_EDGES_S = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+"""Histogram bucket upper edges, in seconds: vLLM's, so its dashboards adapt with a rename."""
+
+
+class Histogram(NamedTuple):
+    """Cumulative since the rank started, as Prometheus keeps one: ``buckets[i]`` counts the
+    observations <= the metric's ``i``-th edge (``HISTOGRAM_EDGES``); ``num_observations``
+    counts them all (the ``+Inf`` bucket) and ``sum`` adds them up."""
+
+    buckets: tuple[int, ...]
+    sum: float = 0.0
+    num_observations: int = 0
+
+
+class FinishCounts(NamedTuple):
+    """Requests finished, by ``FinishReason`` value (one field per reason)."""
+
+    stop: int = 0
+    length: int = 0
+    abort: int = 0
+    error: int = 0
+
+
+class RankMetrics(NamedTuple):
+    """A rank's request figures, cumulative since it started: made by its scheduler (where
+    every request passes, whichever client sent it), sent in heartbeats whole, shown by
+    ``dpinfer status --json``, ``dpinfer top`` and ``/metrics``.
+
+    Times are measured from the scheduler's receipt of a request: queue time until it is
+    first scheduled, time to first token until its first token is sampled, inter-token
+    latency between consecutive tokens, end-to-end until it finishes (every finished
+    request, errors and aborts included; the others only when they happened).
+    """
+
+    prompt_tokens: int = 0
+    """Prompt tokens of the requests scheduled (counted when first scheduled)."""
+    generation_tokens: int = 0
+    """Tokens sampled (a stop token that ends a request included)."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache when first scheduled."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose KV came from the cache."""
+    num_preemptions: int = 0
+    """Retractions: a running request's KV given back to make room; it is prefilled again."""
+    finished: FinishCounts = FinishCounts()
+    time_to_first_token_seconds: Histogram = Histogram((0,) * len(TIME_TO_FIRST_TOKEN_EDGES_S))
+    inter_token_latency_seconds: Histogram = Histogram((0,) * len(INTER_TOKEN_LATENCY_EDGES_S))
+    e2e_request_latency_seconds: Histogram = Histogram((0,) * len(REQUEST_LATENCY_EDGES_S))
+    request_queue_time_seconds: Histogram = Histogram((0,) * len(REQUEST_LATENCY_EDGES_S))
+
+    def is_consistent(self) -> bool:
+        """Every histogram has one bucket per edge, in non-decreasing order, within its count."""
+        for name, edges in HISTOGRAM_EDGES.items():
+            h: Histogram = getattr(self, name)
+            if len(h.buckets) != len(edges) or list(h.buckets) != sorted(h.buckets):
+                return False
+            if h.buckets and h.buckets[-1] > h.num_observations:
+                return False
+        return True
+
+    def as_map(self) -> dict[str, object]:
+        """Plain data for the STATUS map: histograms as ``{le, buckets, sum, count}``."""
+        out: dict[str, object] = {name: getattr(self, name) for name in _COUNTER_FIELDS}
+        out["finished"] = self.finished._asdict()
+        for name, edges in HISTOGRAM_EDGES.items():
+            h: Histogram = getattr(self, name)
+            buckets, count = list(h.buckets), h.num_observations
+            out[name] = {"le": list(edges), "buckets": buckets, "sum": h.sum, "count": count}
+        return out
+
+
+NO_METRICS = RankMetrics()
+"""What a rank without a scheduler (a null rank, or one just started) reports."""
+
+HISTOGRAM_EDGES: dict[str, tuple[float, ...]] = {
+    "time_to_first_token_seconds": TIME_TO_FIRST_TOKEN_EDGES_S,
+    "inter_token_latency_seconds": INTER_TOKEN_LATENCY_EDGES_S,
+    "e2e_request_latency_seconds": REQUEST_LATENCY_EDGES_S,
+    "request_queue_time_seconds": REQUEST_LATENCY_EDGES_S,
+}
+"""``RankMetrics`` histogram field -> its bucket edges (never sent: both ends know them)."""
+_COUNTER_FIELDS = (
+    "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- messages
 
 
@@ -211,6 +308,7 @@ class Heartbeat(Message):
     KIND = Kind.HEARTBEAT
     load: LoadStats
     state: EngineState
+    metrics: RankMetrics = NO_METRICS
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from dpinfer import protocol
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
 from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
+from dpinfer.protocol.messages import NO_METRICS, RankMetrics
 
 logger = get_logger(__name__)
 
@@ -226,9 +227,12 @@ class EngineConnection:
         """Seconds until the next heartbeat is due (0 when overdue): use it as the poll timeout."""
         return max(0.0, self._next_heartbeat - time.monotonic())
 
-    def send_heartbeat(self, load: protocol.LoadStats, state: protocol.EngineState) -> None:
+    def send_heartbeat(
+        self, load: protocol.LoadStats, state: protocol.EngineState, metrics: RankMetrics = NO_METRICS
+    ) -> None:
+        """The rank is alive: its load, state and (cumulative) request metrics, if it has any."""
         self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
-        self._send(protocol.encode(protocol.Heartbeat(load, state)))
+        self._send(protocol.encode(protocol.Heartbeat(load, state, metrics)))
 
     def deregister(self, reason: str) -> None:
         """Tell the coordinator this rank leaves on purpose (nothing of it is re-dispatched)."""

@@ -4,7 +4,7 @@ Sockets (local ones are ``ipc://``, names from ``engine.messages``):
 
 - ``conn.socket``: the DEALER link to the coordinator (``EngineConnection``).
 - ``recv_outputs`` (PULL, binds ``rank-outputs``): ``RankOutputs`` from the detokenizer
-  (outputs, control results, load) and from the tokenizer (error finals for bad requests).
+  (outputs, control results, load, metrics) and from the tokenizer (error finals for bad requests).
 - ``send_to_tokenizer`` (PUSH): requests and aborts, in coordinator order.
 - ``send_to_scheduler`` (PUSH): lifecycle ``ControlCommand``\\ s.
 - each child's process sentinel, and a signal wake-up pipe (SIGTERM/SIGINT).
@@ -26,6 +26,7 @@ from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal
 from dpinfer.protocol import local as m
 from dpinfer.protocol.codec import Frame
+from dpinfer.protocol.messages import NO_METRICS
 from dpinfer.rank.connection import EngineConnection
 from dpinfer.rank.inflight import DEFAULT_STOP_DEADLINE_S, InFlight, StopPlan
 from dpinfer.rank.signal_wakeup import SignalWakeup
@@ -54,6 +55,8 @@ class RankMain:
         (and decides nothing but its own STOP plan)."""
         self.inflight = InFlight()
         self.load = protocol.LoadStats()
+        self.metrics = NO_METRICS
+        """The scheduler's latest request figures, sent whole in every heartbeat."""
         self.stop: StopPlan | None = None
         self.exit_code: int | None = None
         self._sentinels = supervisor.sentinels()
@@ -112,7 +115,7 @@ class RankMain:
         # In-flight counts are fresh here; the scheduler's figures may be up to 100 ms old.
         num_running = min(self.load.num_running, len(self.inflight))
         load = self.load._replace(num_running=num_running, num_waiting=len(self.inflight) - num_running)
-        self.conn.send_heartbeat(load, self.state)
+        self.conn.send_heartbeat(load, self.state, self.metrics)
 
     # ------------------------------------------------------------------ coordinator -> rank
 
@@ -187,6 +190,8 @@ class RankMain:
                 self.on_control_ack(ack)
             if msg.load is not None:
                 self.load = msg.load
+            if msg.metrics is not None:
+                self.metrics = msg.metrics
 
     def on_control_ack(self, msg: protocol.ControlAck) -> None:
         """The scheduler's acknowledgement, passed upstream whole."""

@@ -9,6 +9,7 @@
 - ``kv_manager.py``     who owns which KV slot
 - ``stop.py``           EOS / stop tokens / stop strings / length, O(1) per token
 - ``validation.py``     internal invariants of a tokenized request
+- ``metrics.py``        ``MetricsRecorder``: every request's counters and histograms -> ``RankMetrics``
 
 Its inputs and outputs are the types of ``protocol.local``. May import: ``runner``,
 ``transport``, ``protocol``, ``config``, ``sampling``, ``log``, ``errors``.

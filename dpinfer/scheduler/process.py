@@ -8,7 +8,8 @@ Sockets (all ``ipc://``, names from ``dpinfer.protocol.local``):
   from the rank main.
 - ``send_to_detokenizer`` (PUSH, connects ``detokenizer-in``): one ``SchedulerBatch`` per
   loop iteration holding the new requests' metas, every output of the step, control results
-  (after the outputs they follow) and, at most every ``LOAD_INTERVAL_S``, the load.
+  (after the outputs they follow) and, at most every ``LOAD_INTERVAL_S``, the load and the
+  request metrics (``RankMetrics``, cumulative) together.
 
 Loop: drain every input -> step while there is work (and the state allows it) -> send one
 batch -> when idle, ``IdleSleeper`` blocks on every input socket at once (never a busy loop,
@@ -29,6 +30,7 @@ from dpinfer.config import LocalSocket, RankConfig, ipc_address
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, Signal, next_state
 from dpinfer.protocol import local as m
+from dpinfer.protocol.messages import RankMetrics
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -43,7 +45,7 @@ _ORDER = (EngineState.RUNNING, EngineState.PAUSED, EngineState.SUSPENDED)
 """The lifecycle states a ``ReachState`` walks between, in PAUSE/SUSPEND order."""
 
 LOAD_INTERVAL_S = 0.1
-"""Most frequent load report while busy; an idle scheduler reports a change at once."""
+"""Most frequent load and metrics report while busy; an idle scheduler reports a change at once."""
 
 
 class IdleSleeper:
@@ -85,7 +87,7 @@ class SchedulerProcess:
         self._metas: list[m.RequestMeta] = []
         self._outputs: list[m.SchedulerOutput] = []
         self._acks: list[protocol.ControlAck] = []
-        self._last_load: protocol.LoadStats | None = None
+        self._last_report: tuple[protocol.LoadStats, RankMetrics] | None = None
         self._last_load_at = 0.0
         self._dispatch: dict[type, Callable[[Any], None]] = {
             m.AbortRequests: self.on_abort,
@@ -132,23 +134,24 @@ class SchedulerProcess:
         handler(obj)
 
     def flush(self, idle: bool) -> None:
-        """Send what this iteration produced as one batch (plus the load when due)."""
-        load = self._due_load(idle)
-        if not (self._metas or self._outputs or self._acks or load):
+        """Send what this iteration produced as one batch (plus the load and metrics when due)."""
+        report = self._due_report(idle)
+        if not (self._metas or self._outputs or self._acks or report):
             return
-        batch = m.SchedulerBatch(tuple(self._metas), tuple(self._outputs), tuple(self._acks), load)
+        load, metrics = report or (None, None)
+        batch = m.SchedulerBatch(tuple(self._metas), tuple(self._outputs), tuple(self._acks), load, metrics)
         self._metas, self._outputs, self._acks = [], [], []
         self.send_to_detokenizer.send_pyobj(batch)
 
-    def _due_load(self, idle: bool) -> protocol.LoadStats | None:
+    def _due_report(self, idle: bool) -> tuple[protocol.LoadStats, RankMetrics] | None:
         now = time.monotonic()
         if not idle and now - self._last_load_at < LOAD_INTERVAL_S:
             return None
-        load = self.scheduler.load()
-        if idle and load == self._last_load:
+        report = (self.scheduler.load(), self.scheduler.metrics())
+        if idle and report == self._last_report:
             return None
-        self._last_load, self._last_load_at = load, now
-        return load
+        self._last_report, self._last_load_at = report, now
+        return report
 
     # ------------------------------------------------------------------ handlers
 

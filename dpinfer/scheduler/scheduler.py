@@ -13,6 +13,7 @@ Not thread-safe: the SchedulerProcess calls every method from its one loop.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -21,9 +22,11 @@ from dpinfer.errors import ServiceError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, LoadStats
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
+from dpinfer.protocol.messages import RankMetrics
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.scheduler.admission import AddResult, PrefillAdder
 from dpinfer.scheduler.kv_manager import KVManager
+from dpinfer.scheduler.metrics import MetricsRecorder
 from dpinfer.scheduler.req import Req
 from dpinfer.scheduler.schedule_batch import ScheduleBatch
 from dpinfer.scheduler.validation import validate_request
@@ -54,6 +57,8 @@ class Scheduler:
         """The rank's lifecycle state: this is its only owner (the rank main mirrors the acks)."""
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
+        self.recorder = MetricsRecorder()
+        """Every request's figures (``metrics()``): arrival, first scheduled, tokens, finish."""
         self._tokenizer: Any | None = None
 
     @classmethod
@@ -67,11 +72,13 @@ class Scheduler:
         error = validate_request(req, self.runner, self.reqs, self.max_context_len, self._stop_decoder)
         if error is not None:
             logger.info("request %s rejected: %s", req.request_id, error)
+            self.recorder.rejected()
             return [SchedulerOutput.for_error(req.request_id, len(req.input_ids), error)]
         self.reqs[req.request_id] = r = Req(
             req, self.eos_token_ids, self.max_context_len, self.runner.spec.image_token_id
         )
         self.waiting.append(r)
+        self.recorder.arrived(req.request_id, time.monotonic())
         return []
 
     def _stop_decoder(self) -> Any:
@@ -90,15 +97,16 @@ class Scheduler:
         if req is None:
             return []
         self._detach(req)
-        self._finish(req)
+        self._finish(req, FinishReason.ABORT.value, time.monotonic())
         return [req.final_output(FinishReason.ABORT.value, "aborted")]
 
     def abort_all(self, reason: str) -> list[SchedulerOutput]:
         """End every request (e.g. on STOP); each gets a final ``abort`` output with ``reason``."""
         outputs = []
+        now = time.monotonic()
         for req in list(self.reqs.values()):
             self._detach(req)
-            self._finish(req)
+            self._finish(req, FinishReason.ABORT.value, now)
             outputs.append(req.final_output(FinishReason.ABORT.value, reason))
         return outputs
 
@@ -113,20 +121,22 @@ class Scheduler:
         else:
             self.waiting.remove(req)
 
-    def _accept_token(self, req: Req, token: int, outputs: list[SchedulerOutput]) -> bool:
+    def _accept_token(self, req: Req, token: int, outputs: list[SchedulerOutput], now: float) -> bool:
         """Append a sampled token, collect the request's output; True if it just finished."""
+        self.recorder.token(req.request_id, now)
         req.append_token(token, self._decoder_for(req))
         out = req.take_output()
         if out is not None:
             outputs.append(out)
         if req.finish is None:
             return False
-        self._finish(req)
+        self._finish(req, req.finish.reason.value, now)
         return True
 
-    def _finish(self, req: Req) -> None:
+    def _finish(self, req: Req, reason: str, now: float) -> None:
         self.kv.release(req)
         del self.reqs[req.request_id]
+        self.recorder.finished_request(req.request_id, reason, now)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +190,7 @@ class Scheduler:
         self.kv.release(req)
         req.num_retractions += 1
         self.num_retractions += 1
+        self.recorder.retracted()
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------------ state
@@ -201,6 +212,10 @@ class Scheduler:
             kv_free_tokens=available,
             kv_capacity_tokens=self.kv.num_slots,
         )
+
+    def metrics(self) -> RankMetrics:
+        """The rank's request figures so far (cumulative; see ``protocol.RankMetrics``)."""
+        return self.recorder.snapshot()
 
     # ------------------------------------------------------------------ stepping
 
@@ -238,6 +253,9 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         if adder.new_chunked is not None:
             self.chunked_req = adder.new_chunked
+        now = time.monotonic()
+        for req in adder.reqs:
+            self.recorder.scheduled(req.request_id, req.prompt_len, req.cached_len, now)
         return ScheduleBatch(adder.reqs, self.runner) if adder.reqs else None
 
     def _run_extend(self, batch: ScheduleBatch) -> list[SchedulerOutput]:
@@ -254,9 +272,11 @@ class Scheduler:
             return outputs
         assert batch.sampling is not None
         next_ids = self.runner.sample(logits, batch.sampling)
+        tokens: list[int] = next_ids.tolist()
+        now = time.monotonic()
         joining: list[int] = []
-        for i, (req, token) in enumerate(zip(batch.sampling_reqs, next_ids.tolist(), strict=True)):
-            if not self._accept_token(req, token, outputs):
+        for i, (req, token) in enumerate(zip(batch.sampling_reqs, tokens, strict=True)):
+            if not self._accept_token(req, token, outputs, now):
                 self.kv.cache_unfinished(req)
                 joining.append(i)
         if joining:
@@ -278,11 +298,13 @@ class Scheduler:
         assert running.sampling is not None
         next_ids = self.runner.sample(logits, running.sampling)
         running.input_ids = next_ids
+        tokens: list[int] = next_ids.tolist()
+        now = time.monotonic()
         outputs: list[SchedulerOutput] = []
         keep: list[int] = []
-        for i, (req, token) in enumerate(zip(running.reqs, next_ids.tolist(), strict=True)):
+        for i, (req, token) in enumerate(zip(running.reqs, tokens, strict=True)):
             req.kv_len += 1
-            if not self._accept_token(req, token, outputs):
+            if not self._accept_token(req, token, outputs, now):
                 keep.append(i)
         running.filter(keep)
         if not running.reqs:

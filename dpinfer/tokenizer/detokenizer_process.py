@@ -71,7 +71,7 @@ def _failed_batch(builder: OutputBuilder, batch: m.SchedulerBatch) -> m.RankOutp
         builder.drop(o.request_id)
     entries = tuple(EngineOutputEntry(o.request_id, True, 0) for o in finished)
     bodies = tuple(error_body("detokenization failed", code=ErrorCode.INTERNAL) for _ in finished)
-    return m.RankOutputs(entries, bodies, batch.control_acks, batch.load)
+    return m.RankOutputs(entries, bodies, batch.control_acks, batch.load, batch.metrics)
 
 
 def run_detokenizer_process(config: RankConfig, report_ready: Any) -> None:

@@ -53,7 +53,7 @@ class OutputBuilder:
             if built is not None:
                 entries.append(built[0])
                 bodies.append(built[1])
-        return RankOutputs(tuple(entries), tuple(bodies), batch.control_acks, batch.load)
+        return RankOutputs(tuple(entries), tuple(bodies), batch.control_acks, batch.load, batch.metrics)
 
     def _one(self, out: Any) -> tuple[EngineOutputEntry, bytes] | None:
         rid = out.request_id
