@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -25,6 +26,9 @@ from dpinfer.sampling import SamplingParams
 DEFAULT_CLI_TIMEOUT_S = 10.0
 _DEFAULTS = SamplingParams()
 _CLI_NAME = "dpinfer-cli"
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def connection_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,7 +65,7 @@ def json_flag(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _client(address: str, timeout_s: float, curve_dir: str | None) -> Iterator[InferenceClient]:
+def cli_client(address: str, timeout_s: float, curve_dir: str | None) -> Iterator[InferenceClient]:
     """An ``InferenceClient``; every dpinfer error becomes a one-line ``ClickException``."""
     try:
         with InferenceClient(address, timeout_s=timeout_s, curve_dir=curve_dir, client_name=_CLI_NAME) as c:
@@ -70,11 +74,16 @@ def _client(address: str, timeout_s: float, curve_dir: str | None) -> Iterator[I
         raise click.ClickException(str(e)) from None
 
 
-def _print_tables(tables: Sequence[Any]) -> None:
+def _console() -> Console:
     from rich.console import Console
 
-    # Piped output (logs, CI) should not be squeezed into the 80 columns rich assumes there.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # Piped output (logs, CI) should not be squeezed into the 80 columns rich assumes there,
+    # unless COLUMNS says how wide (rich reads it).
+    return Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+
+
+def _print_tables(tables: Sequence[Any], console: Console | None = None) -> None:
+    console = console or _console()
     for table in tables:
         console.print(table)
 
@@ -83,13 +92,18 @@ def _print_tables(tables: Sequence[Any]) -> None:
 @connection_options
 @json_flag
 def status(address: str, timeout_s: float, curve_dir: str | None, as_json: bool) -> None:
-    """Show the deployment state, every rank's load and the totals."""
-    with _client(address, timeout_s, curve_dir) as c:
+    """Show the deployment state, every rank's load and the totals.
+
+    The table keeps the columns that fit the terminal; ``--json`` has every figure, each
+    rank's request metrics included (the ones ``/metrics`` serves).
+    """
+    with cli_client(address, timeout_s, curve_dir) as c:
         info = c.status()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
-        _print_tables(status_tables(info))
+        console = _console()
+        _print_tables(status_tables(info, width=console.width), console)
 
 
 def _report_ack(ack: ControlAcknowledgement, as_json: bool) -> None:
@@ -104,7 +118,7 @@ def _control_command(name: str, method: str, doc: str) -> click.Command:
     @connection_options
     @json_flag
     def command(address: str, timeout_s: float, curve_dir: str | None, as_json: bool) -> None:
-        with _client(address, timeout_s, curve_dir) as c:
+        with cli_client(address, timeout_s, curve_dir) as c:
             ack = getattr(c, method)()
         _report_ack(ack, as_json)
 
@@ -138,7 +152,7 @@ def stop(
     address: str, timeout_s: float, curve_dir: str | None, abort: bool, deadline_s: float, as_json: bool
 ) -> None:
     """Stop every rank: drain (or --abort) in-flight requests, then the ranks exit."""
-    with _client(address, timeout_s, curve_dir) as c:
+    with cli_client(address, timeout_s, curve_dir) as c:
         ack = c.stop_engines(drain=not abort, deadline_s=deadline_s)
     _report_ack(ack, as_json)
 
@@ -149,7 +163,7 @@ def stop(
 @json_flag
 def update_weights(address: str, timeout_s: float, curve_dir: str | None, path: str, as_json: bool) -> None:
     """Load new weights from PATH on every rank (only while paused)."""
-    with _client(address, timeout_s, curve_dir) as c:
+    with cli_client(address, timeout_s, curve_dir) as c:
         ack = c.update_weights(path)
     _report_ack(ack, as_json)
 
@@ -197,7 +211,7 @@ def generate(
         request = {"messages": [{"role": "user", "content": prompt}]}
     if images:
         request["images"] = list(images)
-    with _client(address, timeout_s, curve_dir) as c:
+    with cli_client(address, timeout_s, curve_dir) as c:
         try:
             sampling = SamplingParams(
                 max_new_tokens=max_new_tokens,

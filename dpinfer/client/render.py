@@ -1,13 +1,14 @@
 """Rich tables and JSON shapes for the client-side CLI commands (status, control acks, results).
 
 Only plain data goes in (status maps, ``ControlAcknowledgement``, ``GenerationResult``). The
-status table shows the rank fields an operator scans for (those the coordinator reports);
-everything else is in ``--json``.
+status table shows the rank fields an operator scans for (those the coordinator reports), as
+many as fit the terminal, most important first; everything else is in ``--json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from rich.table import Table
@@ -15,12 +16,14 @@ from rich.table import Table
 from dpinfer.client.session import ControlAcknowledgement
 from dpinfer.outputs import GenerationResult
 
-# (header, key) of the rank columns, in order; a column shows when any rank reports its key.
+# (header, key, priority) of the rank columns, in display order. A column shows when any rank
+# reports its key and, given a width, when it fits: the lowest priority numbers are chosen first.
 _RANK_COLUMNS = (
-    ("rank", "rank"), ("state", "state"), ("alive", "alive"), ("device", "device"), ("host", "host"),
-    ("pid", "pid"), ("model", "model"), ("in flight", "in_flight"), ("done", "completed"),
-    ("waiting", "num_waiting"), ("running", "num_running"), ("KV used", "kv_used_tokens"),
-    ("KV free", "kv_free_tokens"), ("heartbeat s", "heartbeat_age_s"),
+    ("rank", "rank", 0), ("state", "state", 1), ("alive", "alive", 7), ("device", "device", 9),
+    ("host", "host", 12), ("pid", "pid", 11), ("model", "model", 8), ("in flight", "in_flight", 4),
+    ("done", "completed", 5), ("waiting", "num_waiting", 3), ("running", "num_running", 2),
+    ("KV use", "kv_use", 6), ("KV used", "kv_used_tokens", 13), ("KV free", "kv_free_tokens", 14),
+    ("heartbeat s", "heartbeat_age_s", 10),
 )  # fmt: skip
 _LEFT = frozenset({"state", "device", "host", "model"})
 _STATUS_SCALARS = ("address", "routing", "uptime_s", "cpu_s")
@@ -34,16 +37,69 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def status_tables(status: dict[str, Any]) -> list[Table]:
-    """A ranks table (one row per rank; every field is in ``--json``) and a totals table."""
+def kv_use(rank: dict[str, Any]) -> str:
+    """The share of the rank's KV cache held by requests, as a percentage ("" if unknown)."""
+    used, capacity = rank.get("kv_used_tokens"), rank.get("kv_capacity_tokens")
+    if not isinstance(used, int | float) or not isinstance(capacity, int | float) or capacity <= 0:
+        return ""
+    return f"{100 * used / capacity:.0f}%"
+
+
+def _cell(rank: dict[str, Any], key: str) -> str:
+    return kv_use(rank) if key == "kv_use" else _fmt(rank.get(key, ""))
+
+
+def _has(rank: dict[str, Any], key: str) -> bool:
+    return "kv_capacity_tokens" in rank if key == "kv_use" else key in rank
+
+
+def _rank_table(title: str, ranks: list[dict[str, Any]], keys: set[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    columns = [(header, key) for header, key, _ in _RANK_COLUMNS if key in keys]
+    for header, key in columns:
+        table.add_column(header, justify="left" if key in _LEFT else "right", no_wrap=True)
+    for r in ranks:
+        table.add_row(*(_cell(r, key) for _, key in columns))
+    return table
+
+
+def fit_width(build: Callable[[set[str]], Table], keys_by_priority: list[str], width: int) -> Table:
+    """The table of the most columns (taken in priority order) that fits ``width`` cells.
+
+    The first column always shows, however narrow the terminal.
+    """
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=width)
+    unbounded = console.options.update(max_width=1 << 16)  # measure the natural width, not the clamp
+    chosen: set[str] = set(keys_by_priority[:1])
+    table = build(chosen)
+    for key in keys_by_priority[1:]:
+        candidate = build(chosen | {key})
+        if Measurement.get(console, unbounded, candidate).maximum > width:
+            continue  # a narrower column of lower priority may still fit
+        chosen.add(key)
+        table = candidate
+    return table
+
+
+def status_tables(status: dict[str, Any], width: int | None = None) -> list[Table]:
+    """A ranks table (one row per rank; every field is in ``--json``) and a totals table.
+
+    With ``width`` the ranks table keeps the most important columns that fit (rank, state,
+    running, waiting, in flight, done, KV use, ...); without it, every column shows.
+    """
     ranks = [r for r in status.get("ranks", []) if isinstance(r, dict)]
     state = status.get("state", "?")
-    rank_table = Table(title=f"deployment: {state}, {len(ranks)} rank(s)", title_justify="left")
-    columns = [(header, key) for header, key in _RANK_COLUMNS if any(key in r for r in ranks)]
-    for header, key in columns:
-        rank_table.add_column(header, justify="left" if key in _LEFT else "right")
-    for r in ranks:
-        rank_table.add_row(*(_fmt(r.get(key, "")) for _, key in columns))
+    title = f"deployment: {state}, {len(ranks)} rank(s)"
+    present = [
+        key for _, key, _ in sorted(_RANK_COLUMNS, key=lambda c: c[2]) if any(_has(r, key) for r in ranks)
+    ]
+    if width is None:
+        rank_table = _rank_table(title, ranks, set(present))
+    else:
+        rank_table = fit_width(lambda keys: _rank_table(title, ranks, keys), present, width)
     totals = Table(title="totals", title_justify="left", show_header=False)
     totals.add_column("name")
     totals.add_column("value", justify="right")
