@@ -196,9 +196,27 @@ DOCUMENTED = (
 )
 
 
-def openapi_components() -> dict[str, Any]:
+EXAMPLES: dict[str, list[dict[str, object]]] = {
+    "CompletionRequest": [
+        {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.0},
+        {"prompt": ["One", "Two"], "max_tokens": 4, "n": 2, "stop": ["."], "seed": 1, "stream": True,
+         "stream_options": {"include_usage": True}},
+    ],
+    "ChatCompletionRequest": [
+        {"messages": [{"role": "user", "content": "Hello!"}], "max_completion_tokens": 16},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+         "stream": True, "top_k": 5, "ignore_eos": True, "max_tokens": 4},
+    ],
+}  # fmt: skip
+"""Request examples for ``/openapi.json`` (the docs page shows them; schema fuzzers start there)."""
+
+
+def openapi_components() -> dict[str, object]:
     """JSON schemas of ``DOCUMENTED`` (and what they refer to), for ``components.schemas``."""
     _, components = msgspec.json.schema_components(DOCUMENTED, ref_template="#/components/schemas/{name}")
+    for name, examples in EXAMPLES.items():
+        components[name]["examples"] = examples
     return dict(components)
 
 
