@@ -260,6 +260,20 @@ def test_a_client_gone_mid_request_aborts_its_request(served: ServeProcess) -> N
     _wait_idle(served, idle_kv, before["totals"]["aborted"])
 
 
+def test_the_openai_chat_example_streams_an_answer(served: ServeProcess) -> None:
+    import os
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "openai_chat.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--base-url", f"{served.http_url}/v1", "--model", MODEL,
+         "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "DPINFER_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 completion tokens" in done.stdout, done.stdout
+
+
 # ---------------------------------------------------------------------------- stop
 
 
