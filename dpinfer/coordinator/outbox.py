@@ -42,6 +42,8 @@ class Counters:
     submitted: int = 0
     overloaded: int = 0
     """Requests refused at once because a queue limit was reached."""
+    forbidden: int = 0
+    """Messages refused because the sender's key lacks the role (CURVE roles)."""
     completed: int = 0
     rank_deaths: int = 0
     disconnects: int = 0

@@ -24,6 +24,7 @@ from dpinfer import protocol
 from dpinfer.coordinator.registry import ClientPeer, RankPeer
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, Signal, codec
+from dpinfer.protocol.curve import Role, ServerCurve
 
 if TYPE_CHECKING:
     from dpinfer.config import CoordinatorConfig
@@ -49,6 +50,7 @@ class PeerHandlers:
     lifecycle: Lifecycle
     forwarder: Forwarder
     started_at: float
+    _curve: ServerCurve | None
 
     def _init_peers(self) -> None:
         self._clients: dict[bytes, ClientPeer] = {}
@@ -85,6 +87,13 @@ class PeerHandlers:
             self._error(
                 identity, "not_registered", "this rank is not registered (declared dead?); register again"
             )
+
+    def _role(self, header: zmq.Frame) -> Role:
+        return Role.ANY if self._curve is None else ServerCurve.role_of(header)
+
+    def _forbidden(self, identity: bytes, message: str) -> None:
+        self.counters.forbidden += 1
+        self._error(identity, "forbidden", message)
 
     def _wrong_direction(self, identity: bytes, message: str) -> None:
         self.counters.wrong_direction += 1
@@ -129,6 +138,10 @@ class PeerHandlers:
         if identity in self.registry.by_identity:
             self._wrong_direction(identity, "an engine rank may not say ClientHello")
             return
+        role = self._role(header)
+        if role is Role.RANK:
+            self._forbidden(identity, "a rank key may not act as a client; use a client or admin key")
+            return
         msg = codec.decode_frames(kind, header.buffer, bodies)
         assert isinstance(msg, protocol.ClientHello)
         if msg.version != protocol.PROTOCOL_VERSION:
@@ -141,6 +154,7 @@ class PeerHandlers:
             return
         if identity not in self._clients:
             self._clients[identity] = ClientPeer(identity, msg.client_name)
+        self._clients[identity].admin = role in (Role.ADMIN, Role.ANY)
         self.outbox.send(
             identity,
             protocol.HelloAck(protocol.PROTOCOL_VERSION, self.lifecycle.state, len(self.registry.live)),
@@ -201,6 +215,9 @@ class PeerHandlers:
     ) -> None:
         if identity in self._clients:
             self._wrong_direction(identity, "a client may not register as an engine rank")
+            return
+        if self._role(header) not in (Role.RANK, Role.ANY):
+            self._forbidden(identity, "only a rank key may register; this is a client or admin key")
             return
         msg = codec.decode_frames(kind, header.buffer, bodies)
         assert isinstance(msg, protocol.Register)
@@ -279,7 +296,17 @@ class PeerHandlers:
     # ------------------------------------------------------------------ control
 
     def _on_control(self, client: ClientPeer, msg: protocol.Control, now: float) -> None:
-        self.lifecycle.queue.append((client.identity, msg))
+        if not client.admin:
+            error = "control signals need an admin key (dpinfer keys --role admin); this is a client key"
+            self.outbox.send(client.identity, self.lifecycle.refusal(msg, error))
+            return
+        if self.lifecycle.preempting(msg):
+            preempted, reply = self.lifecycle.preempt(msg)
+            logger.info("control %s pre-empts the draining stop", msg.signal)
+            self.outbox.send(preempted.client, reply)
+            self.lifecycle.queue.appendleft((client.identity, msg))
+        else:
+            self.lifecycle.queue.append((client.identity, msg))
         self._advance_control(now)
 
     def _on_control_ack(self, peer: RankPeer, msg: protocol.ControlAck, now: float) -> None:

@@ -72,12 +72,14 @@ class RankPeer:
 class ClientPeer:
     """A client that completed the ``ClientHello`` handshake; ``requests`` maps its ids to ours."""
 
-    __slots__ = ("closed", "identity", "name", "requests")
+    __slots__ = ("admin", "closed", "identity", "name", "requests")
 
     def __init__(self, identity: bytes, name: str) -> None:
         self.identity = identity
         self.name = name
         self.closed = False
+        self.admin = True
+        """May send control signals (an admin key, or CURVE off)."""
         self.requests: dict[int, Req] = {}
 
 
