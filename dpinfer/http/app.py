@@ -22,9 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dpinfer import __version__
 from dpinfer.http.auth import Keys
-from dpinfer.http.config import HttpConfig
+from dpinfer.http.config import HttpConfig, version
 from dpinfer.http.control import SIGNALS, ControlRoutes
 from dpinfer.http.errors import APIError
 from dpinfer.http.link import CoordinatorLink
@@ -63,7 +62,7 @@ def create_app(config: HttpConfig, on_ready: Callable[[], None] | None = None) -
             await link.stop()
 
     app = FastAPI(
-        title="dpinfer", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+        title="dpinfer", version=version(), lifespan=lifespan, docs_url="/docs", redoc_url=None,
         description="An OpenAI-compatible front of a dpinfer deployment.",
     )  # fmt: skip
     keys = Keys(config)

@@ -10,6 +10,8 @@ need no key.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -98,3 +100,12 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@functools.cache
+def version() -> str:
+    """dpinfer's version (package metadata), for ``/version`` and ``/openapi.json``."""
+    try:
+        return importlib.metadata.version("dpinfer")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

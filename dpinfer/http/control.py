@@ -22,12 +22,12 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from dpinfer import __version__
 from dpinfer.client.async_client import AsyncInferenceClient
 from dpinfer.client.session import ControlError
 from dpinfer.errors import DpinferError
 from dpinfer.http.auth import Keys
 from dpinfer.http.config import HttpConfig
+from dpinfer.http.config import version as dpinfer_version
 from dpinfer.http.connection import read_body
 from dpinfer.http.decoding import decode
 from dpinfer.http.errors import APIError, unavailable
@@ -66,7 +66,7 @@ class ControlRoutes:
         )
 
     async def version(self, request: Request) -> Response:
-        return Response(encode_json({"version": __version__}), media_type=JSON)
+        return Response(encode_json({"version": dpinfer_version()}), media_type=JSON)
 
     async def metrics(self, request: Request) -> Response:
         try:
