@@ -88,6 +88,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
             _check_int("stop_token_ids[]", t, minimum=0)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+            if self.seed >= 1 << 64:
+                raise InvalidRequestError(f"seed must be below 2**64, got {self.seed}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
 

@@ -62,7 +62,7 @@ class Served:
         self.log = tmp / "serve.log"
         cmd = [
             sys.executable, "-m", "dpinfer", "serve", "--model", "tiny-llama", "--dp", "2",
-            "--port", "0", "--max-restarts", "1", "--threads-per-rank", "1",
+            "--port", "0", "--no-http", "--max-restarts", "1", "--threads-per-rank", "1",
             "--kv-cache-bytes", str(64 << 20), "--deployment-id", self.deployment_id,
             "--ready-file", str(self.ready_file), "--log-file", str(tmp / "ranks.log"),
         ]  # fmt: skip
