@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMP := .make
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint gpu-check clean
 
 # torch first, pinned: anything that asks for a newer torch pulls GBs of CUDA wheels.
 $(STAMP)/installed: setup.py
@@ -26,12 +26,19 @@ bench: install
 	$(PYTHON) -m dpinfer bench engine
 	$(PYTHON) -m dpinfer bench transport
 	$(PYTHON) -m dpinfer bench serve
+	$(PYTHON) -m dpinfer bench http
 
 lint: install
 	$(PYTHON) -m ruff check dpinfer launch tests examples
 	$(PYTHON) -m ruff format --check dpinfer launch tests examples
 	$(PYTHON) -m mypy dpinfer
 	lint-imports
+
+# On a machine with a CUDA device: the CUDA tests (they skip elsewhere) and the GPU transports.
+gpu-check: install
+	$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device')"
+	$(PYTHON) -m pytest -m cuda -rs tests
+	$(PYTHON) -m dpinfer bench transport --methods memcpy,shm,cuda_ipc,cuda_ipc_pool,default_gpu --sizes 16,64
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info .pytest_cache .ruff_cache
