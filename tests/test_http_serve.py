@@ -213,7 +213,7 @@ def test_control_endpoints_need_the_admin_key(served: ServeProcess) -> None:
 
 
 def _wait_idle(served: ServeProcess, idle_kv: dict[int, int], aborted_before: int) -> dict:
-    """The coordinator's status once nothing runs, the KV is back to idle and one more request
+    """The coordinator's status once nothing runs, the KV is back to (at most) idle and one more request
     was aborted (heartbeats carry the ranks' load: poll with a deadline)."""
     deadline = time.monotonic() + 15
     while True:
@@ -222,7 +222,7 @@ def _wait_idle(served: ServeProcess, idle_kv: dict[int, int], aborted_before: in
         if (
             status["totals"]["aborted"] > aborted_before
             and status["totals"]["in_flight"] == 0
-            and all(r["num_running"] == 0 and r["kv_used_tokens"] == idle_kv[i] for i, r in ranks.items())
+            and all(r["num_running"] == 0 and r["kv_used_tokens"] <= idle_kv[i] for i, r in ranks.items())
         ):
             return status
         assert time.monotonic() < deadline, f"not back to idle: {status['totals']} {list(ranks.values())}"
