@@ -11,6 +11,7 @@ BENCHES = {
     "engine": "dpinfer.bench.engine:command",
     "transport": "dpinfer.bench.transport:command",
     "serve": "dpinfer.bench.serve:command",
+    "http": "dpinfer.bench.http:command",
 }
 
 
