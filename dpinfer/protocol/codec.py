@@ -43,6 +43,7 @@ from dpinfer.protocol.messages import (
     HelloAck,
     Message,
     Notice,
+    OutputEntry,
     Outputs,
     Register,
     RegisterAck,
@@ -167,6 +168,7 @@ KIND_OUTPUTS = int(Kind.OUTPUTS)
 KIND_REQUESTS = int(Kind.REQUESTS)
 _SUBMIT = _SCHEMAS[KIND_SUBMIT]
 _ENGINE_OUTPUTS = _SCHEMAS[KIND_ENGINE_OUTPUTS]
+_OUTPUTS = _SCHEMAS[KIND_OUTPUTS]
 
 
 def peek_kind(raw: bytes | memoryview) -> int:
@@ -199,6 +201,13 @@ def engine_output_entries(header: bytes | memoryview, num_bodies: int) -> tuple[
     """The checked entries of an ``EngineOutputs`` header (one per body frame)."""
     entries: tuple[EngineOutputEntry, ...] = _decode(_ENGINE_OUTPUTS, header)[1]  # type: ignore[assignment]
     _check_count("EngineOutputs", len(entries), num_bodies)
+    return entries
+
+
+def output_entries(header: bytes | memoryview, num_bodies: int) -> tuple[OutputEntry, ...]:
+    """The checked entries of an ``Outputs`` header (what a client receives), one per body."""
+    entries: tuple[OutputEntry, ...] = _decode(_OUTPUTS, header)[1]  # type: ignore[assignment]
+    _check_count("Outputs", len(entries), num_bodies)
     return entries
 
 
