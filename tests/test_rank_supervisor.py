@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import alive
 
 from dpinfer.config import ConfigError, RankConfig
 from dpinfer.rank.children import CHILDREN
@@ -57,14 +58,6 @@ def supervising_parent(conn: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_gone(pids: list[int]) -> None:

@@ -16,43 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import alive, descendants
 
 from dpinfer import AsyncInferenceClient, InferenceClient, SamplingParams
 from dpinfer.config import new_deployment_id
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (reads /proc; psutil is not a dependency)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Served:
@@ -88,16 +58,16 @@ class Served:
         pytest.fail(f"dpinfer serve did not become ready:\n{self.log.read_text()[-3000:]}")
 
     def remember_processes(self) -> None:
-        self.pids |= _descendants(self.proc.pid) | {self.proc.pid}
+        self.pids |= descendants(self.proc.pid) | {self.proc.pid}
 
     def leftovers(self) -> tuple[list[int], list[str]]:
-        alive = sorted(p for p in self.pids if _alive(p))
+        running = sorted(p for p in self.pids if alive(p))
         shm = sorted(n for n in os.listdir("/dev/shm") if self.deployment_id in n)
         sockets = sorted(n for n in os.listdir("/tmp") if n.startswith(f"dpinfer-{self.deployment_id}"))
-        return alive, shm + sockets
+        return running, shm + sockets
 
     def kill_all(self) -> None:
-        for pid in self.pids | _descendants(self.proc.pid):
+        for pid in self.pids | descendants(self.proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
