@@ -97,3 +97,12 @@ def test_listening_beyond_loopback_needs_curve_or_insecure() -> None:
     result = CliRunner().invoke(cli, ["coordinator", "--host", "0.0.0.0", "--port", "0"])
     assert result.exit_code != 0
     assert "--curve" in result.output and "--insecure" in result.output
+
+
+def test_serve_beyond_loopback_needs_curve_or_insecure() -> None:
+    from click.testing import CliRunner
+
+    from dpinfer.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--model", "tiny-llama"])
+    assert result.exit_code != 0 and "--insecure" in result.output, result.output

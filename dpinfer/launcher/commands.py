@@ -42,6 +42,7 @@ _COORD = CoordinatorConfig()
 )
 @click.option("--deterministic", is_flag=True, help="Order ranks by id: same requests, same ranks.")
 @click.option("--curve", "curve_dir", default=None, help="Turn on CurveZMQ with the keys in this directory.")
+@click.option("--insecure", is_flag=True, help="Let the coordinator listen beyond loopback without --curve.")
 @click.option("--max-restarts", default=0, show_default=True, help="Restart a dead rank this many times.")
 @click.option("--threads-per-rank", default=0, help="torch threads per rank on CPU (0: cores / dp).")
 @click.option("--max-queued-requests", default=_COORD.max_queued_requests, show_default=True,
@@ -61,15 +62,18 @@ _COORD = CoordinatorConfig()
 @front_options
 @engine_options
 def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
-          max_restarts: int, threads_per_rank: int, max_queued_requests: int, max_client_requests: int,
+          insecure: bool, max_restarts: int, threads_per_rank: int, max_queued_requests: int,
+          max_client_requests: int,
           ready_file: str | None, log_file: str | None, http_host: str, http_port: int, no_http: bool,
           api_workers: int, api_key: str | None, admin_api_key: str | None, served_model_name: str | None,
           allowed_local_media_path: str | None, max_body_bytes: int,
           **engine: Unpack[EngineOptions]) -> None:  # fmt: skip
     """Serve a model on DP ranks behind one coordinator and an OpenAI-compatible HTTP front,
     in the foreground (Ctrl-C stops)."""
+    from dpinfer.coordinator.commands import check_exposure
     from dpinfer.errors import DpinferError
 
+    check_exposure(host, curve_dir, insecure)
     front: FrontOptions = {
         "api_workers": api_workers, "api_key": api_key, "admin_api_key": admin_api_key,
         "served_model_name": served_model_name, "allowed_local_media_path": allowed_local_media_path,
