@@ -328,3 +328,16 @@ def test_signal_wakeup_in_the_main_thread() -> None:
     finally:
         wakeup.close()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_a_displaced_rank_exits_and_is_not_restarted(h: Harness) -> None:
+    """A rank told its id was taken over exits (never a zombie that STOP no longer reaches)."""
+    from dpinfer.rank.loop import EXIT_DISPLACED
+
+    h.requests(1, 2)
+    h.recv(h.tokenizer)
+    h.conn.inject(protocol.Error("rank_taken", "rank 3 was taken over by a newer registration"))
+    assert h.recv(h.tokenizer) == m.AbortRequests((1, 2), "rank taken over")
+    h.thread.join(DEADLINE_S)
+    assert h.code == EXIT_DISPLACED
+    assert h.conn.outputs == [], "the coordinator already ended these requests; nothing is sent twice"

@@ -38,6 +38,7 @@ from dpinfer.config import ConfigError, RankConfig, default_address
 from dpinfer.launcher.options import EngineOptions, engine_options, rank_config_from_options
 from dpinfer.log import get_logger, set_role
 from dpinfer.procutil import die_with_parent
+from dpinfer.rank.loop import EXIT_DISPLACED
 
 logger = get_logger(__name__)
 
@@ -132,6 +133,11 @@ class RankSupervisor:
             code = self._child.exitcode
             if code == 0 or self._stopping:
                 logger.info("rank %d exited (code %s)", self.config.rank, code)
+                return 0
+            if code == EXIT_DISPLACED:
+                logger.error(
+                    "rank %d was taken over by a newer registration; not restarting it", self.config.rank
+                )
                 return 0
             if restarts >= self.max_restarts:
                 logger.error(

@@ -10,7 +10,10 @@ Re-registration is transparent: when the coordinator answers ``Error(code="not_r
 ``Register`` again and ``recv_ready`` later returns the new ``RegisterAck``. A ``RegisterAck``
 from ``recv_ready`` therefore always means "registered again": the coordinator has already
 re-dispatched or failed every request this rank held, so the rank should drop them, and it
-must apply ``ack.state`` (the deployment may have been paused meanwhile).
+must apply ``ack.state`` (the deployment may have been paused meanwhile). A ``Register``
+whose answer is lost is sent again (the coordinator answers each heartbeat of a rank it does
+not know with the same error). ``Error(code="rank_taken")`` means a newer process registered
+under this rank id: the rank main exits (``RankMain.on_displaced``), never lingers unseen.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class EngineConnection:
         self.num_dropped_sends = 0
         self._next_heartbeat = 0.0
         self._reregistering = False
+        self._registered_sent_at = 0.0
         self._context = context or zmq.Context.instance()
         self.socket: zmq.Socket = self._context.socket(zmq.DEALER)
         # A fixed routing id keeps this rank's identity across TCP reconnects.
@@ -164,9 +168,14 @@ class EngineConnection:
         out: list[protocol.Message] = []
         for msg in self._drain():
             if isinstance(msg, protocol.Error) and msg.code == "not_registered":
-                if not self._reregistering:  # one Register per episode, however many errors arrive
-                    logger.warning("coordinator does not know this rank (%s); registering again", msg.message)
+                # One Register per episode however many errors arrive, again if its answer was lost
+                # (the coordinator answers every heartbeat of an unknown rank with this error).
+                now = time.monotonic()
+                if not self._reregistering or now - self._registered_sent_at >= _RETRY_REGISTER_S:
+                    if not self._reregistering:
+                        logger.warning("coordinator does not know this rank (%s); registering", msg.message)
                     self._reregistering = True
+                    self._registered_sent_at = now
                     self._send(self._register_frames)
                 continue
             if isinstance(msg, protocol.RegisterAck):

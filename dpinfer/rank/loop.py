@@ -35,6 +35,8 @@ from dpinfer.rank.supervisor import Child, Supervisor
 logger = get_logger(__name__)
 
 MAX_DRAIN = 256
+EXIT_DISPLACED = 75
+"""Exit code of a rank whose id a newer registration took over (EX_TEMPFAIL): never restarted."""
 
 
 class RankMain:
@@ -140,7 +142,25 @@ class RankMain:
             self.send_to_tokenizer.send_pyobj(m.AbortRequests(ids, "aborted by the client"))
 
     def on_error(self, msg: protocol.Error) -> None:
+        if msg.code == "rank_taken":
+            self.on_displaced(msg.message)
+            return
         logger.warning("coordinator error %s: %s", msg.code, msg.message)
+
+    def on_displaced(self, why: str) -> None:
+        """A newer process registered under this rank id: this one must go, not linger unseen.
+
+        Its requests were re-dispatched or failed by the coordinator already; the local copies
+        end here. The exit code tells the torchrun worker not to restart it (a restart would
+        displace the newer rank in turn).
+        """
+        if self.exit_code is not None:
+            return
+        logger.error("rank %d: %s; exiting (the newer registration serves this rank id)", self.rank, why)
+        if len(self.inflight):
+            self.send_to_tokenizer.send_pyobj(m.AbortRequests(self.inflight.ids(), "rank taken over"))
+            self.inflight.clear()
+        self.exit_code = EXIT_DISPLACED
 
     def on_reregistered(self, ack: protocol.RegisterAck) -> None:
         # The coordinator already re-dispatched or failed what we held: drop it here too.
