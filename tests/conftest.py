@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import procs
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -118,14 +119,10 @@ class ServeProcess:
         self.pids = self.descendants()
 
     def descendants(self) -> set[int]:
-        from test_serve import _descendants
-
-        return _descendants(self.proc.pid) | {self.proc.pid}
+        return procs.descendants(self.proc.pid) | {self.proc.pid}
 
     def alive(self) -> list[int]:
-        from test_serve import _alive
-
-        return sorted(p for p in self.pids if _alive(p))
+        return sorted(p for p in self.pids if procs.alive(p))
 
     def kill_all(self) -> None:
         import signal
