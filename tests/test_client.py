@@ -17,7 +17,7 @@ from dpinfer.client.sync_client import InferenceClient
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.process import start_coordinator
 from dpinfer.errors import ConnectionLostError, InvalidRequestError, RequestTimeoutError, ServiceError
-from dpinfer.rank.connection import EngineConnection, RankInfo
+from dpinfer.rank.connection import EngineConnection, registration
 from dpinfer.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,7 +153,7 @@ class _SamplingEchoRank(threading.Thread):
 
     def __init__(self, address: str) -> None:
         super().__init__(daemon=True)
-        self.conn = EngineConnection(address, RankInfo.local(7, model="sampling-echo"), context=zmq.Context())
+        self.conn = EngineConnection(address, registration(7, model="sampling-echo"), context=zmq.Context())
         self.stop_event = threading.Event()
 
     def run(self) -> None:

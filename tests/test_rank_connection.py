@@ -10,7 +10,7 @@ import zmq
 
 from dpinfer import protocol
 from dpinfer.rank import connection
-from dpinfer.rank.connection import EngineConnection, RankInfo
+from dpinfer.rank.connection import EngineConnection, registration
 
 DEADLINE_MS = 10_000
 
@@ -50,7 +50,7 @@ def _ready(conn: EngineConnection) -> list[protocol.Message]:
 
 
 def test_a_lost_register_reply_is_retried(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
-    conn = EngineConnection(hub.address, RankInfo.local(3, "cpu", "m", 100, 100))
+    conn = EngineConnection(hub.address, registration(3, "cpu", "m", 100, 100))
     try:
         import threading
 

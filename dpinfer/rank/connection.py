@@ -23,7 +23,6 @@ import secrets
 import socket as _socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import zmq
 
@@ -43,31 +42,15 @@ _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    """What a rank tells the coordinator about itself when it registers."""
-
-    rank: int
-    pid: int
-    host: str
-    device: str
-    model: str
-    max_prompt_len: int
-    kv_capacity_tokens: int
-
-    @classmethod
-    def local(
-        cls,
-        rank: int,
-        device: str = "cpu",
-        model: str = "",
-        max_prompt_len: int = 0,
-        kv_capacity_tokens: int = 0,
-    ) -> RankInfo:
-        """Info for this process (pid and host filled in)."""
-        return cls(
-            rank, os.getpid(), _socket.gethostname(), device, model, max_prompt_len, kv_capacity_tokens
-        )
+def registration(
+    rank: int, device: str = "cpu", model: str = "", max_prompt_len: int = 0, kv_capacity_tokens: int = 0
+) -> protocol.Register:
+    """The ``Register`` message of this process (its pid and host filled in): what a rank tells
+    the coordinator about itself, the one value for it."""
+    return protocol.Register(
+        protocol.PROTOCOL_VERSION, rank, os.getpid(), _socket.gethostname(), device, model,
+        max_prompt_len, kv_capacity_tokens,
+    )  # fmt: skip
 
 
 class EngineConnection:
@@ -76,7 +59,7 @@ class EngineConnection:
     def __init__(
         self,
         address: str,
-        info: RankInfo,
+        info: protocol.Register,
         *,
         curve_dir: str | None = None,
         context: zmq.Context | None = None,
@@ -104,18 +87,7 @@ class EngineConnection:
         except Exception:
             self.socket.close(linger=0)
             raise
-        self._register_frames = protocol.encode(
-            protocol.Register(
-                protocol.PROTOCOL_VERSION,
-                info.rank,
-                info.pid,
-                info.host,
-                info.device,
-                info.model,
-                info.max_prompt_len,
-                info.kv_capacity_tokens,
-            )
-        )
+        self._register_frames = protocol.encode(info)
 
     # ------------------------------------------------------------------ registration
 

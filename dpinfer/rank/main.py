@@ -46,7 +46,7 @@ def run_rank(config: RankConfig) -> int:
     Failures: a child that does not start (its error is logged, e.g. an unknown model), no
     coordinator within ``connect_timeout_s``, or a child that dies while serving.
     """
-    from dpinfer.rank.connection import EngineConnection, RankInfo
+    from dpinfer.rank.connection import EngineConnection, registration
     from dpinfer.rank.loop import RankMain
 
     set_role("rank", config.rank)
@@ -69,7 +69,7 @@ def run_rank(config: RankConfig) -> int:
         logger.info("children ready: %s", pids)
         limit = max_prompt_len(infos)
         sockets["send_to_tokenizer"].send_pyobj(m.SetLimits(limit))
-        info = RankInfo.local(
+        info = registration(
             rank,
             config.model.device,
             config.model.model,

@@ -31,7 +31,7 @@ from dpinfer import protocol
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.protocol import EngineOutputEntry, EngineState, Signal
-from dpinfer.rank.connection import EngineConnection, RankInfo
+from dpinfer.rank.connection import EngineConnection, registration
 from dpinfer.testing.echo import EchoRequest
 
 logger = get_logger(__name__)
@@ -63,7 +63,7 @@ class NullEngine:
         self.delay_s = delay_s
         self.stream_chunks = stream_chunks
         self.state = EngineState.RUNNING
-        info = RankInfo.local(rank, "cpu", model, 1 << 20, 0)
+        info = registration(rank, "cpu", model, 1 << 20, 0)
         self.conn = EngineConnection(address, info, curve_dir=curve_dir, context=context)
         self._reqs: dict[int, EchoRequest] = {}
         self._queued: list[int] = []  # arrived while paused, not started
