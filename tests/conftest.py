@@ -107,16 +107,19 @@ class ServeProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout_s
-        while not (self.ready_file.exists() and self.ready_file.read_text().endswith("\n")):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill_all()
-                pytest.fail(f"dpinfer serve did not become ready:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)  # another process's file: poll with a deadline
-        lines = self.ready_file.read_text().split()
-        self.address = lines[0]
-        self.http_url = lines[1] if len(lines) > 1 else ""
-        self.pids = self.descendants()
+        try:  # whatever goes wrong before the fixture owns it, the deployment must not outlive the test
+            deadline = time.monotonic() + timeout_s
+            while not (self.ready_file.exists() and self.ready_file.read_text().endswith("\n")):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"dpinfer serve did not become ready:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.2)  # another process's file: poll with a deadline
+            lines = self.ready_file.read_text().split()
+            self.address = lines[0]
+            self.http_url = lines[1] if len(lines) > 1 else ""
+            self.pids = self.descendants()
+        except BaseException:
+            self.kill_all()
+            raise
 
     def descendants(self) -> set[int]:
         return procs.descendants(self.proc.pid) | {self.proc.pid}
