@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import procs
@@ -127,6 +129,22 @@ class ServeProcess:
     def alive(self) -> list[int]:
         return sorted(p for p in self.pids if procs.alive(p))
 
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop as a user would (SIGINT: drain, then every process and file goes); kill what is left."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None or self.alive():
+            self.kill_all()
+        for leftover in Path(tempfile.gettempdir()).glob(f"dpinfer-{self.deployment_id}-*"):
+            leftover.unlink(missing_ok=True)  # ipc files of processes that had to be killed
+
     def kill_all(self) -> None:
         import signal
 
@@ -151,5 +169,4 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
     yield start
     for served in started:
-        if served.proc.poll() is None or served.alive():
-            served.kill_all()
+        served.stop()
