@@ -46,8 +46,6 @@ class Forwarder:
         self._counters = counters
         self._lifecycle = lifecycle
         self._next_request_id = 1
-        self._aborting: set[int] = set()
-        """Requests the client aborted whose rank has not answered yet: never re-dispatched."""
 
     # ------------------------------------------------------------------ hot path
 
@@ -129,8 +127,6 @@ class Forwarder:
                 del requests[request_id]
                 client.requests.pop(req.client_request_id, None)
                 num_final += 1
-                if self._aborting:
-                    self._aborting.discard(request_id)
             elif num_tokens > 0:
                 req.body = None  # the client has seen output: never re-dispatch it
             if client.closed:
@@ -161,7 +157,7 @@ class Forwarder:
                 self.fail(req, "aborted before reaching a rank", FinishReason.ABORT)
             else:
                 per_rank.setdefault(req.rank, []).append(req.request_id)
-                self._aborting.add(req.request_id)
+                req.aborted = True
         for peer, request_ids in per_rank.items():
             # The rank answers each with a final output (finish_reason "abort").
             self._outbox.send(peer.identity, protocol.EngineAbort(tuple(request_ids)))
@@ -183,7 +179,7 @@ class Forwarder:
         stopped = self._lifecycle.state is EngineState.STOPPED
         for req in owned:
             req.rank = None
-            if req.request_id in self._aborting:
+            if req.aborted:
                 self.fail(req, f"aborted (rank {peer.rank} went away before confirming)", FinishReason.ABORT)
             elif died and not stopped and req.body is not None and req.pinned == NO_RANK:
                 self._counters.redispatched += 1
@@ -237,7 +233,6 @@ class Forwarder:
     def fail(self, req: Req, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
         """End ``req`` with a final output made here (an error or abort body)."""
         self.requests.pop(req.request_id, None)
-        self._aborting.discard(req.request_id)
         req.client.requests.pop(req.client_request_id, None)
         if req.rank is not None:
             req.rank.in_flight -= 1

@@ -141,7 +141,10 @@ class Req:
     how the coordinator knows a rank's death must fail the request instead.
     """
 
-    __slots__ = ("body", "client", "client_request_id", "deadline", "pinned", "rank", "request_id", "stream")
+    __slots__ = (
+        "aborted", "body", "client", "client_request_id", "deadline", "pinned", "rank", "request_id",
+        "stream",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -160,6 +163,8 @@ class Req:
         self.pinned = pinned
         self.rank: RankPeer | None = None
         self.deadline = 0.0
+        self.aborted = False
+        """The client aborted it and its rank has not answered yet: never re-dispatched."""
 
 
 class PendingQueue:
