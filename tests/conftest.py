@@ -146,15 +146,7 @@ class ServeProcess:
             leftover.unlink(missing_ok=True)  # ipc files of processes that had to be killed
 
     def kill_all(self) -> None:
-        import signal
-
-        for pid in getattr(self, "pids", set()) | self.descendants():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.kill()
-        self.proc.wait()
+        procs.kill_tree(self.proc, getattr(self, "pids", set()))
 
 
 @pytest.fixture(scope="module")

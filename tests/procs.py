@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -37,3 +42,13 @@ def alive(pid: int) -> bool:
         return _stat_fields(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def kill_tree(proc: subprocess.Popen[bytes], known: Iterable[int] = ()) -> None:
+    """SIGKILL ``proc``, every process below it now, and ``known`` (ones seen earlier that may
+    have been re-parented since), then reap ``proc``."""
+    for pid in set(known) | descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()

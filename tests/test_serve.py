@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import alive, descendants
+from procs import alive, descendants, kill_tree
 
 from dpinfer import AsyncInferenceClient, InferenceClient, SamplingParams
 from dpinfer.config import new_deployment_id
@@ -67,13 +67,7 @@ class Served:
         return running, shm + sockets
 
     def kill_all(self) -> None:
-        for pid in self.pids | descendants(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.kill()
-        self.proc.wait()
+        kill_tree(self.proc, self.pids)
 
 
 @pytest.fixture(scope="module")
