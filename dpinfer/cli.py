@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "demo": "dpinfer.launcher.demo:demo",
     "http": "dpinfer.http.commands:http",
     "top": "dpinfer.client.top:top",
+    "chaos": "dpinfer.chaos.commands:chaos",
 }
 
 
