@@ -162,7 +162,8 @@ class PeerHandlers:
         client.last_seen = now
         client.admin = role in (Role.ADMIN, Role.ANY)
         version, state, num_ranks = protocol.PROTOCOL_VERSION, self.lifecycle.state, len(self.registry.live)
-        ack = protocol.HelloAck(version, state, num_ranks, self.incarnation, known, self.config.client_timeout_s)
+        timeout_s = self.config.client_timeout_s
+        ack = protocol.HelloAck(version, state, num_ranks, self.incarnation, known, timeout_s)
         self.outbox.send(identity, ack)
 
     def _on_abort(self, client: ClientPeer, msg: protocol.Abort, now: float) -> None:
