@@ -100,6 +100,12 @@ class CoordinatorConfig:
     request gets an immediate ``overloaded`` error (HTTP 429), never a silent drop."""
     max_client_requests: int = 16384
     """Most requests one client may have queued or in flight; beyond it, ``overloaded``."""
+    migration_limit: int = 3
+    """How many times one request may move to another rank after streaming output (its rank
+    died, was declared dead or terminated); beyond it the request fails with an error saying so."""
+    client_timeout_s: float = 30.0
+    """A client silent this long (no message, no keepalive) is forgotten and its requests are
+    aborted on their ranks. The SDK sends keepalives well within it while it is connected."""
     curve_dir: str | None = None
     """With CURVE on: directory holding ``server.key_secret`` and ``authorized/*.key``."""
 
@@ -115,6 +121,9 @@ class CoordinatorConfig:
         _positive(self.no_rank_timeout_s, "--no-rank-timeout-s")
         _positive(self.max_queued_requests, "--max-queued-requests")
         _positive(self.max_client_requests, "--max-client-requests")
+        if self.migration_limit < 0:
+            raise ConfigError(f"--migration-limit must be >= 0, got {self.migration_limit}")
+        _positive(self.client_timeout_s, "--client-timeout-s")
 
     @property
     def bind_address(self) -> str:

@@ -82,6 +82,20 @@ _DEFAULTS = CoordinatorConfig()
     help="Most requests one client may have queued or in flight; beyond it: `overloaded`.",
 )
 @click.option(
+    "--migration-limit",
+    default=_DEFAULTS.migration_limit,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Times a request may move to another rank mid-stream (its rank died); then it fails.",
+)
+@click.option(
+    "--client-timeout-s",
+    default=_DEFAULTS.client_timeout_s,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="A client silent this long is forgotten and its requests aborted (the SDK keeps alive).",
+)
+@click.option(
     "--curve",
     "curve_dir",
     default=None,
@@ -106,6 +120,8 @@ def coordinator(
     max_frame_bytes: int,
     max_queued_requests: int,
     max_client_requests: int,
+    migration_limit: int,
+    client_timeout_s: float,
     curve_dir: str | None,
     insecure: bool,
     log_level: str | None,
@@ -132,6 +148,8 @@ def coordinator(
             max_frame_bytes=max_frame_bytes,
             max_queued_requests=max_queued_requests,
             max_client_requests=max_client_requests,
+            migration_limit=migration_limit,
+            client_timeout_s=client_timeout_s,
             curve_dir=curve_dir,
         )
         check_exposure(host, curve_dir, insecure)

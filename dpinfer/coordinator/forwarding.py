@@ -4,21 +4,30 @@ The hot path (``submit``, ``engine_outputs``) does a couple of dict operations p
 and never logs: each request gets a server-side id, one ``Req`` record in ``requests`` (by
 our id) and in its client's table (by the client's id), and its body frame is batched for
 the chosen rank untouched. Every request ends with exactly one final output to its client:
-the rank's, or one made here (rank died after streaming, pinned rank unknown, no rank in
-time, engines stopped, coordinator shutting down).
+the rank's, or one made here (pinned rank unknown or dead, no rank in time, engines stopped,
+migration limit reached, coordinator shutting down).
+
+Server request ids name dispatch attempts: they start at a random 62-bit value in every
+coordinator process (so a rank still holding ids of a previous incarnation never matches a
+new request) and a request gets a fresh one whenever it is sent to a rank again, so the
+outputs of a superseded attempt (an abort final of a rank that was declared dead and came
+back) are dropped, never delivered as the new attempt's.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
 from dpinfer import protocol
 from dpinfer.config import CoordinatorConfig
 from dpinfer.coordinator.lifecycle import Lifecycle
+from dpinfer.coordinator.migration import Streamed, continuation
 from dpinfer.coordinator.outbox import Counters, Outbox
 from dpinfer.coordinator.registry import ClientPeer, PendingQueue, RankPeer, RankRegistry, Req
 from dpinfer.coordinator.routing import make_policy
+from dpinfer.errors import InvalidRequestError, ProtocolError
 from dpinfer.protocol import NO_RANK, EngineState, ErrorCode, FinishReason, error_body
 
 STOPPED_MESSAGE = "engines are stopped; start or register a rank to serve again"
@@ -41,11 +50,12 @@ class Forwarder:
         self.no_rank_timeout_s = config.no_rank_timeout_s
         self.max_requests = config.max_queued_requests
         self.max_client_requests = config.max_client_requests
+        self.migration_limit = config.migration_limit
         self._registry = registry
         self._outbox = outbox
         self._counters = counters
         self._lifecycle = lifecycle
-        self._next_request_id = 1
+        self._next_request_id = first_request_id()
 
     # ------------------------------------------------------------------ hot path
 
@@ -115,7 +125,7 @@ class Forwarder:
         rank = peer.rank
         stale: list[int] = []
         num_final = 0
-        for (request_id, final, num_tokens), body in zip(entries, bodies, strict=True):
+        for (request_id, final, _), body in zip(entries, bodies, strict=True):
             req = requests.get(request_id)
             if req is None or req.rank is not peer:
                 # Re-dispatched elsewhere or already failed (this rank was declared dead).
@@ -127,8 +137,11 @@ class Forwarder:
                 del requests[request_id]
                 client.requests.pop(req.client_request_id, None)
                 num_final += 1
-            elif num_tokens > 0:
-                req.body = None  # the client has seen output: never re-dispatch it
+            elif req.stream:
+                streamed = req.streamed
+                if streamed is None:
+                    streamed = req.streamed = Streamed()
+                streamed.add(body)  # what a migration continues from
             if client.closed:
                 continue
             batch = to_clients.get(client.identity)
@@ -168,10 +181,14 @@ class Forwarder:
         client.closed = True
 
     def rank_gone(self, peer: RankPeer, reason: str, died: bool, now: float) -> None:
-        """Re-dispatch or fail every request ``peer`` held (it died, left, or was replaced).
+        """Re-dispatch, migrate or fail every request ``peer`` held.
 
-        A request is re-dispatched when the rank died, nothing of it was streamed yet, it was
-        not pinned, and the deployment is not stopped; otherwise it fails with a final reply.
+        ``died``: it died, was declared dead or handed its work back (it terminated on its
+        own); otherwise it left on purpose (STOP) or registered again as another rank id. A
+        request goes to another rank when the rank died, it was not pinned, and the deployment
+        is not stopped: from the start if its client saw no output yet, else as a migration
+        (its continuation), at most ``--migration-limit`` times. Otherwise it fails with a
+        final reply that says why.
         """
         self._outbox.discard_rank(peer.identity)
         owned = [req for req in self.requests.values() if req.rank is peer]
@@ -179,19 +196,43 @@ class Forwarder:
         stopped = self._lifecycle.state is EngineState.STOPPED
         for req in owned:
             req.rank = None
+            streamed = req.streamed is not None and bool(req.streamed.token_ids)
             if req.aborted:
                 self.fail(req, f"aborted (rank {peer.rank} went away before confirming)", FinishReason.ABORT)
-            elif died and not stopped and req.body is not None and req.pinned == NO_RANK:
-                self._counters.redispatched += 1
-                self._route(req, now)
             elif not died:
                 self.fail(req, f"rank {peer.rank} left ({reason}) before finishing the request")
             elif stopped:
                 self.fail(req, f"rank {peer.rank} died ({reason}) while engines were stopping")
             elif req.pinned != NO_RANK:
                 self.fail(req, f"rank {peer.rank} (pinned) died: {reason}")
+            elif not streamed:
+                self._counters.redispatched += 1
+                self._new_attempt(req)
+                self._route(req, now)
+            elif req.migrations >= self.migration_limit or req.streamed is None or req.streamed.broken:
+                self.fail(
+                    req,
+                    f"rank {peer.rank} died ({reason}) mid-stream and the request already moved "
+                    f"{req.migrations} time(s) (--migration-limit {self.migration_limit}); not moved again",
+                )
             else:
-                self.fail(req, f"rank {peer.rank} died ({reason}) after streaming output; not retried")
+                try:
+                    req.body = continuation(req.body, req.streamed)
+                except (InvalidRequestError, ProtocolError) as e:  # it streamed, so it was valid
+                    self.fail(req, f"rank {peer.rank} died ({reason}) mid-stream; cannot continue: {e}")
+                    continue
+                req.streamed = None
+                req.migrations += 1
+                self._counters.migrated += 1
+                self._new_attempt(req)
+                self._route(req, now)
+
+    def _new_attempt(self, req: Req) -> None:
+        """Give ``req`` a fresh server id: what its previous attempt still sends is dropped."""
+        self.requests.pop(req.request_id, None)
+        req.request_id = self._next_request_id
+        self._next_request_id += 1
+        self.requests[req.request_id] = req
 
     def _route(self, req: Req, now: float) -> None:
         live = self._registry.live
@@ -263,3 +304,8 @@ class Forwarder:
     def _no_such_rank(self, rank: int) -> str:
         live = ", ".join(str(r) for r in self._registry.live_ids()) or "none"
         return f"rank {rank} is not registered or not alive (live ranks: {live})"
+
+
+def first_request_id() -> int:
+    """A random start for this coordinator's server request ids (below 2**62, never 0)."""
+    return secrets.randbits(62) | 1

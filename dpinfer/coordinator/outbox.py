@@ -37,6 +37,8 @@ class Counters:
     wrong_direction: int = 0
     dropped_sends: int = 0
     redispatched: int = 0
+    migrated: int = 0
+    """Requests that moved to another rank mid-stream (continued from what they streamed)."""
     failed: int = 0
     aborted: int = 0
     submitted: int = 0
@@ -48,6 +50,11 @@ class Counters:
     rank_deaths: int = 0
     disconnects: int = 0
     """TCP connections closed, including peers ZMQ dropped for a message over ``max_frame_bytes``."""
+    slow_clients: int = 0
+    """Clients disconnected because they stopped reading (their queue filled); their
+    requests were aborted."""
+    silent_clients: int = 0
+    """Clients forgotten after ``--client-timeout-s`` without a message; their requests were aborted."""
     handshake_failures: int = 0
     """Connections refused during the ZMTP/CURVE handshake (e.g. a key that is not authorized)."""
     error_replies: dict[str, int] = field(default_factory=dict)
@@ -75,6 +82,9 @@ class Outbox:
         """client identity -> ([(client_request_id, final, rank), ...], [body, ...]) as one ``Outputs``."""
         self.unreachable: list[bytes] = []
         """Identities a send found gone since the coordinator last looked."""
+        self.stalled: list[bytes] = []
+        """Identities whose queue was full (a peer that stopped reading) since the coordinator
+        last looked; the coordinator disconnects such a client rather than drop its outputs."""
         self.routed: dict[bytes, int] = {}
         """rank identity -> requests sent to it (a restarted rank has a new identity, and a new count)."""
 
@@ -88,6 +98,9 @@ class Outbox:
             send(frames[-1], _NOBLOCK)
         except zmq.Again:
             self._counters.dropped_sends += 1
+            identity = frames[0]
+            assert isinstance(identity, bytes), "every outbox message starts with an identity"
+            self.stalled.append(identity)
             return False
         except zmq.ZMQError as e:
             self._counters.dropped_sends += 1

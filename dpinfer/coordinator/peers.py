@@ -50,7 +50,9 @@ class PeerHandlers:
     lifecycle: Lifecycle
     forwarder: Forwarder
     started_at: float
+    incarnation: int
     _curve: ServerCurve | None
+    _next_client_sweep: float
 
     def _init_peers(self) -> None:
         self._clients: dict[bytes, ClientPeer] = {}
@@ -113,6 +115,7 @@ class PeerHandlers:
             if client is None:
                 self._reject_client_kind(identity)
             else:
+                client.last_seen = now
                 fn(client, codec.decode_frames(kind, header.buffer, bodies), now)
 
         return handle
@@ -152,13 +155,16 @@ class PeerHandlers:
                 f"{protocol.PROTOCOL_VERSION}); upgrade the older side",
             )
             return
-        if identity not in self._clients:
-            self._clients[identity] = ClientPeer(identity, msg.client_name)
-        self._clients[identity].admin = role in (Role.ADMIN, Role.ANY)
-        self.outbox.send(
-            identity,
-            protocol.HelloAck(protocol.PROTOCOL_VERSION, self.lifecycle.state, len(self.registry.live)),
-        )
+        client = self._clients.get(identity)
+        known = client is not None
+        if client is None:
+            client = self._clients[identity] = ClientPeer(identity, msg.client_name, now)
+        client.last_seen = now
+        client.admin = role in (Role.ADMIN, Role.ANY)
+        version, state, num_ranks = protocol.PROTOCOL_VERSION, self.lifecycle.state, len(self.registry.live)
+        timeout_s = self.config.client_timeout_s
+        ack = protocol.HelloAck(version, state, num_ranks, self.incarnation, known, timeout_s)
+        self.outbox.send(identity, ack)
 
     def _on_abort(self, client: ClientPeer, msg: protocol.Abort, now: float) -> None:
         self.forwarder.abort(client, msg.client_request_ids)
@@ -166,6 +172,34 @@ class PeerHandlers:
     def _on_bye(self, client: ClientPeer, msg: protocol.ClientBye, now: float) -> None:
         self.forwarder.client_gone(client)
         del self._clients[client.identity]
+
+    def _forget_client(self, identity: bytes, reason: str) -> bool:
+        """Abort a client's requests on their ranks (KV freed) and forget it; False if unknown."""
+        client = self._clients.pop(identity, None)
+        if client is None:
+            return False
+        logger.warning(
+            "client %r forgotten (%s); %d request(s) aborted", client.name, reason, len(client.requests)
+        )
+        self.forwarder.client_gone(client)
+        return True
+
+    def _client_stalled(self, identity: bytes) -> None:
+        """A client whose queue is full stopped reading: disconnect it, never drop its finals.
+
+        When it reads again it finds itself unknown (``not_handshaken``, or ``known`` false
+        in its next ``HelloAck``) and resubmits what it still wants.
+        """
+        if self._forget_client(identity, "it stopped reading; its queue is full"):
+            self.counters.slow_clients += 1
+
+    def _forget_silent_clients(self, now: float) -> None:
+        timeout_s = self.config.client_timeout_s
+        silent = [c.identity for c in self._clients.values() if now - c.last_seen >= timeout_s]
+        for identity in silent:
+            if self._forget_client(identity, f"silent for {timeout_s:g} s (--client-timeout-s)"):
+                self.counters.silent_clients += 1
+        self._next_client_sweep = now + timeout_s / 4
 
     def _on_status(self, client: ClientPeer, msg: protocol.StatusQuery, now: float) -> None:
         body = msgpack.packb(self.status(now), use_bin_type=True)
@@ -265,15 +299,22 @@ class PeerHandlers:
     def _send_register_ack(self, peer: RankPeer) -> None:
         state = EngineState.RUNNING if self.lifecycle.stopping else self.lifecycle.state
         self.outbox.send(
-            peer.identity, protocol.RegisterAck(peer.rank, state, self.config.heartbeat_interval_s)
+            peer.identity,
+            protocol.RegisterAck(peer.rank, state, self.config.heartbeat_interval_s, self.incarnation),
         )
 
     def _on_heartbeat(self, peer: RankPeer, msg: protocol.Heartbeat, now: float) -> None:
         peer.on_heartbeat(msg, now)
 
     def _on_deregister(self, peer: RankPeer, msg: protocol.Deregister, now: float) -> None:
-        logger.info("rank %d deregistered: %s", peer.rank, msg.reason)
-        self._rank_left(peer, msg.reason or "deregistered", now)
+        reason = msg.reason or "deregistered"
+        if msg.handoff:  # it terminates on its own: its requests go on elsewhere
+            logger.info("rank %d leaves and hands its requests back: %s", peer.rank, reason)
+            self.registry.remove(peer)
+            self._rank_retired(peer, reason, died=True, now=now)
+            return
+        logger.info("rank %d deregistered: %s", peer.rank, reason)
+        self._rank_left(peer, reason, now)
 
     def _rank_left(self, peer: RankPeer, reason: str, now: float) -> None:
         self.registry.remove(peer)

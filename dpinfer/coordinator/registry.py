@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from dpinfer import protocol
+from dpinfer.coordinator.migration import Streamed
 from dpinfer.protocol.messages import NO_METRICS
 
 _MAX_DISPLACED = 1024
@@ -72,11 +73,13 @@ class RankPeer:
 class ClientPeer:
     """A client that completed the ``ClientHello`` handshake; ``requests`` maps its ids to ours."""
 
-    __slots__ = ("admin", "closed", "identity", "name", "requests")
+    __slots__ = ("admin", "closed", "identity", "last_seen", "name", "requests")
 
-    def __init__(self, identity: bytes, name: str) -> None:
+    def __init__(self, identity: bytes, name: str, now: float) -> None:
         self.identity = identity
         self.name = name
+        self.last_seen = now
+        """When it was last heard from (any message; the SDK's keepalive is a repeated hello)."""
         self.closed = False
         self.admin = True
         """May send control signals (an admin key, or CURVE off)."""
@@ -136,14 +139,18 @@ class RankRegistry:
 class Req:
     """One request between ``Submit`` and its final output.
 
-    ``body`` keeps the request body frame while the request may still be re-dispatched to
-    another rank; it is dropped (``None``) once the client has seen output, which is also
-    how the coordinator knows a rank's death must fail the request instead.
+    ``request_id`` names the current dispatch attempt: a request sent to another rank (its
+    rank died, or it migrates) gets a new one, so whatever the old attempt still sends is
+    never taken for the new one's. ``body`` is the request body frame to dispatch (the
+    client's, or after a migration its continuation), kept until the final output;
+    ``streamed`` is what the client has seen of a streaming request's output since ``body``
+    was made (``None`` until a partial output), from which a migration builds the next
+    continuation (``migration.continuation``).
     """
 
     __slots__ = (
-        "aborted", "body", "client", "client_request_id", "deadline", "pinned", "rank", "request_id",
-        "stream",
+        "aborted", "body", "client", "client_request_id", "deadline", "migrations", "pinned", "rank",
+        "request_id", "stream", "streamed",
     )  # fmt: skip
 
     def __init__(
@@ -165,6 +172,9 @@ class Req:
         self.deadline = 0.0
         self.aborted = False
         """The client aborted it and its rank has not answered yet: never re-dispatched."""
+        self.streamed: Streamed | None = None
+        self.migrations = 0
+        """Times it moved to another rank after streaming output (``--migration-limit``)."""
 
 
 class PendingQueue:

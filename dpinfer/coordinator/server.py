@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -83,8 +84,11 @@ class Coordinator(PeerHandlers):
         self._running = False
         self._closing = False
         self._loop_thread: int | None = None
-        self._next_timer = math.inf
+        self._next_client_sweep = time.monotonic() + config.client_timeout_s / 4
+        self._next_timer = self._next_client_sweep
         self.started_at = time.monotonic()
+        self.incarnation = secrets.randbits(63)
+        """This coordinator process, for ranks and clients (``HelloAck``, ``RegisterAck``)."""
         self._handlers = self._handler_table()
 
     def _configure_socket(self) -> None:
@@ -216,6 +220,10 @@ class Coordinator(PeerHandlers):
         outbox = self.outbox
         for _ in range(4):
             outbox.flush()
+            if outbox.stalled:
+                stalled, outbox.stalled = outbox.stalled, []
+                for identity in dict.fromkeys(stalled):
+                    self._client_stalled(identity)
             if not outbox.unreachable:
                 return
             gone, outbox.unreachable = outbox.unreachable, []
@@ -223,11 +231,15 @@ class Coordinator(PeerHandlers):
                 peer = self.registry.by_identity.get(identity)
                 if peer is not None:
                     self._rank_dead(peer, "its connection is gone", now)
+                else:
+                    self._forget_client(identity, "its connection is gone")
 
     def _on_timers(self, now: float) -> None:
         timeout_s = self.config.heartbeat_timeout_s
         for peer in self.registry.expired(now, timeout_s):
             self._rank_dead(peer, f"no heartbeat for {timeout_s:g} s", now)
+        if now >= self._next_client_sweep:
+            self._forget_silent_clients(now)
         self.forwarder.expire_pending(now)
         if self.lifecycle.expire(now):
             self._finish_control(now)
@@ -236,6 +248,7 @@ class Coordinator(PeerHandlers):
             self.registry.next_deadline(timeout_s),
             self.lifecycle.deadline(),
             math.inf if pending is None else pending,
+            self._next_client_sweep,
         )
 
     def bump_timer(self, deadline: float) -> None:
@@ -251,6 +264,7 @@ class Coordinator(PeerHandlers):
         if client is None:
             self._reject_client_kind(identity)
             return
+        client.last_seen = now
         entries = codec.submit_entries(header.buffer, len(bodies))
         self.forwarder.submit(client, entries, bodies, now)
         if self.forwarder.pending:
@@ -312,3 +326,4 @@ class Coordinator(PeerHandlers):
             self._curve.stop()
         if self._own_context:
             self._context.term()
+

@@ -49,6 +49,12 @@ _COORD = CoordinatorConfig()
               help="Most requests the coordinator holds; beyond, 'overloaded' (HTTP 429).")  # fmt: skip
 @click.option("--max-client-requests", default=_COORD.max_client_requests, show_default=True,
               help="Most requests one client (an API worker) may have in flight.")  # fmt: skip
+@click.option("--migration-limit", default=_COORD.migration_limit, show_default=True,
+              type=click.IntRange(min=0),
+              help="Times a request may move to another rank mid-stream; then it fails.")  # fmt: skip
+@click.option("--client-timeout-s", default=_COORD.client_timeout_s, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="A client silent this long is forgotten and its requests aborted.")  # fmt: skip
 @click.option(
     "--ready-file",
     type=click.Path(dir_okay=False),
@@ -63,7 +69,7 @@ _COORD = CoordinatorConfig()
 @engine_options
 def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
           insecure: bool, max_restarts: int, threads_per_rank: int, max_queued_requests: int,
-          max_client_requests: int,
+          max_client_requests: int, migration_limit: int, client_timeout_s: float,
           ready_file: str | None, log_file: str | None, http_host: str, http_port: int, no_http: bool,
           api_workers: int, api_key: str | None, admin_api_key: str | None, served_model_name: str | None,
           allowed_local_media_path: str | None, max_body_bytes: int,
@@ -83,7 +89,8 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
         coordinator = CoordinatorConfig(
             host=host, port=port, routing=RoutingPolicyName(routing), deterministic=deterministic,
             curve_dir=curve_dir, max_queued_requests=max_queued_requests,
-            max_client_requests=max_client_requests,
+            max_client_requests=max_client_requests, migration_limit=migration_limit,
+            client_timeout_s=client_timeout_s,
         )  # fmt: skip
         config = _serve_config(dp, coordinator, max_restarts, threads_per_rank, log_file, engine)
         if not no_http:

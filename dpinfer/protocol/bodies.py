@@ -19,7 +19,10 @@ The request body on the wire is a map; a missing key takes the field's default:
 - ``images``: list; each item is encoded image ``bytes`` or a raw array map
   ``{"shape": [h, w, c], "dtype": "uint8", "data": bytes}`` with ``c`` in 1, 3, 4;
 - ``sampling``: the ``SamplingParams`` fields that differ from the defaults;
-- ``model_inputs``: reserved for precomputed model inputs (no model accepts them yet).
+- ``model_inputs``: reserved for precomputed model inputs (no model accepts them yet);
+- ``resume``: ``{"token_ids": [...], "text_chars": int}``, a continuation: the request already
+  generated these tokens (and streamed that much of their text) elsewhere and goes on from
+  there (``Resume``; the coordinator sets it when it migrates a request).
 
 ``OutputBody`` (rank -> client) is a frozen ``msgspec.Struct`` too, with ``to_bytes``/``from_bytes``.
 """
@@ -129,6 +132,25 @@ ImageItem: TypeAlias = bytes | RawImage
 DEFAULT_SAMPLING = SamplingParams()
 
 
+class Resume(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A continuation (mid-stream migration, or a client resubmitting after a coordinator
+    restart): ``token_ids`` were generated already, and ``text_chars`` characters of their
+    text reached the client. The rank prefills prompt + ``token_ids`` and streams only what
+    follows; the final output holds the whole text and token ids, as if never moved."""
+
+    token_ids: tuple[int, ...]
+    text_chars: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise InvalidRequestError("resume.token_ids is empty (omit resume instead)")
+        if self.text_chars < 0:
+            raise InvalidRequestError(f"resume.text_chars must be >= 0, got {self.text_chars}")
+        for i, t in enumerate(self.token_ids):
+            if t < 0:
+                raise InvalidRequestError(f"resume.token_ids[{i}] = {t} is out of vocabulary")
+
+
 class RequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """What a client asks of a rank for one request; see the module docstring for the wire form.
 
@@ -142,6 +164,7 @@ class RequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     images: tuple[ImageItem, ...] = ()
     sampling: SamplingParams = DEFAULT_SAMPLING
     model_inputs: dict[str, object] | None = None
+    resume: Resume | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -222,6 +245,7 @@ _STRUCTS: dict[str, type[msgspec.Struct]] = {
     "messages[]": ChatMessage,
     "messages[].content[]": TextPart,
     "images[]": RawImage,
+    "resume": Resume,
 }
 
 

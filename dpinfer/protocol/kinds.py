@@ -6,7 +6,7 @@ import enum
 
 from dpinfer.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """2: one load value, one acknowledgement value, typed signals and states, rank metrics in heartbeats."""
 MAX_HEADER_BYTES = 1 << 20
 NO_RANK = -1

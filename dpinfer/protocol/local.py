@@ -110,6 +110,11 @@ class TokenizedRequest:
     mm_hash: bytes | None = None
     """Content hash of the prompt's images: requests with different hashes never share KV.
     Computed from ``mm_inputs`` when a request with images arrives without one."""
+    resume_ids: tuple[int, ...] = ()
+    """A continuation (``bodies.Resume``): output tokens generated already, elsewhere. The
+    scheduler prefills prompt + these and counts them as output (limits, stop checks)."""
+    resume_chars: int = 0
+    """Characters of their text the client has received already."""
 
 
 # ---------------------------------------------------------------------------- rank main -> scheduler
@@ -167,6 +172,10 @@ class RequestMeta:
     stop: tuple[str, ...] = ()
     prompt_tail: tuple[int, ...] = ()
     """The last few prompt token ids: decoding context for the first output tokens."""
+    resume_ids: tuple[int, ...] = ()
+    """A continuation's output so far (replayed into the detokenizer, not sent again)."""
+    resume_chars: int = 0
+    """Characters of that output's text the client has received."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,10 +235,24 @@ class ClientBye(Message):
 
 @dataclass(frozen=True, slots=True)
 class HelloAck(Message):
+    """The answer to every ``ClientHello`` (a client repeats it as its keepalive).
+
+    ``incarnation`` names this coordinator process (random, new at every start).
+    ``known`` is false when the coordinator did not know this client: its first hello, or
+    the coordinator restarted, or it forgot the client (silent past ``client_timeout_s``, or
+    disconnected for not reading) and aborted its requests. A client that gets ``known``
+    false with requests in flight resubmits them (the coordinator refuses, with
+    ``duplicate_request``, any it still has). ``client_timeout_s`` tells the client how often
+    it must be heard from.
+    """
+
     KIND = Kind.HELLO_ACK
     version: int
     state: EngineState
     num_ranks: int
+    incarnation: int = 0
+    known: bool = False
+    client_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,10 +345,13 @@ class ControlAck(Message):
 
 @dataclass(frozen=True, slots=True)
 class Deregister(Message):
-    """A rank leaving on purpose (after STOP): not a death, nothing to re-dispatch."""
+    """A rank leaving on purpose. After a STOP nothing is re-dispatched; with ``handoff`` (the
+    rank was told to terminate on its own) its requests continue on other ranks, migrated
+    like those of a dead rank, and what it still sends for them is dropped."""
 
     KIND = Kind.DEREGISTER
     reason: str
+    handoff: bool = False
 
 
 # coordinator -> engine rank
@@ -342,10 +359,14 @@ class Deregister(Message):
 
 @dataclass(frozen=True, slots=True)
 class RegisterAck(Message):
+    """``incarnation`` as in ``HelloAck``: a rank registered again with a different one drops
+    everything it held for the old coordinator (whose request ids mean nothing now)."""
+
     KIND = Kind.REGISTER_ACK
     rank: int
     state: EngineState
     heartbeat_interval_s: float
+    incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,9 @@ class EngineConnection:
         self._next_heartbeat = 0.0
         self._reregistering = False
         self._registered_sent_at = 0.0
+        self._left = False
+        self.incarnation: int | None = None
+        """The coordinator process this rank is registered with (``RegisterAck.incarnation``)."""
         self._context = context or zmq.Context.instance()
         self.socket: zmq.Socket = self._context.socket(zmq.DEALER)
         # A fixed routing id keeps this rank's identity across TCP reconnects.
@@ -126,6 +129,9 @@ class EngineConnection:
     def _on_register_ack(self, ack: protocol.RegisterAck) -> None:
         self.heartbeat_interval_s = ack.heartbeat_interval_s
         self._next_heartbeat = time.monotonic() + ack.heartbeat_interval_s
+        if self.incarnation is not None and ack.incarnation != self.incarnation:
+            logger.warning("the coordinator restarted (new incarnation); registered with the new one")
+        self.incarnation = ack.incarnation
         logger.info("registered as rank %d (state %s)", ack.rank, ack.state)
 
     # ------------------------------------------------------------------ receiving
@@ -140,6 +146,8 @@ class EngineConnection:
         out: list[protocol.Message] = []
         for msg in self._drain():
             if isinstance(msg, protocol.Error) and msg.code == "not_registered":
+                if self._left:
+                    continue  # it deregistered on purpose: what it still sends is not wanted
                 # One Register per episode however many errors arrive, again if its answer was lost
                 # (the coordinator answers every heartbeat of an unknown rank with this error).
                 now = time.monotonic()
@@ -215,9 +223,15 @@ class EngineConnection:
         self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
         self._send(protocol.encode(protocol.Heartbeat(load, state, metrics)))
 
-    def deregister(self, reason: str) -> None:
-        """Tell the coordinator this rank leaves on purpose (nothing of it is re-dispatched)."""
-        self._send(protocol.encode(protocol.Deregister(reason)))
+    def deregister(self, reason: str, handoff: bool = False) -> None:
+        """Tell the coordinator this rank leaves on purpose; it never registers again.
+
+        With ``handoff`` its requests continue on other ranks (re-dispatched or migrated);
+        without (after a STOP) they are not re-dispatched.
+        """
+        if not self._left:
+            self._left = True
+            self._send(protocol.encode(protocol.Deregister(reason, handoff)))
 
     def close(self) -> None:
         """Close the socket; queued messages (e.g. a ``Deregister``) get up to 2 s to leave."""

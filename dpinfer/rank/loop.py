@@ -163,7 +163,9 @@ class RankMain:
         self.exit_code = EXIT_DISPLACED
 
     def on_reregistered(self, ack: protocol.RegisterAck) -> None:
-        # The coordinator already re-dispatched or failed what we held: drop it here too.
+        # The coordinator already re-dispatched, migrated or failed what we held (or it is a new
+        # coordinator, to which our request ids mean nothing): drop it here, silently (the
+        # in-flight book forgets the ids, so their abort finals go nowhere).
         if len(self.inflight):
             self.send_to_tokenizer.send_pyobj(m.AbortRequests(self.inflight.ids(), "re-registered"))
             self.inflight.clear()
@@ -228,12 +230,13 @@ class RankMain:
             f"(exit code {child.process.exitcode}); the rank is shutting down"
         )
         logger.error(error)
-        entries, bodies = self.inflight.fail_all(error)
-        self.conn.send_outputs(entries, bodies)
         if self.stop is not None:
             for control_id, sig in self.stop.control_ids:
                 self.ack(control_id, sig, False, error)
-        self.conn.deregister(error)
+        # Hand the requests back first: the coordinator re-dispatches or migrates them (what
+        # this rank sends after it are dropped there); then nothing of them is left here.
+        self.conn.deregister(error, handoff=True)
+        self.inflight.clear()
         self.exit_code = 1
 
     # ------------------------------------------------------------------ stop
@@ -293,7 +296,8 @@ class RankMain:
         if signum is None:
             return
         if self.stop is None:
-            logger.warning("signal %d: stopping (aborting in-flight requests)", signum)
+            logger.warning("signal %d: stopping; in-flight requests continue on other ranks", signum)
+            self.conn.deregister(f"rank {self.rank} terminated by signal {signum}", handoff=True)
             self.begin_stop(m.INTERNAL_CONTROL_ID, Signal.STOP, {"drain": False})
         else:
             logger.warning("signal %d again: failing in-flight requests and exiting now", signum)

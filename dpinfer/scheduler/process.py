@@ -157,7 +157,9 @@ class SchedulerProcess:
 
     def on_request(self, req: m.TokenizedRequest) -> None:
         stop = tuple(req.sampling.stop) if req.sampling is not None else ()
-        self._metas.append(m.RequestMeta(req.request_id, bool(req.stream), stop, tuple(req.input_ids[-8:])))
+        tail = tuple(req.input_ids[-8:])
+        meta = m.RequestMeta(req.request_id, bool(req.stream), stop, tail, req.resume_ids, req.resume_chars)
+        self._metas.append(meta)
         try:
             self._outputs.extend(self.scheduler.add_request(req))
         except Exception as e:

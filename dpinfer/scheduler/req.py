@@ -46,13 +46,14 @@ class Req:
             if self.mm_hash is None:  # never share KV with text or other images
                 self.mm_hash = mm_inputs_hash(self.mm_inputs)
         self.image_features: torch.Tensor | None = None
-        self.output_ids: list[int] = []
+        self.output_ids: list[int] = list(request.resume_ids)
+        """Output tokens; a continuation starts with the ones generated before it moved here."""
         self.stop = StopChecker(request.sampling, eos_token_ids, max_context_len)
         self.generator: torch.Generator | None = (
             None if request.sampling.greedy else make_generator(request.sampling.seed)
         )
         self.finish: Finish | None = None
-        self.num_reported = 0
+        self.num_reported = len(self.output_ids)
         self.cached_len = 0
         self.num_retractions = 0
         self.admitted_once = False

@@ -32,7 +32,14 @@ def validate_request(
     assert all(0 <= t < runner.vocab_size for t in req.input_ids), "the tokenizer checks token ids"
     if req.request_id in live_ids:
         return f"request id {req.request_id} is already in use"
-    if len(req.input_ids) >= max_context_len:
+    if req.resume_ids:
+        assert all(0 <= t < runner.vocab_size for t in req.resume_ids), "the tokenizer checks them"
+        if len(req.resume_ids) >= req.sampling.max_new_tokens:
+            return (
+                f"the continuation already has {len(req.resume_ids)} output tokens; "
+                f"max_new_tokens is {req.sampling.max_new_tokens}"
+            )
+    if len(req.input_ids) + len(req.resume_ids) >= max_context_len:
         return (
             f"prompt of {len(req.input_ids)} tokens does not fit: prompt + output must stay "
             f"below {max_context_len} tokens (model context or KV pool size)"

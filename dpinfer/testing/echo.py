@@ -2,6 +2,8 @@
 
 A request's output is ``"echo: " + prompt``, one token per UTF-8 byte, optionally streamed in
 ``stream_chunks`` pieces: token ids are echoed as numbers, chat messages as their contents.
+A continuation (``resume``) streams only the text after the ``resume.text_chars`` characters
+the client has, and its final output holds the whole text, as a real rank's does.
 The body is decoded like a real rank's (``RequestBody.from_bytes``); a bad one gets the same
 ``invalid request: ...`` error. Used by ``null_rank`` and ``null_direct``; never by the product.
 """
@@ -25,7 +27,10 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 class EchoRequest:
     """One request: its echo text, and (on a slow rank) its planned outputs and progress."""
 
-    __slots__ = ("error", "next_output", "plan", "prompt_tokens", "request_id", "step_s", "stream", "text")
+    __slots__ = (
+        "error", "next_output", "plan", "prompt_tokens", "request_id", "resumed_chars", "step_s", "stream",
+        "text",
+    )  # fmt: skip
 
     def __init__(self, request_id: int, stream: bool, body: bytes) -> None:
         self.request_id = request_id
@@ -36,6 +41,7 @@ class EchoRequest:
         self.error = ""
         self.text = ""
         self.prompt_tokens = 0
+        self.resumed_chars = 0
         try:
             request = RequestBody.from_bytes(body)
         except InvalidRequestError as e:
@@ -49,6 +55,8 @@ class EchoRequest:
             prompt = " ".join(str(t) for t in request.prompt or ())
         self.text = ECHO_PREFIX + prompt
         self.prompt_tokens = len(prompt.encode())
+        if request.resume is not None:
+            self.resumed_chars = min(request.resume.text_chars, len(self.text))
 
     def outputs(self, stream_chunks: int) -> tuple[list[EngineOutputEntry], list[bytes]]:
         """Partial outputs (streamed requests only), then the final one."""
@@ -61,10 +69,12 @@ class EchoRequest:
         token_ids = list(text.encode())
         entries: list[EngineOutputEntry] = []
         bodies: list[bytes] = []
-        last_delta = text
+        first = self.resumed_chars
+        last_delta = text[first:]
         if self.stream and stream_chunks > 0:
-            step = max(1, len(text) // (stream_chunks + 1))
-            cuts = [i * step for i in range(stream_chunks + 1) if i * step < len(text)] + [len(text)]
+            rest = len(text) - first
+            step = max(1, rest // (stream_chunks + 1))
+            cuts = [first + i * step for i in range(stream_chunks + 1) if i * step < rest] + [len(text)]
             num_tokens = 0
             for start, end in itertools.pairwise(cuts[:-1]):
                 piece = text[start:end].encode()

@@ -27,6 +27,9 @@ class _Tracked:
     detok: RequestDetokenizer
     num_sent_tokens: int = 0
     """Tokens already carried by partial outputs (the next delta starts here)."""
+    unsent_text: str = ""
+    """Text released but not yet sent: after replaying a continuation's tokens, what the
+    client had not received of them (normally nothing); it leads the next delta."""
 
 
 class OutputBuilder:
@@ -43,9 +46,7 @@ class OutputBuilder:
     def process(self, batch: SchedulerBatch) -> RankOutputs:
         """Consume one scheduler batch; return the outputs to forward (in batch order)."""
         for meta in batch.metas:
-            self._requests[meta.request_id] = _Tracked(
-                meta, RequestDetokenizer(self._decode, meta.stop, meta.prompt_tail)
-            )
+            self._requests[meta.request_id] = self._track(meta)
         entries: list[EngineOutputEntry] = []
         bodies: list[bytes] = []
         for out in batch.outputs:
@@ -54,6 +55,22 @@ class OutputBuilder:
                 entries.append(built[0])
                 bodies.append(built[1])
         return RankOutputs(tuple(entries), tuple(bodies), batch.control_acks, batch.load, batch.metrics)
+
+    def _track(self, meta: RequestMeta) -> _Tracked:
+        tracked = _Tracked(meta, RequestDetokenizer(self._decode, meta.stop, meta.prompt_tail))
+        if meta.resume_ids:
+            # A continuation: replay what was generated before it moved, so the text goes on
+            # exactly where the client's left off (same decoding context, same hold-backs).
+            tracked.detok.step(meta.resume_ids)
+            tracked.num_sent_tokens = len(meta.resume_ids)
+            released = tracked.detok.text
+            if len(released) < meta.resume_chars:
+                logger.warning(
+                    "request %d: the client has %d characters of its resumed output, the replay "
+                    "releases %d", meta.request_id, meta.resume_chars, len(released),
+                )  # fmt: skip
+            tracked.unsent_text = released[meta.resume_chars :]
+        return tracked
 
     def _one(self, out: Any) -> tuple[EngineOutputEntry, bytes] | None:
         rid = out.request_id
@@ -69,6 +86,8 @@ class OutputBuilder:
             del self._requests[rid]
             return self._final(tracked, out, new_ids)
         delta = tracked.detok.step(new_ids)
+        if tracked.unsent_text:
+            delta, tracked.unsent_text = tracked.unsent_text + delta, ""
         if not (tracked.meta.stream and delta):
             return None
         ids = tracked.detok.token_ids
@@ -80,7 +99,7 @@ class OutputBuilder:
         self, tracked: _Tracked, out: Any, new_ids: tuple[int, ...]
     ) -> tuple[EngineOutputEntry, bytes]:
         matched = out.matched_stop if isinstance(out.matched_stop, str) else None
-        delta = tracked.detok.finish(new_ids, matched)
+        delta = tracked.unsent_text + tracked.detok.finish(new_ids, matched)
         ids = tuple(tracked.detok.token_ids)
         stream = tracked.meta.stream
         body = OutputBody(

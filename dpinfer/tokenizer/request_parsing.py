@@ -103,6 +103,12 @@ class RequestParser:
             prepared = self._multimodal(body)
         else:
             prepared = PreparedPrompt(self._prompt_ids(body), None, None)
+        resume = body.resume
+        if resume is not None and max(resume.token_ids) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"resume.token_ids holds {max(resume.token_ids)}: out of vocabulary "
+                f"(valid token ids: 0..{self.vocab_size - 1})"
+            )
         if len(prepared.input_ids) > self.max_prompt_len:
             raise InvalidRequestError(
                 f"prompt has {len(prepared.input_ids)} tokens; model {self.model_name!r} accepts at "
@@ -115,6 +121,8 @@ class RequestParser:
             stream=raw.stream,
             mm_inputs=prepared.mm_inputs,
             mm_hash=prepared.mm_hash,
+            resume_ids=resume.token_ids if resume is not None else (),
+            resume_chars=resume.text_chars if resume is not None else 0,
         )
 
     # ------------------------------------------------------------------ pieces
