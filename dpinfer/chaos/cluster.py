@@ -48,7 +48,7 @@ class ClusterConfig:
     heartbeat_timeout_s: float = 1.5
     max_queued_requests: int = 64
     max_client_requests: int = 24
-    client_timeout_s: float = 3.0
+    client_timeout_s: float = 5.0
     """Passed on only when this coordinator has ``--client-timeout-s``."""
     kv_cache_bytes: int = 64 << 20
     threads_per_rank: int = 1

@@ -68,7 +68,7 @@ class ChaosConfig:
     max_rank_growth_bytes: int = 256 << 20
     """A rank's processes (main and children) may grow this much past their first sample."""
     heartbeat_timeout_s: float = 1.5
-    client_timeout_s: float = 3.0
+    client_timeout_s: float = 5.0
     max_queued_requests: int = 64
     max_client_requests: int = 24
     flood_clients: int = 3
