@@ -209,3 +209,12 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_vanished_client_the_hub_kept_fails_its_check() -> None:
+    from dpinfer.chaos.invariants import check_vanished
+
+    assert check_vanished([True, True], 1, 0, expected_clients=1).ok
+    assert not check_vanished([True, False], 1, 0, expected_clients=1).ok
+    assert not check_vanished([True], 2, 0, expected_clients=1).ok
+    assert not check_vanished([True], 1, 4, expected_clients=1).ok

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +34,14 @@ logger = get_logger(__name__)
 
 SCHEDULER_COMM = "dpinfer-sched"
 SHM_DIR = Path("/dev/shm")
+
+
+StatusTest = Callable[[dict[str, Any]], bool]
+
+
+def live_ranks(status: dict[str, Any]) -> dict[int, int]:
+    """Rank id -> pid of every rank the status calls alive."""
+    return {r["rank"]: r["pid"] for r in status.get("ranks", []) if r.get("alive")}
 
 
 class ClusterError(DpinferError):
@@ -166,22 +175,29 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"the coordinator did not answer at {self.address} in {timeout_s:g} s")
 
-    async def wait_ranks(self, timeout_s: float, until: Any = None) -> dict[str, Any]:
-        """Wait until every rank is alive (and ``until(status)`` holds); the last status."""
+    async def wait_ranks(self, timeout_s: float) -> dict[str, Any]:
+        """Wait until every rank is alive; the last status."""
+        return await self.wait_for(timeout_s, lambda status: len(live_ranks(status)) >= self.config.dp,
+                                   f"all {self.config.dp} rank(s) alive")  # fmt: skip
+
+    async def wait_for(self, timeout_s: float, until: StatusTest, what: str) -> dict[str, Any]:
+        """Wait until ``until(status)`` holds; the last status. ``ClusterError`` after ``timeout_s``,
+        or at once if torchrun (every rank) is gone."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = await self.link.status(timeout_s=2.0)
-            if status is not None:
-                alive = [r for r in status.get("ranks", []) if r.get("alive")]
-                if len(alive) >= self.config.dp and (until is None or until(status)):
-                    return status
+            if status is not None and until(status):
+                return status
             if self.torchrun is not None and self.torchrun.poll() is not None:
                 raise ClusterError(
                     f"torchrun exited with code {self.torchrun.returncode}; "
                     f"see {self.config.log_dir}/ranks.log"
                 )
             if time.monotonic() > deadline:
-                raise ClusterError(f"not every rank was alive after {timeout_s:g} s (last status: {status})")
+                ranks = [
+                    (r.get("rank"), r.get("pid"), r.get("alive")) for r in (status or {}).get("ranks", [])
+                ]
+                raise ClusterError(f"not {what} after {timeout_s:g} s (ranks: (id, pid, alive) {ranks})")
             await asyncio.sleep(0.2)  # ranks load a model: a cheap status poll with a deadline
 
     # ------------------------------------------------------------------ what runs

@@ -19,9 +19,9 @@ import zmq.asyncio
 
 from dpinfer import protocol as p
 from dpinfer.chaos import proc
-from dpinfer.chaos.cluster import Cluster, ClusterError
+from dpinfer.chaos.cluster import Cluster, ClusterError, StatusTest, live_ranks
 from dpinfer.chaos.monitor import Monitor
-from dpinfer.chaos.plan import ChaosConfig, FaultKind, PlannedFault
+from dpinfer.chaos.plan import RESTARTING_KINDS, ChaosConfig, FaultKind, PlannedFault
 from dpinfer.chaos.vanish import READY_LINE
 from dpinfer.chaos.workload import FLOOD, ObservedClient, RequestSpec, Workload, run_one
 from dpinfer.client.inputs import request_body
@@ -50,6 +50,9 @@ class FaultOutcome:
     recovered: bool = True
     recovery_s: float | None = None
     skipped: bool = False
+    pending: bool = False
+    """Its recovery (a rank restart) is awaited in the background; ``recovery_s`` is set then."""
+    begun: float = 0.0
 
     def as_map(self) -> dict[str, Any]:
         return {
@@ -70,84 +73,112 @@ class Injector:
         self.started_at = started_at
         self.overloaded_expected = 0
         """Overloaded replies the floods must have caused at least (their excess over the client limit)."""
-        self.vanished_clients = 0
-        self.last_vanish_incarnation = 0
+        self.vanished: list[bool] = []
+        """Per vanished client: whether the hub forgot it within the client timeout (+5 s)."""
+        self._pending: list[asyncio.Task[None]] = []
 
     async def inject(self, fault: PlannedFault) -> FaultOutcome:
+        if fault.kind in RESTARTING_KINDS:
+            await self.settle()  # one rank restart at a time: never every rank down at once
         outcome = FaultOutcome(fault.kind.value, time.monotonic() - self.started_at, "")
-        begun = time.monotonic()
+        begun = outcome.begun = time.monotonic()
         try:
             await self._INJECTORS[fault.kind](self, fault, outcome)
         except ClusterError as e:
             outcome.recovered = False
             outcome.detail = f"{outcome.detail}; did not recover: {e}".lstrip("; ")
-        if outcome.recovered and not outcome.skipped:
+        if outcome.recovered and not outcome.skipped and not outcome.pending:
             outcome.recovery_s = time.monotonic() - begun
         return outcome
 
+    async def settle(self) -> None:
+        """Wait until every rank restart a fault caused is over (each bounded by its own timeout)."""
+        pending, self._pending = self._pending, []
+        await asyncio.gather(*pending)
+
+    def _recover_later(self, outcome: FaultOutcome, until: StatusTest, what: str) -> None:
+        """A restart takes a model load: let the schedule go on while it happens."""
+
+        async def recover() -> None:
+            try:
+                await self.cluster.wait_for(RANK_RESTART_TIMEOUT_S, until, what)
+                outcome.recovery_s = time.monotonic() - outcome.begun
+            except ClusterError as e:
+                outcome.recovered = False
+                outcome.detail = f"{outcome.detail}; did not recover: {e}".lstrip("; ")
+
+        outcome.pending = True
+        self._pending.append(asyncio.create_task(recover()))
+
     # ------------------------------------------------------------------ ranks
 
-    async def _rank(self, rank: int) -> dict[str, Any] | None:
+    async def _victim(self, rank: int, outcome: FaultOutcome) -> tuple[int, int] | None:
+        """(rank, pid) of the planned rank, or of another live one if it is restarting; None if none."""
         status = await self.cluster.link.status(timeout_s=5.0)
-        for entry in (status or {}).get("ranks", []):
-            if entry.get("rank") == rank and entry.get("alive"):
-                return entry
-        return None
+        live = live_ranks(status or {})
+        if rank in live:
+            return rank, live[rank]
+        if not live:
+            outcome.skipped, outcome.target = True, f"rank {rank} (no rank alive)"
+            return None
+        other = min(live)
+        outcome.detail = f"rank {rank} not alive, took rank {other}; "
+        return other, live[other]
 
-    async def _wait_replaced(self, rank: int, old_pid: int) -> None:
-        def replaced(status: dict[str, Any]) -> bool:
-            return any(r["rank"] == rank and r["alive"] and r["pid"] != old_pid for r in status["ranks"])
-
-        await self.cluster.wait_ranks(RANK_RESTART_TIMEOUT_S, replaced)
+    async def _kill_and_restart(self, rank: int, rank_pid: int, victim: int, outcome: FaultOutcome) -> None:
+        proc.send([victim], signal.SIGKILL)
+        timeout_s = self.config.heartbeat_timeout_s + 10.0
+        await self.cluster.wait_for(
+            timeout_s, lambda st: live_ranks(st).get(rank) != rank_pid, f"rank {rank}'s death noticed"
+        )
+        outcome.detail += "death noticed; restarting"
+        self._recover_later(
+            outcome, lambda st: live_ranks(st).get(rank, rank_pid) != rank_pid, f"rank {rank} restarted"
+        )
 
     async def _kill_rank(self, fault: PlannedFault, outcome: FaultOutcome) -> None:
-        victim = await self._rank(fault.rank)
-        if victim is None:
-            outcome.skipped, outcome.target = True, f"rank {fault.rank} (not alive)"
+        found = await self._victim(fault.rank, outcome)
+        if found is None:
             return
-        outcome.target = f"rank {fault.rank} main (pid {victim['pid']})"
-        proc.send([victim["pid"]], signal.SIGKILL)
-        await self._wait_replaced(fault.rank, victim["pid"])
+        rank, pid = found
+        outcome.target = f"rank {rank} main (pid {pid})"
+        await self._kill_and_restart(rank, pid, pid, outcome)
 
     async def _kill_scheduler(self, fault: PlannedFault, outcome: FaultOutcome) -> None:
-        victim = await self._rank(fault.rank)
-        scheduler = None if victim is None else self.cluster.scheduler_pid(victim["pid"])
-        if victim is None or scheduler is None:
+        found = await self._victim(fault.rank, outcome)
+        scheduler = None if found is None else self.cluster.scheduler_pid(found[1])
+        if found is None or scheduler is None:
             outcome.skipped, outcome.target = True, f"rank {fault.rank} scheduler (not found)"
             return
-        outcome.target = f"rank {fault.rank} scheduler (pid {scheduler})"
-        proc.send([scheduler], signal.SIGKILL)
-        await self._wait_replaced(fault.rank, victim["pid"])
+        rank, pid = found
+        outcome.target = f"rank {rank} scheduler (pid {scheduler})"
+        await self._kill_and_restart(rank, pid, scheduler, outcome)
 
     async def _stop_rank(self, fault: PlannedFault, outcome: FaultOutcome) -> None:
-        victim = await self._rank(fault.rank)
-        if victim is None:
-            outcome.skipped, outcome.target = True, f"rank {fault.rank} (not alive)"
+        found = await self._victim(fault.rank, outcome)
+        if found is None:
             return
-        pids = self.cluster.rank_tree(victim["pid"])
-        outcome.target = f"rank {fault.rank} (pids {','.join(map(str, pids))})"
+        rank, pid = found
+        pids = self.cluster.rank_tree(pid)
+        outcome.target = f"rank {rank} (pids {','.join(map(str, pids))})"
         frozen_at = time.monotonic()
         self.cluster.freeze(pids)
         try:
-            declared_dead = await self._wait_declared_dead(fault.rank, self.config.heartbeat_timeout_s + 10.0)
+            declared_dead = await self._wait_declared_dead(rank, self.config.heartbeat_timeout_s + 10.0)
         finally:
             self.cluster.thaw()
-        frozen_s = time.monotonic() - frozen_at
-        outcome.detail = f"frozen {frozen_s:.1f} s; " + (
+        outcome.detail += f"frozen {time.monotonic() - frozen_at:.1f} s, " + (
             "declared dead" if declared_dead else "never declared dead (heartbeat timeout not enforced?)"
         )
-
-        def back(status: dict[str, Any]) -> bool:
-            return any(r["rank"] == fault.rank and r["alive"] for r in status["ranks"])
-
-        await self.cluster.wait_ranks(REREGISTER_TIMEOUT_S, back)
+        await self.cluster.wait_for(
+            REREGISTER_TIMEOUT_S, lambda st: rank in live_ranks(st), f"rank {rank} back"
+        )
 
     async def _wait_declared_dead(self, rank: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = await self.cluster.link.status(timeout_s=2.0)
-            ranks = {r["rank"]: r for r in (status or {}).get("ranks", [])}
-            if rank in ranks and not ranks[rank]["alive"]:
+            if status is not None and rank not in live_ranks(status):
                 return True
             await asyncio.sleep(0.1)  # the hub's liveness sweep: poll its status with a deadline
         return False
@@ -157,16 +188,22 @@ class Injector:
     async def _kill_coordinator(self, fault: PlannedFault, outcome: FaultOutcome) -> None:
         assert self.cluster.coordinator is not None
         await self.monitor.poll()  # the old incarnation's counters, as late as possible
+        before = set(live_ranks(self.monitor.last_status or {}))
         outcome.target = f"coordinator (pid {self.cluster.coordinator.pid})"
         await self.cluster.kill_coordinator()
         self.cluster.start_coordinator()
         await self.cluster.wait_coordinator()
-        await self.cluster.wait_ranks(REREGISTER_TIMEOUT_S)
+        await self.cluster.wait_for(
+            REREGISTER_TIMEOUT_S,
+            lambda st: before <= set(live_ranks(st)),
+            f"ranks {sorted(before)} re-registered",
+        )
         outcome.detail = f"restarted at {self.cluster.address} (pid {self.cluster.coordinator.pid})"
 
     # ------------------------------------------------------------------ clients
 
     async def _vanish_client(self, fault: PlannedFault, outcome: FaultOutcome) -> None:
+        before = await self._num_clients()
         if fault.variant == "socket":
             outcome.target = "raw DEALER socket"
             await self._vanish_socket()
@@ -174,8 +211,31 @@ class Injector:
         else:
             outcome.target = "client process"
             outcome.detail = await self._vanish_process()
-        self.vanished_clients += 1
-        self.last_vanish_incarnation = self.cluster.coordinator_starts
+        vanished_at = time.monotonic()
+        timeout_s = self.config.client_timeout_s + 5.0
+        forgotten = before is not None and await self._wait_clients(before, timeout_s)
+        waited_s = time.monotonic() - vanished_at
+        outcome.detail += (
+            f"; the hub forgot it after {waited_s:.1f} s"
+            if forgotten
+            else f"; the hub still held it after {waited_s:.1f} s ({before} client(s) before it came)"
+        )
+        self.vanished.append(forgotten)
+
+    async def _num_clients(self) -> int | None:
+        status = await self.cluster.link.status(timeout_s=5.0)
+        clients = (status or {}).get("totals", {}).get("clients")
+        return clients if isinstance(clients, int) else None
+
+    async def _wait_clients(self, at_most: int, timeout_s: float) -> bool:
+        """Whether the hub's client count is back to ``at_most`` within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            clients = await self._num_clients()
+            if clients is not None and clients <= at_most:
+                return True
+            await asyncio.sleep(0.2)  # the hub's client sweep: poll its status with a deadline
+        return False
 
     async def _vanish_process(self) -> str:
         child = await asyncio.create_subprocess_exec(
