@@ -6,14 +6,16 @@ One slow null rank (each request takes ``SLOW_S``) behind a coordinator that hol
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
 from conftest import FAST_TIMINGS
-from wire import Deployment
+from wire import Deployment, WireClient
 
-from dpinfer import AsyncInferenceClient, SamplingParams
+from dpinfer import AsyncInferenceClient, SamplingParams, protocol
 from dpinfer.protocol import ErrorCode
+from dpinfer.rank.connection import registration
 
 SLOW_S = 1.0
 HUB_LIMIT = 6
@@ -77,3 +79,30 @@ def test_the_sdk_reports_overloaded_as_a_typed_error_code(dep: Deployment) -> No
     codes = [r.error_code for r in results]
     assert codes.count(ErrorCode.OVERLOADED) == 2 and codes.count(None) == CLIENT_LIMIT, codes
     assert all(r.ok for r in results if r.error_code is None)
+
+
+def test_dead_ranks_are_pruned_from_status_and_registrations_are_bounded(coordinator_factory) -> None:
+    # Case 6: the hub kept every rank id ever registered (3,000 of them: a 33 MB status reply).
+    handle = coordinator_factory(dead_rank_ttl_s=0.3, client_timeout_s=2.0)  # pruned at each sweep
+    client = WireClient(handle.address)
+    try:
+        for rank in range(40):  # each registers, then leaves
+            peer = WireClient(handle.address, name=f"rank{rank}", hello=False)
+            peer.send(registration(rank))
+            peer.wait_for(lambda p=peer: any(isinstance(m, protocol.RegisterAck) for m in p.other))
+            peer.send(protocol.Deregister("done"))
+            peer.close()
+        client.wait_ranks(lambda s: len(s["ranks"]) == 0, timeout_s=10, what="dead ranks pruned")
+        refused = WireClient(handle.address, name="bad", hello=False)
+        try:
+            refused.send(registration(1 << 20))
+            refused.send(dataclasses.replace(registration(0), host="h" * 1000))
+            refused.wait_for(lambda: len(refused.errors) == 2, what="two refusals")
+            assert [e.code for e in refused.errors] == ["bad_register", "bad_register"]
+            assert "rank id must be in 0.." in refused.errors[0].message
+            assert "host name has 1000 characters" in refused.errors[1].message
+        finally:
+            refused.close()
+        assert client.status()["ranks"] == []
+    finally:
+        client.close()
