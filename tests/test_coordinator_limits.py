@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import FAST_TIMINGS
-from wire import Deployment, WireClient
+from wire import Deployment, ScriptedRank, WireClient, rank_info
 
 from dpinfer import AsyncInferenceClient, SamplingParams, protocol
 from dpinfer.protocol import ErrorCode
@@ -106,3 +106,39 @@ def test_dead_ranks_are_pruned_from_status_and_registrations_are_bounded(coordin
         assert client.status()["ranks"] == []
     finally:
         client.close()
+
+
+def test_ranks_take_work_by_credit_and_the_excess_waits_in_the_hub(coordinator_factory) -> None:
+    # Build 7: a rank advertises how much it takes; the rest waits in the hub's bounded queue,
+    # from which any rank with credit left is served first come, first served.
+    handle = coordinator_factory()
+    small = ScriptedRank(handle.address, rank=0, max_in_flight=2)
+    client = WireClient(handle.address)
+    big = None
+    try:
+        small.register()
+        ids = client.submit([f"p{i}" for i in range(6)])
+        first = small.requests(2)
+        small.wire.pump_for(0.3)
+        assert len(small.requests(2)) == 2 and sum(len(m.entries) for m in small._of(protocol.Requests)) == 2
+        status = client.status()
+        assert status["totals"]["pending"] == 4 and rank_info(status, 0)["credit"] == 2
+        small.finals(first[:1], [_stop("a")])  # one slot frees: the oldest waiting request takes it
+        (third,) = small.requests(1, after=2)
+        big = ScriptedRank(handle.address, rank=1)  # a rank with no limit of its own takes the rest
+        big.register()
+        rest = big.requests(3)
+        small.finals([first[1], third], [_stop("b"), _stop("c")])
+        big.finals(rest, [_stop(x) for x in "def"])
+        results = client.wait_results(ids)
+        assert sorted(r.final.text for r in results) == list("abcdef")
+        assert all(r.num_finals == 1 for r in results)
+    finally:
+        client.close()
+        small.close()
+        if big is not None:
+            big.close()
+
+
+def _stop(text: str) -> bytes:
+    return protocol.OutputBody(text=text, finish_reason="stop").to_bytes()

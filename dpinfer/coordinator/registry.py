@@ -18,6 +18,8 @@ from dpinfer.coordinator.migration import Streamed
 from dpinfer.protocol.messages import NO_METRICS
 
 _MAX_DISPLACED = 1024
+UNLIMITED_CREDIT = 1 << 62
+"""The credit of a rank that registers with ``max_in_flight`` 0 (no limit of its own)."""
 MAX_RANKS = 4096
 """Most rank ids the coordinator keeps (live, and dead ones still shown by ``status``)."""
 MAX_RANK_ID = 1 << 20
@@ -29,8 +31,9 @@ class RankPeer:
     """One registration of an engine rank. ``in_flight`` is the coordinator's own exact count."""
 
     __slots__ = (
-        "alive", "completed", "device", "gone_at", "host", "identity", "in_flight", "kv_capacity_tokens",
-        "last_heartbeat", "last_seen", "load", "max_prompt_len", "metrics", "model", "pid", "rank", "state",
+        "alive", "completed", "credit", "device", "gone_at", "host", "identity", "in_flight",
+        "kv_capacity_tokens", "last_heartbeat", "last_seen", "load", "max_prompt_len", "metrics", "model",
+        "pid", "rank", "state",
     )  # fmt: skip
 
     def __init__(
@@ -44,6 +47,8 @@ class RankPeer:
         self.model = msg.model
         self.max_prompt_len = msg.max_prompt_len
         self.kv_capacity_tokens = msg.kv_capacity_tokens
+        self.credit = msg.max_in_flight if msg.max_in_flight > 0 else UNLIMITED_CREDIT
+        """Most requests it takes at once (it says so when it registers); the rest wait here."""
         self.alive = True
         self.gone_at = 0.0
         """When it died or left (``alive`` false): ``status`` lists it until ``dead_rank_ttl_s`` later."""
@@ -70,6 +75,7 @@ class RankPeer:
             "rank": self.rank, "pid": self.pid, "host": self.host, "device": self.device,
             "model": self.model, "alive": self.alive, "state": self.state.value,
             "in_flight": self.in_flight, "completed": self.completed,
+            "credit": self.credit if self.credit != UNLIMITED_CREDIT else None,
             **self.load._asdict(),
             "kv_capacity_tokens": self.kv_capacity_tokens, "max_prompt_len": self.max_prompt_len,
             "heartbeat_age_s": round(now - self.last_heartbeat, 3),
@@ -221,6 +227,9 @@ class PendingQueue:
         req.rank = None
         req.deadline = deadline
         self._queue.append(req)
+
+    def pop_oldest(self) -> Req:
+        return self._queue.popleft()
 
     def take_all(self) -> list[Req]:
         reqs = list(self._queue)
