@@ -103,6 +103,8 @@ class CoordinatorConfig:
     migration_limit: int = 3
     """How many times one request may move to another rank after streaming output (its rank
     died, was declared dead or terminated); beyond it the request fails with an error saying so."""
+    dead_rank_ttl_s: float = 300.0
+    """How long ``status`` keeps listing a rank after it died or left; then it is forgotten."""
     client_timeout_s: float = 30.0
     """A client silent this long (no message, no keepalive) is forgotten and its requests are
     aborted on their ranks. The SDK sends keepalives well within it while it is connected."""

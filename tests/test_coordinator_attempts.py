@@ -7,51 +7,11 @@ abort finals for the old copies; a coordinator restart while a rank still holds 
 
 from __future__ import annotations
 
-from typing import Any
-
-from wire import WireClient, live_ranks
+from wire import ScriptedRank, WireClient, live_ranks
 
 from dpinfer import protocol
-from dpinfer.protocol import EngineState, OutputBody, error_body
-from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
+from dpinfer.protocol import OutputBody, error_body
 from dpinfer.protocol.kinds import FinishReason
-from dpinfer.rank.connection import registration
-
-
-class ScriptedRank:
-    """An engine rank driven step by step by the test."""
-
-    def __init__(self, address: str, rank: int = 0) -> None:
-        self.wire = WireClient(address, name=f"rank{rank}", hello=False)
-        self.rank = rank
-
-    def register(self) -> protocol.RegisterAck:
-        n = len(self._of(protocol.RegisterAck))
-        self.wire.send(registration(self.rank, model="scripted"))
-        self.wire.wait_for(lambda: len(self._of(protocol.RegisterAck)) > n, what="RegisterAck")
-        return self._of(protocol.RegisterAck)[-1]
-
-    def heartbeat(self) -> None:
-        self.wire.send(protocol.Heartbeat(protocol.LoadStats(), EngineState.RUNNING))
-
-    def requests(self, count: int, after: int = 0) -> list[int]:
-        """The ids of the first ``count`` requests dispatched after the first ``after``."""
-
-        def ids() -> list[int]:
-            return [e.request_id for msg in self._of(protocol.Requests) for e in msg.entries][after:]
-
-        self.wire.wait_for(lambda: len(ids()) >= count, what=f"{count} requests")
-        return ids()[:count]
-
-    def finals(self, request_ids: list[int], bodies: list[bytes]) -> None:
-        entries = [(rid, True, 1) for rid in request_ids]
-        self.wire.send_frames([pack_batch(KIND_ENGINE_OUTPUTS, entries), *bodies])
-
-    def _of(self, kind: type[Any]) -> list[Any]:
-        return [m for m in self.wire.other if isinstance(m, kind)]
-
-    def close(self) -> None:
-        self.wire.close()
 
 
 def _done(text: str) -> bytes:

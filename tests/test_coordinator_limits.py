@@ -6,14 +6,16 @@ One slow null rank (each request takes ``SLOW_S``) behind a coordinator that hol
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
 from conftest import FAST_TIMINGS
-from wire import Deployment
+from wire import Deployment, ScriptedRank, WireClient, rank_info
 
-from dpinfer import AsyncInferenceClient, SamplingParams
+from dpinfer import AsyncInferenceClient, SamplingParams, protocol
 from dpinfer.protocol import ErrorCode
+from dpinfer.rank.connection import registration
 
 SLOW_S = 1.0
 HUB_LIMIT = 6
@@ -77,3 +79,66 @@ def test_the_sdk_reports_overloaded_as_a_typed_error_code(dep: Deployment) -> No
     codes = [r.error_code for r in results]
     assert codes.count(ErrorCode.OVERLOADED) == 2 and codes.count(None) == CLIENT_LIMIT, codes
     assert all(r.ok for r in results if r.error_code is None)
+
+
+def test_dead_ranks_are_pruned_from_status_and_registrations_are_bounded(coordinator_factory) -> None:
+    # Case 6: the hub kept every rank id ever registered (3,000 of them: a 33 MB status reply).
+    handle = coordinator_factory(dead_rank_ttl_s=0.3, client_timeout_s=2.0)  # pruned at each sweep
+    client = WireClient(handle.address)
+    try:
+        for rank in range(40):  # each registers, then leaves
+            peer = WireClient(handle.address, name=f"rank{rank}", hello=False)
+            peer.send(registration(rank))
+            peer.wait_for(lambda p=peer: any(isinstance(m, protocol.RegisterAck) for m in p.other))
+            peer.send(protocol.Deregister("done"))
+            peer.close()
+        client.wait_ranks(lambda s: len(s["ranks"]) == 0, timeout_s=10, what="dead ranks pruned")
+        refused = WireClient(handle.address, name="bad", hello=False)
+        try:
+            refused.send(registration(1 << 20))
+            refused.send(dataclasses.replace(registration(0), host="h" * 1000))
+            refused.wait_for(lambda: len(refused.errors) == 2, what="two refusals")
+            assert [e.code for e in refused.errors] == ["bad_register", "bad_register"]
+            assert "rank id must be in 0.." in refused.errors[0].message
+            assert "host name has 1000 characters" in refused.errors[1].message
+        finally:
+            refused.close()
+        assert client.status()["ranks"] == []
+    finally:
+        client.close()
+
+
+def test_ranks_take_work_by_credit_and_the_excess_waits_in_the_hub(coordinator_factory) -> None:
+    # Build 7: a rank advertises how much it takes; the rest waits in the hub's bounded queue,
+    # from which any rank with credit left is served first come, first served.
+    handle = coordinator_factory()
+    small = ScriptedRank(handle.address, rank=0, max_in_flight=2)
+    client = WireClient(handle.address)
+    big = None
+    try:
+        small.register()
+        ids = client.submit([f"p{i}" for i in range(6)])
+        first = small.requests(2)
+        small.wire.pump_for(0.3)
+        assert len(small.requests(2)) == 2 and sum(len(m.entries) for m in small._of(protocol.Requests)) == 2
+        status = client.status()
+        assert status["totals"]["pending"] == 4 and rank_info(status, 0)["credit"] == 2
+        small.finals(first[:1], [_stop("a")])  # one slot frees: the oldest waiting request takes it
+        (third,) = small.requests(1, after=2)
+        big = ScriptedRank(handle.address, rank=1)  # a rank with no limit of its own takes the rest
+        big.register()
+        rest = big.requests(3)
+        small.finals([first[1], third], [_stop("b"), _stop("c")])
+        big.finals(rest, [_stop(x) for x in "def"])
+        results = client.wait_results(ids)
+        assert sorted(r.final.text for r in results) == list("abcdef")
+        assert all(r.num_finals == 1 for r in results)
+    finally:
+        client.close()
+        small.close()
+        if big is not None:
+            big.close()
+
+
+def _stop(text: str) -> bytes:
+    return protocol.OutputBody(text=text, finish_reason="stop").to_bytes()

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from procs import alive, descendants, kill_tree
@@ -118,6 +119,61 @@ def test_pause_with_requests_in_flight_completes_each_exactly_once_after_unpause
     after = _status(served.address)["totals"]
     assert after["completed"] - before["completed"] == 24, (before, after)
     assert after["in_flight"] == 0
+
+
+def test_a_stream_cut_off_by_a_killed_rank_ends_with_the_undisturbed_greedy_text(served: Served) -> None:
+    # Mid-stream migration: the stream on the killed rank goes on on the other rank from its
+    # prompt plus the tokens it streamed; the caller sees one uninterrupted result.
+    params = SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True)
+    prompts = ["migrate me, first", "migrate me, second"]
+    with InferenceClient(served.address, timeout_s=60) as client:
+        reference = client.generate(prompts, params)
+    ranks = {r["rank"]: r for r in _status(served.address)["ranks"]}
+    victim = ranks[0]
+    served.remember_processes()
+
+    async def scenario() -> list[tuple[str, tuple[int, ...], Any]]:
+        async with AsyncInferenceClient(served.address, timeout_s=60) as client:
+            streams = [client.add_request_streaming(p, params) for p in prompts]  # one per rank
+            texts: list[list[str]] = [[] for _ in streams]
+            ids: list[list[int]] = [[] for _ in streams]
+            started = [asyncio.Event() for _ in streams]
+            results: list[Any] = [None, None]
+
+            async def read(i: int) -> None:
+                async for delta in streams[i]:
+                    texts[i].append(delta.text)
+                    ids[i].extend(delta.token_ids)
+                    if len(ids[i]) >= 8:
+                        started[i].set()
+                    if delta.finished:
+                        results[i] = delta.result
+
+            readers = [asyncio.create_task(read(i)) for i in range(len(streams))]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=60)
+            os.kill(victim["pid"], signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*readers), timeout=60)
+            return [("".join(t), tuple(i), r) for t, i, r in zip(texts, ids, results, strict=True)]
+
+    outcomes = asyncio.run(scenario())
+    for (text, token_ids, result), ref in zip(outcomes, reference, strict=True):
+        assert result.ok, result
+        assert result.token_ids == ref.token_ids and result.text == ref.text
+        assert token_ids == ref.token_ids, "the streamed tokens: none lost, none repeated"
+        assert text == ref.text, "the streamed text: no character lost or repeated"
+    assert _status(served.address)["counters"]["migrated"] >= 1
+    _wait_rank_back(served, 0, victim["pid"])
+
+
+def _wait_rank_back(served: Served, rank: int, old_pid: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        back = {r["rank"]: r for r in _status(served.address)["ranks"]}.get(rank)
+        if back and back["alive"] and back["pid"] != old_pid:
+            served.remember_processes()
+            return
+        assert time.monotonic() < deadline, f"rank {rank} did not come back"
+        time.sleep(0.5)  # the replacement loads a model: poll status with a deadline
 
 
 def test_killed_rank_other_keeps_serving_and_rank_comes_back(served: Served) -> None:

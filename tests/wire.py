@@ -2,7 +2,8 @@
 
 It keeps every message it receives, sorted by what it answers (outputs by client request
 id, control replies by control id, status replies by query id, errors, notices), and every
-wait has a deadline. Also: helpers to wait for ranks and to end spawned processes.
+wait has a deadline. Also: ``ScriptedRank``, an engine rank a test drives step by step;
+helpers to wait for ranks and to end spawned processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import msgpack
 import zmq
 
 from dpinfer import protocol
-from dpinfer.protocol import NO_RANK, OutputBody
+from dpinfer.protocol import NO_RANK, EngineState, OutputBody
+from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
+from dpinfer.rank.connection import registration
 
 
 @dataclass
@@ -306,3 +309,40 @@ def end_processes(procs: Iterable[Any], timeout_s: float = 5.0) -> None:
             proc.kill()
     for proc in procs:
         proc.join(timeout_s)
+
+
+class ScriptedRank:
+    """An engine rank driven step by step by the test."""
+
+    def __init__(self, address: str, rank: int = 0, max_in_flight: int = 0) -> None:
+        self.wire = WireClient(address, name=f"rank{rank}", hello=False)
+        self.rank = rank
+        self.max_in_flight = max_in_flight
+
+    def register(self) -> protocol.RegisterAck:
+        n = len(self._of(protocol.RegisterAck))
+        self.wire.send(registration(self.rank, model="scripted", max_in_flight=self.max_in_flight))
+        self.wire.wait_for(lambda: len(self._of(protocol.RegisterAck)) > n, what="RegisterAck")
+        return self._of(protocol.RegisterAck)[-1]
+
+    def heartbeat(self) -> None:
+        self.wire.send(protocol.Heartbeat(protocol.LoadStats(), EngineState.RUNNING))
+
+    def requests(self, count: int, after: int = 0) -> list[int]:
+        """The ids of the first ``count`` requests dispatched after the first ``after``."""
+
+        def ids() -> list[int]:
+            return [e.request_id for msg in self._of(protocol.Requests) for e in msg.entries][after:]
+
+        self.wire.wait_for(lambda: len(ids()) >= count, what=f"{count} requests")
+        return ids()[:count]
+
+    def finals(self, request_ids: list[int], bodies: list[bytes]) -> None:
+        entries = [(rid, True, 1) for rid in request_ids]
+        self.wire.send_frames([pack_batch(KIND_ENGINE_OUTPUTS, entries), *bodies])
+
+    def _of(self, kind: type[Any]) -> list[Any]:
+        return [m for m in self.wire.other if isinstance(m, kind)]
+
+    def close(self) -> None:
+        self.wire.close()

@@ -96,14 +96,16 @@ class Forwarder:
                         client, client_request_id, self._no_such_rank(pinned), ErrorCode.UNAVAILABLE
                     )
                     continue
-            elif live:
-                peer = pick(live)
             else:
-                requests[request_id] = req
-                client_requests[client_request_id] = req
-                self.pending.push(req, now + self.no_rank_timeout_s)
-                request_id += 1
-                continue
+                peer = pick(live) if live else None
+                if peer is not None and peer.in_flight >= peer.credit:
+                    peer = with_room(live)  # the pick is full: any rank with credit left
+                if peer is None:  # no live rank, or none with credit: wait in the hub's queue
+                    requests[request_id] = req
+                    client_requests[client_request_id] = req
+                    self.pending.push(req, now + self.no_rank_timeout_s)
+                    request_id += 1
+                    continue
             requests[request_id] = req
             client_requests[client_request_id] = req
             request_id += 1
@@ -153,6 +155,8 @@ class Forwarder:
             peer.in_flight -= num_final
             peer.completed += num_final
             self._counters.completed += num_final
+            if self.pending:
+                self._refill(peer)
         if stale:
             self._outbox.send(peer.identity, protocol.EngineAbort(tuple(stale)))
 
@@ -236,10 +240,15 @@ class Forwarder:
 
     def _route(self, req: Req, now: float) -> None:
         live = self._registry.live
-        if not live:
+        peer = self.policy.pick(live) if live else None
+        if peer is not None and peer.in_flight >= peer.credit:
+            peer = with_room(live)
+        if peer is None:
             self.pending.push(req, now + self.no_rank_timeout_s)
             return
-        peer = self.policy.pick(live)
+        self._send_to(req, peer)
+
+    def _send_to(self, req: Req, peer: RankPeer) -> None:
         req.rank = peer
         peer.in_flight += 1
         batch = self._outbox.to_ranks.get(peer.identity)
@@ -256,9 +265,24 @@ class Forwarder:
             if self.requests.get(req.request_id) is req:
                 self._route(req, now)
 
-    def expire_pending(self, now: float) -> None:
-        for req in self.pending.expired(now):
+    def _refill(self, peer: RankPeer) -> None:
+        """``peer`` has credit again: give it the oldest waiting requests, as many as fit."""
+        pending = self.pending
+        while pending and peer.in_flight < peer.credit and peer.alive:
+            req = pending.pop_oldest()
             if self.requests.get(req.request_id) is req:
+                self._send_to(req, peer)
+
+    def expire_pending(self, now: float) -> None:
+        """Fail requests that waited ``no_rank_timeout_s`` for a live rank. While ranks are live
+        (every one at its credit) they wait on, bounded by ``--max-queued-requests``."""
+        waiting_for_credit = bool(self._registry.live)
+        for req in self.pending.expired(now):
+            if self.requests.get(req.request_id) is not req:
+                continue
+            if waiting_for_credit:
+                self.pending.push(req, now + self.no_rank_timeout_s)
+            else:
                 self.fail(req, f"no engine rank became available within {self.no_rank_timeout_s:g} s")
 
     def fail_pending(self, message: str) -> None:
@@ -309,3 +333,12 @@ class Forwarder:
 def first_request_id() -> int:
     """A random start for this coordinator's server request ids (below 2**62, never 0)."""
     return secrets.randbits(62) | 1
+
+
+def with_room(ranks: Sequence[RankPeer]) -> RankPeer | None:
+    """The least loaded of the ranks with credit left (in flight below what it advertised)."""
+    best: RankPeer | None = None
+    for peer in ranks:
+        if peer.in_flight < peer.credit and (best is None or peer.in_flight < best.in_flight):
+            best = peer
+    return best

@@ -200,6 +200,7 @@ class PeerHandlers:
             if self._forget_client(identity, f"silent for {timeout_s:g} s (--client-timeout-s)"):
                 self.counters.silent_clients += 1
         self._next_client_sweep = now + timeout_s / 4
+        self.registry.prune(now, self.config.dead_rank_ttl_s)
 
     def _on_status(self, client: ClientPeer, msg: protocol.StatusQuery, now: float) -> None:
         body = msgpack.packb(self.status(now), use_bin_type=True)
@@ -262,8 +263,9 @@ class PeerHandlers:
                 f"rank speaks protocol {msg.version}, the coordinator {protocol.PROTOCOL_VERSION}",
             )
             return
-        if msg.rank < 0:
-            self._error(identity, "bad_register", f"rank id must be >= 0, got {msg.rank}")
+        refusal = self.registry.admit(msg)
+        if refusal is not None:
+            self._error(identity, "bad_register", refusal)
             return
         current = self.registry.by_identity.get(identity)
         if current is not None and current.rank == msg.rank:
@@ -277,7 +279,7 @@ class PeerHandlers:
             logger.warning(
                 "rank %d re-registered from a new process (pid %d, was %d)", msg.rank, msg.pid, old.pid
             )
-            self.registry.displace(old)
+            self.registry.displace(old, now)
             self._rank_retired(old, f"replaced by a new process (pid {msg.pid})", died=True, now=now)
         if self.lifecycle.state is EngineState.STOPPED and not self.lifecycle.stopping:
             self.lifecycle.state = EngineState.RUNNING  # a rank joining a stopped deployment restarts it
@@ -310,20 +312,20 @@ class PeerHandlers:
         reason = msg.reason or "deregistered"
         if msg.handoff:  # it terminates on its own: its requests go on elsewhere
             logger.info("rank %d leaves and hands its requests back: %s", peer.rank, reason)
-            self.registry.remove(peer)
+            self.registry.remove(peer, now)
             self._rank_retired(peer, reason, died=True, now=now)
             return
         logger.info("rank %d deregistered: %s", peer.rank, reason)
         self._rank_left(peer, reason, now)
 
     def _rank_left(self, peer: RankPeer, reason: str, now: float) -> None:
-        self.registry.remove(peer)
+        self.registry.remove(peer, now)
         self._rank_retired(peer, reason, died=False, now=now)
 
     def _rank_dead(self, peer: RankPeer, reason: str, now: float) -> None:
         logger.warning("rank %d (pid %d) declared dead: %s", peer.rank, peer.pid, reason)
         self.counters.rank_deaths += 1
-        self.registry.remove(peer)
+        self.registry.remove(peer, now)
         self._rank_retired(peer, reason, died=True, now=now)
 
     def _rank_retired(self, peer: RankPeer, reason: str, died: bool, now: float) -> None:

@@ -18,14 +18,22 @@ from dpinfer.coordinator.migration import Streamed
 from dpinfer.protocol.messages import NO_METRICS
 
 _MAX_DISPLACED = 1024
+UNLIMITED_CREDIT = 1 << 62
+"""The credit of a rank that registers with ``max_in_flight`` 0 (no limit of its own)."""
+MAX_RANKS = 4096
+"""Most rank ids the coordinator keeps (live, and dead ones still shown by ``status``)."""
+MAX_RANK_ID = 1 << 20
+MAX_NAME_CHARS = 256
+"""Longest host, device or model name a rank may register with."""
 
 
 class RankPeer:
     """One registration of an engine rank. ``in_flight`` is the coordinator's own exact count."""
 
     __slots__ = (
-        "alive", "completed", "device", "host", "identity", "in_flight", "kv_capacity_tokens",
-        "last_heartbeat", "last_seen", "load", "max_prompt_len", "metrics", "model", "pid", "rank", "state",
+        "alive", "completed", "credit", "device", "gone_at", "host", "identity", "in_flight",
+        "kv_capacity_tokens", "last_heartbeat", "last_seen", "load", "max_prompt_len", "metrics", "model",
+        "pid", "rank", "state",
     )  # fmt: skip
 
     def __init__(
@@ -39,7 +47,11 @@ class RankPeer:
         self.model = msg.model
         self.max_prompt_len = msg.max_prompt_len
         self.kv_capacity_tokens = msg.kv_capacity_tokens
+        self.credit = msg.max_in_flight if msg.max_in_flight > 0 else UNLIMITED_CREDIT
+        """Most requests it takes at once (it says so when it registers); the rest wait here."""
         self.alive = True
+        self.gone_at = 0.0
+        """When it died or left (``alive`` false): ``status`` lists it until ``dead_rank_ttl_s`` later."""
         self.in_flight = 0
         self.completed = 0
         self.load = protocol.LoadStats(0, 0, 0, msg.kv_capacity_tokens, msg.kv_capacity_tokens)
@@ -63,6 +75,7 @@ class RankPeer:
             "rank": self.rank, "pid": self.pid, "host": self.host, "device": self.device,
             "model": self.model, "alive": self.alive, "state": self.state.value,
             "in_flight": self.in_flight, "completed": self.completed,
+            "credit": self.credit if self.credit != UNLIMITED_CREDIT else None,
             **self.load._asdict(),
             "kv_capacity_tokens": self.kv_capacity_tokens, "max_prompt_len": self.max_prompt_len,
             "heartbeat_age_s": round(now - self.last_heartbeat, 3),
@@ -112,16 +125,36 @@ class RankRegistry:
         if self.deterministic:
             self.live.sort(key=lambda p: p.rank)
 
-    def remove(self, peer: RankPeer) -> None:
+    def admit(self, msg: protocol.Register) -> str | None:
+        """Why a registration is refused (ids and names out of bounds, too many ranks), or None."""
+        if not 0 <= msg.rank < MAX_RANK_ID:
+            return f"rank id must be in 0..{MAX_RANK_ID - 1}, got {msg.rank}"
+        for what, name in (("host", msg.host), ("device", msg.device), ("model", msg.model)):
+            if len(name) > MAX_NAME_CHARS:
+                return f"{what} name has {len(name)} characters; at most {MAX_NAME_CHARS}"
+        if msg.rank not in self.by_rank and len(self.by_rank) >= MAX_RANKS:
+            self.prune(math.inf, 0.0)
+            if len(self.by_rank) >= MAX_RANKS:
+                return f"the coordinator already serves {MAX_RANKS} ranks"
+        return None
+
+    def prune(self, now: float, ttl_s: float) -> None:
+        """Forget ranks dead or gone for ``ttl_s`` (all of them when ``now`` is infinite)."""
+        for rank, peer in list(self.by_rank.items()):
+            if not peer.alive and now - peer.gone_at >= ttl_s:
+                del self.by_rank[rank]
+
+    def remove(self, peer: RankPeer, now: float) -> None:
         """Retire ``peer`` (dead, left, or displaced); its rank id stays listed as not alive."""
         peer.alive = False
+        peer.gone_at = now
         self.by_identity.pop(peer.identity, None)
         if peer in self.live:
             self.live.remove(peer)
 
-    def displace(self, peer: RankPeer) -> None:
+    def displace(self, peer: RankPeer, now: float) -> None:
         """Retire ``peer`` because a newer process registered its rank id."""
-        self.remove(peer)
+        self.remove(peer, now)
         if len(self.displaced) >= _MAX_DISPLACED:
             self.displaced.pop(next(iter(self.displaced)))
         self.displaced[peer.identity] = peer.rank
@@ -194,6 +227,9 @@ class PendingQueue:
         req.rank = None
         req.deadline = deadline
         self._queue.append(req)
+
+    def pop_oldest(self) -> Req:
+        return self._queue.popleft()
 
     def take_all(self) -> list[Req]:
         reqs = list(self._queue)

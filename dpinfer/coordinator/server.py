@@ -326,4 +326,3 @@ class Coordinator(PeerHandlers):
             self._curve.stop()
         if self._own_context:
             self._context.term()
-

@@ -41,7 +41,9 @@ _COORD = CoordinatorConfig()
     help="How requests are spread.",
 )
 @click.option("--deterministic", is_flag=True, help="Order ranks by id: same requests, same ranks.")
-@click.option("--curve", "curve_dir", default=None, help="Turn on CurveZMQ with the keys in this directory.")
+@click.option("--curve", "curve_dir", default=None,
+              help="Turn on CurveZMQ with the keys in DIR, creating what is missing: the coordinator's, "
+                   "and DIR/peers/{rank,client,admin} (clients: --curve-dir DIR/peers/client).")  # fmt: skip
 @click.option("--insecure", is_flag=True, help="Let the coordinator listen beyond loopback without --curve.")
 @click.option("--max-restarts", default=0, show_default=True, help="Restart a dead rank this many times.")
 @click.option("--threads-per-rank", default=0, help="torch threads per rank on CPU (0: cores / dp).")

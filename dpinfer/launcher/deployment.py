@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
+PEERS_DIR = "peers"
+"""Under a ``--curve`` directory: the peer key directories ``serve`` creates (rank, client, admin)."""
+AUTHORIZED = "authorized"
+
 ProgressFn = Callable[[str, Mapping[str, object] | None], None]
 """``progress(message, status)``: what start-up is doing, with the coordinator's status map
 once there is one."""
@@ -81,6 +85,8 @@ class Deployment:
         self._log_file: IO[bytes] | None = None
         self._client_keys: tempfile.TemporaryDirectory[str] | None = None
         self._client_curve_dir: str | None = None
+        self._own_key: Path | None = None
+        self._rank_curve_args: tuple[str, ...] = ()
         self._front: HttpFront | None = None
         self.http_url = ""
         """Where the HTTP front serves ("" without one)."""
@@ -126,18 +132,34 @@ class Deployment:
         return self._torchrun.wait()
 
     def _authorize_own_client(self) -> None:
-        """With CURVE on, give this process a key of its own for status and stop calls.
+        """With CURVE on, create the keys the deployment needs, and one of its own.
 
-        The coordinator reads its authorized keys when it starts, so the key is written (and
-        authorized in the server's directory) first, and removed again in ``stop()``.
+        In the ``--curve`` directory, whatever is missing is created: the coordinator's key
+        pair, and ready-to-use peer directories ``peers/rank`` (authorized as a rank; the ranks
+        use it unless ``--rank-curve-dir`` says otherwise), ``peers/client`` and
+        ``peers/admin`` (for users: ``--curve-dir DIR/peers/client``). The deployment's own
+        admin key, for its status and stop calls and its HTTP front, is written to a temporary
+        directory; the coordinator reads its authorized keys when it starts, so this happens
+        first, and ``stop()`` removes it again.
         """
         server_dir = self.config.coordinator.curve_dir
         if server_dir is None:
             return
-        from dpinfer.protocol.curve import create_keys
+        from dpinfer.protocol.curve import ROLE_DIRS, SERVER_NAME, Role, create_keys
 
+        if not Path(server_dir, f"{SERVER_NAME}.key_secret").exists():
+            create_keys(server_dir)
+            logger.info("created the coordinator's CURVE keys in %s", server_dir)
+        for role in (Role.RANK, Role.CLIENT, Role.ADMIN):
+            peer_dir = Path(server_dir, PEERS_DIR, role.value)
+            if not Path(peer_dir, f"{role.value}.key_secret").exists():
+                create_keys(str(peer_dir), role.value, server_dir, role)
+                logger.info("created a %s key in %s (use it as --curve-dir)", role.value, peer_dir)
+        if "--rank-curve-dir" not in self.config.engine_args:
+            self._rank_curve_args = ("--rank-curve-dir", str(Path(server_dir, PEERS_DIR, Role.RANK.value)))
         self._client_keys = tempfile.TemporaryDirectory(prefix="dpinfer-serve-keys-")
-        create_keys(self._client_keys.name, self._key_name, server_dir)
+        create_keys(self._client_keys.name, self._key_name, server_dir, Role.ADMIN)
+        self._own_key = Path(server_dir, AUTHORIZED, ROLE_DIRS[Role.ADMIN], f"{self._key_name}.key")
         self._client_curve_dir = self._client_keys.name
 
     @property
@@ -160,7 +182,7 @@ class Deployment:
             "--deployment-id", cfg.deployment_id,
             "--max-restarts", str(cfg.max_restarts),
             "--threads-per-rank", str(cfg.threads_per_rank),
-            *cfg.engine_args,
+            *cfg.engine_args, *self._rank_curve_args,
         ]  # fmt: skip
 
     def _launch_torchrun(self) -> subprocess.Popen[bytes]:
@@ -222,9 +244,8 @@ class Deployment:
             self._log_file.close()
             self._log_file = None
         if self._client_keys is not None:
-            server_dir = self.config.coordinator.curve_dir
-            assert server_dir is not None
-            Path(server_dir, "authorized", f"{self._key_name}.key").unlink(missing_ok=True)
+            if self._own_key is not None:
+                self._own_key.unlink(missing_ok=True)
             self._client_keys.cleanup()
             self._client_keys = None
         self._cleanup_shared_memory()

@@ -315,6 +315,9 @@ class Register(Message):
     model: str
     max_prompt_len: int
     kv_capacity_tokens: int
+    max_in_flight: int = 0
+    """The rank's credit: most requests it takes at once (0: no limit). The coordinator keeps
+    the excess in its own bounded queue, where routing can still place it on any rank."""
 
 
 @dataclass(frozen=True, slots=True)

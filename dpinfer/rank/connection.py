@@ -43,13 +43,18 @@ _NOBLOCK = int(zmq.NOBLOCK)
 
 
 def registration(
-    rank: int, device: str = "cpu", model: str = "", max_prompt_len: int = 0, kv_capacity_tokens: int = 0
+    rank: int,
+    device: str = "cpu",
+    model: str = "",
+    max_prompt_len: int = 0,
+    kv_capacity_tokens: int = 0,
+    max_in_flight: int = 0,
 ) -> protocol.Register:
     """The ``Register`` message of this process (its pid and host filled in): what a rank tells
     the coordinator about itself, the one value for it."""
     return protocol.Register(
         protocol.PROTOCOL_VERSION, rank, os.getpid(), _socket.gethostname(), device, model,
-        max_prompt_len, kv_capacity_tokens,
+        max_prompt_len, kv_capacity_tokens, max_in_flight,
     )  # fmt: skip
 
 

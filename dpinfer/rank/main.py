@@ -28,6 +28,9 @@ from dpinfer.transport.shm import cleanup_stale_segments
 logger = get_logger(__name__)
 
 CHILD_EXIT_TIMEOUT_S = 10.0
+CREDIT_PER_RUNNING_SLOT = 4
+"""A rank takes at most this many requests per decoding slot (``max_running_requests``): enough
+waiting to keep its batches full, while the rest wait in the coordinator's bounded queue."""
 
 
 def max_prompt_len(infos: dict[str, dict[str, int]]) -> int:
@@ -75,6 +78,7 @@ def run_rank(config: RankConfig) -> int:
             config.model.model,
             limit,
             int(infos[SCHEDULER.name]["kv_capacity_tokens"]),
+            max_in_flight=CREDIT_PER_RUNNING_SLOT * config.scheduler.max_running_requests,
         )
         conn = EngineConnection(config.coordinator, info, curve_dir=config.curve_dir, context=context)
         ack = conn.connect_and_register(config.connect_timeout_s)
