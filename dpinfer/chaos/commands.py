@@ -65,12 +65,13 @@ def chaos(duration_s: float, seed: int, faults_text: str, as_json: bool, model: 
         sys.exit(EXIT_INTERRUPTED)
     except DpinferError as e:
         raise click.ClickException(str(e)) from None
+    if result.ok and not keep_logs and result.log_dir:
+        shutil.rmtree(result.log_dir, ignore_errors=True)
+        result.log_dir = None
     if as_json:
         click.echo(json.dumps(report_map(result)))
     else:
         print_report(Console(), result)
-    if result.ok and not keep_logs:
-        shutil.rmtree(result.log_dir, ignore_errors=True)
     if not result.ok:
         sys.exit(1)
 

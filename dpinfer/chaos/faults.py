@@ -96,6 +96,10 @@ class Injector:
         pending, self._pending = self._pending, []
         await asyncio.gather(*pending)
 
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()
+
     def _recover_later(self, outcome: FaultOutcome, until: StatusTest, what: str) -> None:
         """A restart takes a model load: let the schedule go on while it happens."""
 

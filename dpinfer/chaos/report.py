@@ -69,4 +69,4 @@ def print_report(console: Console, result: ChaosResult) -> None:
     for note in result.notes:
         console.print(f"note: {note}")
     verdict = "[bold green]every invariant held[/]" if result.ok else "[bold red]invariants failed[/]"
-    console.print(f"{verdict} (logs: {result.log_dir})")
+    console.print(verdict + (f" (logs: {result.log_dir})" if result.log_dir else ""))

@@ -45,7 +45,8 @@ class ChaosResult:
     figures: dict[str, Any] = field(default_factory=dict)
     faults: list[FaultOutcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    log_dir: str = ""
+    log_dir: str | None = None
+    """Where the deployment's logs are (None once removed)."""
 
     @property
     def ok(self) -> bool:
@@ -104,6 +105,11 @@ async def _run(cluster: Cluster, config: ChaosConfig, result: ChaosResult, progr
         await workload.close()
         vanished = await _vanished_check(cluster, injector, config) if injector.vanished else None
         await monitor.poll()
+    except BaseException:  # Ctrl-C or a failure: stop at once, force_cleanup ends the rest
+        injector.cancel()
+        for task in (load, watch, ticker):
+            task.cancel()
+        raise
     finally:
         stop_load.set()
         stop_watch.set()

@@ -243,6 +243,10 @@ class Workload:
                 await run_one(await self.client(), spec, stream, self.deadline_s, self.records)
             except ConnectionLostError:
                 continue  # lost before it was sent: nothing submitted, nothing to record
+            except DpinferError as e:  # no coordinator to connect to: the fault outcome says why
+                logger.warning("the workload could not reach the coordinator: %s", e)
+                if not stop.is_set():
+                    await asyncio.sleep(1.0)
 
     @property
     def num_dropped(self) -> int:
