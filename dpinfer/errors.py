@@ -31,5 +31,9 @@ class ConnectionLostError(DpinferError, ConnectionError):
     """The coordinator went away (shut down, or unreachable) while a call was waiting."""
 
 
+class ReconnectTimeoutError(ConnectionLostError):
+    """The client lost its coordinator and none answered within its ``reconnect_window_s``."""
+
+
 class TransportError(DpinferError):
     """The tensor channel inside a rank cannot deliver (closed, peer gone, bad configuration)."""

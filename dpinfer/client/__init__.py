@@ -3,7 +3,9 @@
 Both speak ``dpinfer.protocol`` to a coordinator over one DEALER socket and share
 ``ClientSession`` (session.py) for the meaning of every message. ``inputs.py`` turns prompts,
 chat messages, images and sampling params into request bodies; ``commands.py`` and
-``render.py`` are the CLI on top.
+``render.py`` are the CLI on top. Both keep a lease with the coordinator (keepalive hellos) and,
+unless built with ``reconnect=False``, ride out a lost or restarted coordinator for
+``reconnect_window_s``, resubmitting what was in flight once (``ReconnectTimeoutError`` after).
 
 May import: ``protocol``, ``config``, ``sampling``, ``outputs``, ``log``, ``errors``. Never torch,
 transformers, the runner or the scheduler (an import-linter contract): the SDK stays light.

@@ -6,14 +6,18 @@ event-loop tick is queued and goes out in a single ``Submit`` when the loop next
 callbacks, so thousands of ``add_request`` calls cost a handful of messages.
 
 A request the service fails resolves its future with a ``GenerationResult`` whose
-``finish_reason`` is ``"error"``; a lost coordinator (``Notice(shutdown)`` or a dropped
-connection) fails every pending future and stream with ``ConnectionLostError``.
+``finish_reason`` is ``"error"``. A lost coordinator (``Notice(shutdown)``, a dropped
+connection, a restart) is reconnected to and what was in flight is resubmitted (see
+``session.py``); one task sends the keepalive hellos. Only when no coordinator answers within
+``reconnect_window_s`` (at once with ``reconnect=False``) does every pending future and stream
+fail with ``ConnectionLostError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -65,6 +69,7 @@ class AsyncInferenceClient(ClientSession):
     """Asyncio client of a dpinfer coordinator; ``async with`` starts and stops it.
 
     ``timeout_s`` bounds ``start()`` (the handshake) and every control or status call.
+    ``reconnect`` (on by default) rides out a lost coordinator for up to ``reconnect_window_s``.
     """
 
     def __init__(
@@ -74,8 +79,10 @@ class AsyncInferenceClient(ClientSession):
         timeout_s: float = 60.0,
         curve_dir: str | None = None,
         client_name: str = "dpinfer-async-client",
+        reconnect: bool = True,
+        reconnect_window_s: float = 30.0,
     ) -> None:
-        super().__init__(address or default_address(), client_name)
+        super().__init__(address or default_address(), client_name, reconnect, reconnect_window_s)
         self.timeout_s = timeout_s
         self._curve_dir = curve_dir
         self._ctx: zmq.asyncio.Context | None = None
@@ -84,6 +91,7 @@ class AsyncInferenceClient(ClientSession):
         self._streams: dict[int, RequestStream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._hello_waiter: asyncio.Future[None] | None = None
+        self._wake_timer = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox_entries: list[p.SubmitEntry] = []
         self._outbox_bodies: list[bytes] = []
@@ -99,7 +107,7 @@ class AsyncInferenceClient(ClientSession):
             return
         self._loop = asyncio.get_running_loop()
         self._ctx = zmq.asyncio.Context()
-        self._sock = connect_dealer(self._ctx, self.address, self._curve_dir)
+        self._sock = connect_dealer(self._ctx, self.address, self._curve_dir, self.identity)
         monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
         self._hello_waiter = self._loop.create_future()
         self._tasks = [
@@ -117,6 +125,7 @@ class AsyncInferenceClient(ClientSession):
             raise
         finally:
             self._hello_waiter = None
+        self._tasks.append(asyncio.create_task(self._timer_loop(), name="dpinfer-client-keepalive"))
 
     async def stop(self) -> None:
         """Fail whatever is pending with ``ConnectionLostError``, say goodbye, close the socket."""
@@ -125,7 +134,7 @@ class AsyncInferenceClient(ClientSession):
         self._stopped = True
         if self._sock is None:
             return
-        if self.hello is not None and self.lost_reason is None:
+        if self.connected:
             self._flush()
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.send_multipart(self.bye_frames())
@@ -192,8 +201,10 @@ class AsyncInferenceClient(ClientSession):
         """
         if not self.is_inflight(request_id) or self._sock is None or self.lost_reason is not None:
             return
-        self._flush()  # the Submit must reach the coordinator before its Abort
-        self._sock.send_multipart(self.abort_frames([request_id]))
+        frames = self.abort_frames([request_id])  # marked aborted: never resubmitted
+        if self.connected:
+            self._flush()  # the Submit must reach the coordinator before its Abort
+            self._sock.send_multipart(frames)
 
     # ------------------------------------------------------------------ control
 
@@ -218,7 +229,7 @@ class AsyncInferenceClient(ClientSession):
 
     async def status(self) -> dict[str, Any]:
         query_id, frames = self.status_frames()
-        return await self._call(query_id, frames, self.timeout_s)
+        return await self._call(query_id, frames, self.timeout_s, resend=True)
 
     async def _control(
         self, signal: p.Signal, args: dict[str, Any], extra_s: float = 0.0
@@ -226,31 +237,35 @@ class AsyncInferenceClient(ClientSession):
         control_id, frames = self.control_frames(signal, args)
         return check_acknowledgement(await self._call(control_id, frames, self.timeout_s + extra_s))
 
-    async def _call(self, call_id: int, frames: list[Frame], timeout_s: float) -> Any:
+    async def _call(self, call_id: int, frames: list[Frame], timeout_s: float, resend: bool = False) -> Any:
+        """Send (while reconnecting: at the reconnect) and await the reply; a status query in
+        flight during an outage is sent again, a control signal fails (it may have been applied)."""
         self._check_usable()
         assert self._loop is not None
         waiter: asyncio.Future[Any] = self._loop.create_future()
         self._calls[call_id] = waiter
-        self._flush()
-        self._sock.send_multipart(frames)
+        if self.call_started(call_id, frames, resend):
+            self._flush()
+            self._sock.send_multipart(frames)
         try:
             return await asyncio.wait_for(waiter, timeout_s)
         except TimeoutError:
             raise RequestTimeoutError(f"no reply after {timeout_s:g} s at {self.address}") from None
         finally:
             self._calls.pop(call_id, None)
+            self.call_done(call_id)
 
     # ------------------------------------------------------------------ internals
 
     def _check_usable(self) -> None:
         if self.lost_reason is not None:
-            raise ConnectionLostError(self.lost_reason)
+            raise self.lost_error()
         if self.hello is None:
             raise ConnectionLostError("not connected: call `await client.start()` first")
 
     def _enqueue(self, body: bytes, stream: bool, rank: int | None) -> p.SubmitEntry:
         self._check_usable()
-        entry = self.add(stream, rank)
+        entry = self.add(stream, rank, body)
         self._outbox_entries.append(entry)
         self._outbox_bodies.append(body)
         if not self._flush_scheduled:
@@ -261,7 +276,10 @@ class AsyncInferenceClient(ClientSession):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._outbox_entries or self.lost_reason is not None:
+        if not self._outbox_entries:
+            return
+        if not self.connected:  # each is in flight: the resubmission at the reconnect sends it
+            self._outbox_entries, self._outbox_bodies = [], []
             return
         frames = self.submit_frames(self._outbox_entries, self._outbox_bodies)
         self._outbox_entries, self._outbox_bodies = [], []
@@ -282,9 +300,23 @@ class AsyncInferenceClient(ClientSession):
             while True:
                 reason = monitor_event(await monitor.recv_multipart())
                 if reason is not None:
-                    self.connection_lost(f"{reason} ({self.address})")
+                    self.interrupted(f"{reason} ({self.address})")
         finally:
             monitor.close(linger=0)
+
+    async def _timer_loop(self) -> None:
+        """Keepalive hellos while connected, reconnect hellos and the window while not."""
+        wake = self._wake_timer
+        while self.lost_reason is None:
+            if self.tick(time.monotonic()):
+                self._send(self.hello_frames())
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.seconds_to_tick(time.monotonic()))
+
+    def _send(self, frames: list[Frame]) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send_multipart(frames)
 
     # ------------------------------------------------------------------ session hooks
 
@@ -323,8 +355,23 @@ class AsyncInferenceClient(ClientSession):
         if self._hello_waiter is not None and not self._hello_waiter.done():
             self._hello_waiter.set_exception(service_error(code, message))
 
+    def on_interrupted(self, reason: str, failed_calls: list[int]) -> None:
+        self._send(self.hello_frames())
+        self._wake_timer.set()
+        error = ConnectionLostError(f"{reason}; a control signal in flight may or may not have been applied")
+        for call_id in failed_calls:
+            waiter = self._calls.get(call_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+
+    def on_reconnected(self, messages: list[list[Frame]]) -> None:
+        self._outbox_entries, self._outbox_bodies = [], []  # the resubmission holds them
+        for frames in messages:
+            self._send(frames)
+
     def on_lost(self, reason: str) -> None:
-        error = ConnectionLostError(reason)
+        error = self.lost_error()
+        self._wake_timer.set()
         if self._hello_waiter is not None and not self._hello_waiter.done():
             self._hello_waiter.set_exception(error)
         for future in self._futures.values():

@@ -8,21 +8,33 @@ interpretation of the wire.
 
 Conventions: a request-level failure reported by the service (an ``Error`` naming a request,
 or a final output with ``finish_reason="error"``) becomes a ``GenerationResult`` with
-``finish_reason="error"`` and ``error`` set; it is not raised. Connection-level failures
-(``Notice(shutdown)``, a dropped connection) go to ``on_lost`` and the clients fail every
-pending call with ``ConnectionLostError``.
+``finish_reason="error"`` and ``error`` set; it is not raised.
+
+Lease and reconnect: ``ClientHello`` is repeated as the keepalive (``tick``). A dropped
+connection, ``Notice(shutdown)``, ``not_handshaken``, or a ``HelloAck`` that does not know this
+client or names another coordinator incarnation is an interruption: requests stay in flight,
+control calls already sent fail (never sent twice), hellos go out until a coordinator answers,
+then each request still in flight is resubmitted once under its id (identity + request id is
+the coordinator's idempotency key; ``duplicate_request`` means it still runs the original, and
+is ignored), a stream with ``resume`` = what it already delivered. No answer within
+``reconnect_window_s``, or ``reconnect=False``: ``connection_lost`` (``ReconnectTimeoutError``).
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dpinfer import protocol as p
-from dpinfer.errors import ProtocolError, ServiceError
+from dpinfer.client.connection import ControlError as ControlError
+from dpinfer.client.connection import check_acknowledgement as check_acknowledgement
+from dpinfer.client.connection import resumed_body
+from dpinfer.client.connection import service_error as service_error
+from dpinfer.errors import ConnectionLostError, InvalidRequestError, ProtocolError, ReconnectTimeoutError
 from dpinfer.log import get_logger
 from dpinfer.outputs import GenerationResult, StreamDelta
 from dpinfer.protocol import ControlAcknowledgement
@@ -30,64 +42,80 @@ from dpinfer.protocol.codec import Frame
 
 logger = get_logger(__name__)
 
-
-class ControlError(ServiceError):
-    """A control signal was refused (invalid transition) or failed on a rank.
-
-    ``acknowledgement`` holds the full reply, per-rank acks included.
-    """
-
-    def __init__(self, acknowledgement: ControlAcknowledgement) -> None:
-        message = acknowledgement.error or (
-            f"{acknowledgement.signal} failed (state {acknowledgement.state}): "
-            + "; ".join(f"rank {a.rank}: {a.error or a.state}" for a in acknowledgement.acks if not a.ok)
-        )
-        super().__init__(message, code="control")
-        self.acknowledgement = acknowledgement
+KEEPALIVE_MAX_S = 5.0  # keepalive every client_timeout_s / 3 of the HelloAck, at most this apart
+OUTAGE_HELLO_S = 0.5  # hello this often while reconnecting
 
 
 @dataclass(slots=True)
 class _Inflight:
+    """What resubmitting needs; ``token_ids``/``text_chars``: what a stream delivered so far."""
+
     submitted_at: float
     stream: bool
+    body: bytes
+    rank: int
+    token_ids: list[int]
+    text_chars: int = 0
+    aborted: bool = False
 
 
-def check_acknowledgement(ack: ControlAcknowledgement) -> ControlAcknowledgement:
-    """Return ``ack`` if it succeeded; raise ``ControlError`` (a ``ServiceError``) otherwise."""
-    if not ack.ok:
-        raise ControlError(ack)
-    return ack
+@dataclass(slots=True)
+class _Call:  # a control or status call awaiting its reply
+    frames: list[Frame]
+    resend: bool  # safe to send again (a status query)
+    sent: bool
 
 
 class ClientSession:
     """Protocol state of one client connection. Subclasses override the ``on_*`` hooks."""
 
-    def __init__(self, address: str, client_name: str) -> None:
+    def __init__(
+        self, address: str, client_name: str, reconnect: bool = True, reconnect_window_s: float = 30.0
+    ) -> None:
+        if reconnect_window_s <= 0:
+            raise InvalidRequestError(f"reconnect_window_s must be > 0, got {reconnect_window_s}")
         self.address = address
         self.client_name = client_name
+        self.identity = b"client-" + secrets.token_hex(12).encode()
+        """The ZMQ routing id, fixed for the client's life (the idempotency key's first half)."""
+        self.reconnect = reconnect
+        self.reconnect_window_s = reconnect_window_s
         self.hello: p.HelloAck | None = None
         self.lost_reason: str | None = None
+        self._lost_type: type[ConnectionLostError] = ConnectionLostError
+        self.outage_since: float | None = None
+        """``time.monotonic()`` when the connection was interrupted; None while connected."""
+        self.outage_reason = ""
+        self._next_hello_at = 0.0
         self._request_ids = itertools.count(1)
         self._control_ids = itertools.count(1)
         self._inflight: dict[int, _Inflight] = {}
-        self.num_dropped = 0
-        """Incoming messages ignored (malformed, or for requests no longer tracked)."""
+        self._open_calls: dict[int, _Call] = {}
+        self.num_dropped = 0  # incoming messages ignored (malformed, or for untracked requests)
+        self.num_reconnects = 0  # interruptions a coordinator answered again after
+        self.num_resubmitted = 0  # requests sent again at a reconnect
+        self.num_duplicates = 0  # resubmissions refused because the original still runs
 
     # ------------------------------------------------------------------ outgoing
 
     def hello_frames(self) -> list[Frame]:
         return p.encode(p.ClientHello(p.PROTOCOL_VERSION, self.client_name))
 
-    def add(self, stream: bool, rank: int | None) -> p.SubmitEntry:
+    def add(self, stream: bool, rank: int | None, body: bytes = b"") -> p.SubmitEntry:
         """Register one new request as in flight and return its submit entry."""
         request_id = next(self._request_ids)
-        self._inflight[request_id] = _Inflight(time.perf_counter(), stream)
-        return p.SubmitEntry(request_id, p.NO_RANK if rank is None else rank, stream)
+        wire_rank = p.NO_RANK if rank is None else rank
+        self._inflight[request_id] = _Inflight(time.perf_counter(), stream, body, wire_rank, [])
+        return p.SubmitEntry(request_id, wire_rank, stream)
 
     def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
         return p.encode(p.Submit(tuple(entries), tuple(bodies)))
 
     def abort_frames(self, request_ids: Sequence[int]) -> list[Frame]:
+        for request_id in request_ids:
+            record = self._inflight.get(request_id)
+            if record is not None:
+                record.aborted = True  # an outage now ends it as aborted instead of resubmitting it
         return p.encode(p.Abort(tuple(request_ids)))
 
     def control_frames(self, signal: p.Signal, args: dict[str, Any]) -> tuple[int, list[Frame]]:
@@ -101,6 +129,14 @@ class ClientSession:
     def bye_frames(self) -> list[Frame]:
         return p.encode(p.ClientBye())
 
+    def call_started(self, call_id: int, frames: list[Frame], resend: bool) -> bool:
+        """Track a control/status call; True if it is to be sent now (else at the reconnect)."""
+        call = self._open_calls[call_id] = _Call(frames, resend, self.outage_since is None)
+        return call.sent
+
+    def call_done(self, call_id: int) -> None:
+        self._open_calls.pop(call_id, None)
+
     def forget(self, request_ids: Sequence[int]) -> None:
         """Stop tracking requests (their late outputs will be dropped)."""
         for request_id in request_ids:
@@ -112,6 +148,84 @@ class ClientSession:
     @property
     def inflight_ids(self) -> list[int]:
         return list(self._inflight)
+
+    @property
+    def connected(self) -> bool:
+        """Handshaken, and neither lost nor reconnecting."""
+        return self.hello is not None and self.lost_reason is None and self.outage_since is None
+
+    def lost_error(self) -> ConnectionLostError:
+        return self._lost_type(self.lost_reason or "not connected")
+
+    # ------------------------------------------------------------------ lease and reconnect
+
+    def tick(self, now: float) -> bool:
+        """True when a hello is due now; ends an outage past its window. Next: ``seconds_to_tick``."""
+        if self.hello is None or self.lost_reason is not None:
+            return False
+        if self.outage_since is not None and now - self.outage_since >= self.reconnect_window_s:
+            self.connection_lost(
+                f"no coordinator answered at {self.address} within the {self.reconnect_window_s:g} s "
+                f"reconnect window ({self.outage_reason})",
+                ReconnectTimeoutError,
+            )
+            return False
+        if now < self._next_hello_at:
+            return False
+        self._next_hello_at = now + self._hello_interval_s()
+        return True
+
+    def seconds_to_tick(self, now: float) -> float:
+        due = self._next_hello_at
+        if self.outage_since is not None:
+            due = min(due, self.outage_since + self.reconnect_window_s)
+        return max(0.0, due - now)
+
+    def _hello_interval_s(self) -> float:
+        if self.outage_since is not None or self.hello is None:
+            return OUTAGE_HELLO_S
+        return max(0.01, min(KEEPALIVE_MAX_S, self.hello.client_timeout_s / 3))
+
+    def interrupted(self, reason: str) -> None:
+        """Reconnect, keeping what is in flight (before the handshake, or without reconnect: lose it)."""
+        if self.lost_reason is not None or self.outage_since is not None:
+            return
+        if not self.reconnect or self.hello is None:
+            self.connection_lost(reason)
+            return
+        logger.warning("%s; reconnecting (for up to %g s)", reason, self.reconnect_window_s)
+        self.outage_since = time.monotonic()
+        self.outage_reason = reason
+        self._next_hello_at = self.outage_since + OUTAGE_HELLO_S
+        failed = [cid for cid, call in self._open_calls.items() if call.sent and not call.resend]
+        for call_id in failed:
+            del self._open_calls[call_id]
+        for call in self._open_calls.values():
+            call.sent = False
+        self.on_interrupted(reason, failed)
+
+    def _reconnected(self) -> None:
+        """A coordinator answered after an interruption: resubmit what is in flight, once."""
+        self.outage_since = None
+        self.num_reconnects += 1
+        self._next_hello_at = time.monotonic() + self._hello_interval_s()
+        entries, bodies, aborted = [], [], []
+        for request_id, record in self._inflight.items():
+            if record.aborted:
+                aborted.append(request_id)
+            else:
+                entries.append(p.SubmitEntry(request_id, record.rank, record.stream))
+                bodies.append(resumed_body(record.body, record.token_ids, record.text_chars))
+        for request_id in aborted:  # the abort may never have arrived: end them here
+            self._fail(request_id, p.FinishReason.ABORT.value, "aborted", p.ErrorCode.ABORTED.value)
+        messages = [self.submit_frames(entries, bodies)] if entries else []
+        self.num_resubmitted += len(entries)
+        for call in self._open_calls.values():
+            if not call.sent:
+                call.sent = True
+                messages.append(call.frames)
+        logger.warning("reconnected to %s; %d request(s) resubmitted", self.address, len(entries))
+        self.on_reconnected(messages)
 
     # ------------------------------------------------------------------ incoming
 
@@ -146,6 +260,8 @@ class ClientSession:
                 entry = p.OutputEntry(request_id, True, entry.rank)
             if not entry.final:
                 if record.stream:
+                    record.token_ids.extend(body.delta_token_ids)
+                    record.text_chars += len(body.delta_text)
                     self.on_delta(StreamDelta(request_id, body.delta_text, body.delta_token_ids))
                 continue
             del self._inflight[request_id]
@@ -154,29 +270,25 @@ class ClientSession:
 
     def _handle_error(self, msg: p.Error) -> None:
         if msg.code == "duplicate_request":
-            # The id of a request still in flight was used again: that submission was refused,
-            # the original request goes on and keeps its own result.
-            self.on_error(msg.code, msg.message)
+            # A resubmitted request the coordinator still runs: the original goes on and its
+            # outputs keep coming. (Nothing else reuses an id: this client numbers them.)
+            self.num_duplicates += 1
+            logger.debug("request %d still runs at %s", msg.client_request_id, self.address)
             return
-        record = self._inflight.pop(msg.client_request_id, None)
-        if record is None:
+        if msg.client_request_id not in self._inflight:
             if msg.code == "not_handshaken" and self.hello is not None:
-                # A restarted coordinator on the same address: ZMQ reconnected us silently.
-                self.connection_lost(
-                    f"the coordinator at {self.address} no longer knows this client (restarted?)"
-                )
+                # A restarted coordinator on the same address (ZMQ reconnected us silently), or
+                # one that forgot this client.
+                self.interrupted(f"the coordinator at {self.address} no longer knows this client")
             else:
                 self.on_error(msg.code, msg.message)
             return
-        result = GenerationResult(
-            request_id=msg.client_request_id,
-            text="",
-            token_ids=(),
-            finish_reason=p.FinishReason.ERROR.value,
-            error=f"{msg.code}: {msg.message}",
-            error_code=msg.code,
-            latency_s=time.perf_counter() - record.submitted_at,
-        )
+        self._fail(msg.client_request_id, p.FinishReason.ERROR.value, f"{msg.code}: {msg.message}", msg.code)
+
+    def _fail(self, request_id: int, finish_reason: str, error: str, error_code: str) -> None:
+        record = self._inflight.pop(request_id)
+        latency_s = time.perf_counter() - record.submitted_at
+        result = GenerationResult(request_id, "", (), finish_reason, error, error_code, latency_s=latency_s)
         self.on_result(result, _tail(result, None) if record.stream else None)
 
     def _handle_hello_ack(self, msg: p.HelloAck) -> None:
@@ -185,8 +297,17 @@ class ClientSession:
                 "version", f"coordinator speaks protocol {msg.version}, client {p.PROTOCOL_VERSION}"
             )
             return
-        self.hello = msg
-        self.on_hello(msg)
+        previous, self.hello = self.hello, msg
+        if previous is None:
+            self._next_hello_at = time.monotonic() + self._hello_interval_s()
+            self.on_hello(msg)
+            return
+        if self.lost_reason is not None:
+            return
+        if not msg.known or msg.incarnation != previous.incarnation:  # its requests are gone there
+            self.interrupted(f"the coordinator at {self.address} restarted or forgot this client")
+        if self.outage_since is not None:
+            self._reconnected()
 
     def _handle_control_reply(self, msg: p.ControlReply) -> None:
         self.on_control(msg.control_id, msg.ack)
@@ -200,7 +321,7 @@ class ClientSession:
 
     def _handle_notice(self, msg: p.Notice) -> None:
         if msg.code == "shutdown":
-            self.connection_lost(f"coordinator at {self.address} shut down: {msg.message}")
+            self.interrupted(f"coordinator at {self.address} shut down: {msg.message}")
         else:
             logger.info("notice from %s: %s %s", self.address, msg.code, msg.message)
 
@@ -213,12 +334,17 @@ class ClientSession:
         p.Notice: _handle_notice,
     }
 
-    def connection_lost(self, reason: str) -> None:
-        """Mark the connection gone (first reason wins), forget in-flight requests, call ``on_lost``."""
+    def connection_lost(
+        self, reason: str, error_type: type[ConnectionLostError] = ConnectionLostError
+    ) -> None:
+        """Gone for good (first reason wins): forget what is in flight, call ``on_lost``."""
         if self.lost_reason is not None:
             return
         self.lost_reason = reason
+        self._lost_type = error_type
+        self.outage_since = None
         self._inflight.clear()
+        self._open_calls.clear()
         self.on_lost(reason)
 
     # ------------------------------------------------------------------ hooks
@@ -241,6 +367,12 @@ class ClientSession:
     def on_error(self, code: str, message: str) -> None:
         """An error reply not tied to any tracked request."""
         logger.warning("error from %s: %s: %s", self.address, code, message)
+
+    def on_interrupted(self, reason: str, failed_calls: list[int]) -> None:
+        """Reconnecting: send a hello now; fail ``failed_calls`` (control calls maybe applied)."""
+
+    def on_reconnected(self, messages: list[list[Frame]]) -> None:
+        """A coordinator answered again: send ``messages`` (the resubmission, then held calls)."""
 
     def on_lost(self, reason: str) -> None:
         """The connection is gone; every tracked request has been forgotten."""
@@ -266,8 +398,3 @@ def _tail(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
     text = body.delta_text if body else ""
     token_ids = body.delta_token_ids if body else ()
     return StreamDelta(result.request_id, text, token_ids, finished=True, result=result)
-
-
-def service_error(code: str, message: str) -> ServiceError:
-    """The exception a client raises for an error reply not tied to a request."""
-    return ServiceError(f"{code}: {message}", code=code)

@@ -1,14 +1,18 @@
-"""``InferenceClient``: the blocking SDK. One DEALER socket, no threads, no sleeps.
+"""``InferenceClient``: the blocking SDK. One DEALER socket, no sleeps.
 
 Every call sends its messages and then blocks in ``zmq.Poller.poll`` (on the socket and its
 monitor) until the answer is complete, a deadline passes (``RequestTimeoutError``) or the
-connection goes away (``ConnectionLostError``). A request at concurrency 1 costs one send,
-one poll wake-up and one receive. The client is not thread-safe: use one per thread, or
+connection is gone for good (``ConnectionLostError``; a lost coordinator is first
+reconnected to and what was in flight resubmitted, see ``session.py``). A request at
+concurrency 1 costs one send, one poll wake-up and one receive. Between calls, one daemon
+thread sends the keepalive hellos (under the socket's lock, only while no call holds it), so
+an idle client keeps its lease. The client is not thread-safe: use one per thread, or
 ``AsyncInferenceClient`` for concurrency inside one thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +48,8 @@ class InferenceClient(ClientSession):
     limit, a lost coordinator is still detected). A request the service fails comes back as a
     ``GenerationResult`` with ``finish_reason="error"`` and ``error`` set, not as an
     exception; exceptions mean the call itself failed (timeout, lost connection, refused
-    control signal).
+    control signal). ``reconnect`` (on by default) rides out a lost coordinator for up to
+    ``reconnect_window_s``: calls see latency, not errors, if one answers again in time.
     """
 
     def __init__(
@@ -55,12 +60,17 @@ class InferenceClient(ClientSession):
         request_timeout_s: float | None = None,
         curve_dir: str | None = None,
         client_name: str = "dpinfer-client",
+        reconnect: bool = True,
+        reconnect_window_s: float = 30.0,
     ) -> None:
-        super().__init__(address or default_address(), client_name)
+        super().__init__(address or default_address(), client_name, reconnect, reconnect_window_s)
         self.timeout_s = timeout_s
         self.request_timeout_s = request_timeout_s
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._sock = connect_dealer(self._ctx, self.address, curve_dir)
+        self._sock = connect_dealer(self._ctx, self.address, curve_dir, self.identity)
+        self._lock = threading.RLock()
+        """Held by whoever uses the socket: a call, or the keepalive thread between calls."""
+        self._stop_keepalive = threading.Event()
         self._monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -76,6 +86,8 @@ class InferenceClient(ClientSession):
         except BaseException:
             self.close()
             raise
+        self._keepalive = threading.Thread(target=self._keepalive_loop, name="dpinfer-keepalive", daemon=True)
+        self._keepalive.start()
 
     # ------------------------------------------------------------------ generation
 
@@ -173,7 +185,7 @@ class InferenceClient(ClientSession):
     def status(self) -> dict[str, Any]:
         """The coordinator's status map: ``state``, ``ranks`` (one map each), ``totals``, counters."""
         query_id, frames = self.status_frames()
-        return self._call(query_id, frames, self.timeout_s)
+        return self._call(query_id, frames, self.timeout_s, resend=True)
 
     def _control(
         self, signal: p.Signal, args: dict[str, Any], extra_s: float = 0.0
@@ -181,14 +193,22 @@ class InferenceClient(ClientSession):
         control_id, frames = self.control_frames(signal, args)
         return check_acknowledgement(self._call(control_id, frames, self.timeout_s + extra_s))
 
-    def _call(self, call_id: int, frames: list[Frame], timeout_s: float) -> Any:
-        self._send(frames)
+    def _call(self, call_id: int, frames: list[Frame], timeout_s: float, resend: bool = False) -> Any:
+        """Send (while reconnecting: at the reconnect) and wait; a status query in flight during
+        an outage is sent again, a control signal fails (it may have been applied)."""
+        self._check_usable()
         replies = self._replies
         replies[call_id] = _NO_REPLY  # a late reply to an abandoned call is dropped, not kept
         try:
-            self._wait(lambda: replies[call_id] is not _NO_REPLY, timeout_s, "no reply")
+            with self._lock:
+                if self.call_started(call_id, frames, resend):
+                    self._sock.send_multipart(frames)
+                self._wait(lambda: replies[call_id] is not _NO_REPLY, timeout_s, "no reply")
         finally:
             reply = replies.pop(call_id)
+            self.call_done(call_id)
+        if isinstance(reply, ConnectionLostError):
+            raise reply
         return reply
 
     # ------------------------------------------------------------------ lifecycle
@@ -198,7 +218,11 @@ class InferenceClient(ClientSession):
         if self._closed:
             return
         self._closed = True
-        if self.hello is not None and self.lost_reason is None:
+        self._stop_keepalive.set()
+        keepalive = getattr(self, "_keepalive", None)
+        if keepalive is not None:
+            keepalive.join()
+        if self.connected:
             try:
                 self._sock.send_multipart(self.bye_frames(), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -224,27 +248,51 @@ class InferenceClient(ClientSession):
 
     def _submit(self, bodies: list[bytes], stream: bool, rank: int | None) -> list[p.SubmitEntry]:
         self._check_usable()
-        entries = [self.add(stream, rank) for _ in bodies]
-        self._send(self.submit_frames(entries, bodies))
+        entries = [self.add(stream, rank, body) for body in bodies]
+        with self._lock:
+            if self.connected:  # else the resubmission at the reconnect sends them
+                self._sock.send_multipart(self.submit_frames(entries, bodies))
         return entries
 
     def _send(self, frames: list[Frame]) -> None:
-        self._check_usable()
-        self._sock.send_multipart(frames)
+        with self._lock:
+            try:
+                self._sock.send_multipart(frames)
+            except zmq.ZMQError as e:
+                if not self._closed:
+                    self.interrupted(f"cannot send to {self.address}: {e}")
 
     def _abandon(self, request_ids: list[int]) -> None:
-        if request_ids and self.lost_reason is None and not self._closed:
-            self._sock.send_multipart(self.abort_frames(request_ids))
+        if request_ids and self.connected and not self._closed:
+            self._send(self.abort_frames(request_ids))
         self.forget(request_ids)
+
+    def _keepalive_loop(self) -> None:
+        """Between calls, send the hellos that are due (a call in progress sends its own)."""
+        stop = self._stop_keepalive
+        while not stop.wait(min(5.0, max(0.1, self.seconds_to_tick(time.monotonic())))):
+            if self._lock.acquire(blocking=False):
+                try:
+                    if not self._closed and self.tick(time.monotonic()):
+                        self._send(self.hello_frames())
+                finally:
+                    self._lock.release()
 
     def _check_usable(self) -> None:
         if self._closed:
             raise ConnectionLostError("the client is closed")
         if self.lost_reason is not None:
-            raise ConnectionLostError(f"{self.lost_reason}; create a new client to reconnect")
+            raise type(self.lost_error())(f"{self.lost_reason}; create a new client to reconnect")
 
     def _wait(self, done: Callable[[], bool], timeout_s: float | None, what: str) -> None:
-        """Receive and dispatch until ``done()``; raise on timeout, lost connection or error reply."""
+        """Receive and dispatch until ``done()``; raise on timeout, lost connection or error reply.
+
+        Also the timer: keepalive and reconnect hellos, and the end of the reconnect window.
+        """
+        with self._lock:
+            self._wait_locked(done, timeout_s, what)
+
+    def _wait_locked(self, done: Callable[[], bool], timeout_s: float | None, what: str) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         sock, monitor = self._sock, self._monitor
         while not done():
@@ -252,16 +300,21 @@ class InferenceClient(ClientSession):
                 error, self._error = self._error, None
                 raise error
             self._check_usable()
-            timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise RequestTimeoutError(
                     what if self.hello is None else f"{what} after {timeout_s:g} s at {self.address}"
                 )
-            events = dict(self._poller.poll(timeout_ms))
+            wait_s = self.seconds_to_tick(now) if self.hello is not None else None
+            if deadline is not None:
+                wait_s = deadline - now if wait_s is None else min(wait_s, deadline - now)
+            events = dict(self._poller.poll(None if wait_s is None else int(wait_s * 1000) + 1))
             if monitor in events:
                 reason = monitor_event(monitor.recv_multipart())
                 if reason is not None:
-                    self.connection_lost(f"{reason} ({self.address})")
+                    self.interrupted(f"{reason} ({self.address})")
+            if self.tick(time.monotonic()):
+                self._send(self.hello_frames())
             if sock in events:
                 self.dispatch(sock.recv_multipart())
                 # Drain what else is queued; EVENTS is cheaper than raising zmq.Again per wake-up.
@@ -295,3 +348,14 @@ class InferenceClient(ClientSession):
         super().on_error(code, message)
         if self.hello is None:  # the handshake was refused (e.g. version_mismatch)
             self._error = service_error(code, message)
+
+    def on_interrupted(self, reason: str, failed_calls: list[int]) -> None:
+        self._send(self.hello_frames())
+        error = ConnectionLostError(f"{reason}; a control signal in flight may or may not have been applied")
+        for call_id in failed_calls:
+            if call_id in self._replies:
+                self._replies[call_id] = error
+
+    def on_reconnected(self, messages: list[list[Frame]]) -> None:
+        for frames in messages:
+            self._send(frames)
