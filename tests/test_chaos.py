@@ -135,9 +135,9 @@ def test_the_schedule_is_a_function_of_the_seed_and_spends_only_the_restarts_the
 
 # ---------------------------------------------------------------------------- real runs
 
-FAULTS_THAT_HOLD = "stop_rank,vanish_client,flood"
-"""On the code of this branch; the coordinator restart waits for the SDK to reconnect and
-resubmit, and a rank restart takes too long for `make test` on two cores."""
+FAULTS_THAT_HOLD = "stop_rank,kill_coordinator,vanish_client,flood"
+"""Every kind but the two that end a rank process: a restarted rank imports torch and loads its
+model again, which takes half a minute on two loaded cores (`dpinfer chaos` runs them all)."""
 
 
 def _chaos(*args: str) -> list[str]:
@@ -146,7 +146,7 @@ def _chaos(*args: str) -> list[str]:
 
 def test_a_short_chaos_run_holds_every_invariant_and_reports_json() -> None:
     done = subprocess.run(
-        _chaos("--duration", "12", "--seed", "9", "--faults", FAULTS_THAT_HOLD, "--json"),
+        _chaos("--duration", "15", "--seed", "11", "--faults", FAULTS_THAT_HOLD, "--json"),
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.stdout.strip(), f"no report (exit {done.returncode}):\n{done.stderr[-3000:]}"
@@ -163,6 +163,7 @@ def test_a_short_chaos_run_holds_every_invariant_and_reports_json() -> None:
     assert set(figures["faults_injected"]) == set(FAULTS_THAT_HOLD.split(",")), report["faults"]
     assert figures["requests_by_kind"]["greedy"] > 0 and figures["requests_by_kind"]["sampled"] > 0
     assert figures["overload_replies"] >= 16 and figures["peak_hub_rss_mb"] > 0
+    assert figures["coordinator_restarts"] >= 1 and figures["resubmissions"] is not None
     assert report["log_dir"] is None, "a run whose invariants held keeps no logs"
 
 

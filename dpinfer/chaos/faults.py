@@ -281,6 +281,7 @@ class Injector:
         per_client = cfg.max_client_requests + cfg.flood_excess
         outcome.target = f"{cfg.flood_clients} client(s) x {per_client} requests"
         clients = [ObservedClient(self.cluster.address, f"chaos-flood-{i}") for i in range(cfg.flood_clients)]
+        self.workload.clients.extend(clients)  # their SDK counters count too
         records: list[Any] = []
         try:
             for client in clients:

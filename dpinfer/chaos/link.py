@@ -6,6 +6,7 @@ poll across a coordinator restart answers ``None`` (not there yet) instead of ra
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from dpinfer.client.async_client import AsyncInferenceClient
@@ -19,13 +20,23 @@ class StatusLink:
     def __init__(self, address: str) -> None:
         self.address = address
         self._client: AsyncInferenceClient | None = None
+        self._connecting = asyncio.Lock()
+        """The monitor, the injector and the run share the link: one of them connects at a time
+        (two replacing the lost client at once would leak one, which would keep its lease)."""
 
     async def _connected(self, timeout_s: float) -> AsyncInferenceClient | None:
+        async with self._connecting:
+            return await self._connect(timeout_s)
+
+    async def _connect(self, timeout_s: float) -> AsyncInferenceClient | None:
         client = self._client
         if client is not None and client.lost_reason is None:
             return client
         await self.close()
-        client = AsyncInferenceClient(self.address, timeout_s=timeout_s, client_name="dpinfer-chaos-status")
+        # No reconnect: a lost coordinator answers None at once, and the next call connects anew.
+        client = AsyncInferenceClient(
+            self.address, timeout_s=timeout_s, client_name="dpinfer-chaos-status", reconnect=False
+        )
         try:
             await client.start()
         except DpinferError:

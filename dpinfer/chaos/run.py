@@ -138,8 +138,9 @@ async def _run(cluster: Cluster, config: ChaosConfig, result: ChaosResult, progr
     ]
     for figure, names in (("migrations", MIGRATION_COUNTERS), ("resubmissions", RESUBMISSION_COUNTERS)):
         if result.figures[figure] is None:
+            sdk = " and the SDK clients have no num_resubmitted" if figure == "resubmissions" else ""
             result.notes.append(
-                f"{figure}: n/a (the coordinator's status has no counter {' or '.join(names)})"
+                f"{figure}: n/a (the coordinator's status has no counter {' or '.join(names)}{sdk})"
             )
 
 
@@ -204,6 +205,10 @@ async def _leftovers(cluster: Cluster) -> dict[str, list[str]]:
         await asyncio.sleep(0.2)  # the last children are being reaped
 
 
+def _first(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
 def _figures(
     workload: Workload, monitor: Monitor, cluster: Cluster, result: ChaosResult, fault_phase_s: float
 ) -> dict[str, Any]:
@@ -222,7 +227,11 @@ def _figures(
         "faults_injected": dict(injected),
         "faults_skipped": sum(1 for o in result.faults if o.skipped),
         "migrations": monitor.counter(*MIGRATION_COUNTERS),
-        "resubmissions": monitor.counter(*RESUBMISSION_COUNTERS),
+        "resubmissions": _first(
+            workload.sdk_counter("num_resubmitted"), monitor.counter(*RESUBMISSION_COUNTERS)
+        ),
+        "sdk_reconnects": workload.sdk_counter("num_reconnects"),
+        "sdk_duplicates": workload.sdk_counter("num_duplicates"),
         "redispatched": monitor.counter("redispatched"),
         "rank_deaths": monitor.counter("rank_deaths"),
         "overload_replies": sum(1 for r in records if r.error_code == OVERLOADED),

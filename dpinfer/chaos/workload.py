@@ -29,6 +29,7 @@ logger = get_logger(__name__)
 GREEDY, SAMPLED, FLOOD = "greedy", "sampled", "flood"
 GRACE_S = 10.0
 """How long past its deadline a request is still waited for before it counts as never ended."""
+DUPLICATE_REQUEST = "duplicate_request"
 CONNECTION_LOST = "connection_lost"
 """The error code a record gets when the SDK failed it with ``ConnectionLostError``."""
 
@@ -117,8 +118,14 @@ class ObservedClient(AsyncInferenceClient):
             for entry in msg.entries:
                 if entry.final:
                     self._count_final(entry.client_request_id)
-        elif isinstance(msg, p.Error) and msg.client_request_id != p.NO_REQUEST:
-            self._count_final(msg.client_request_id)
+        elif (
+            isinstance(msg, p.Error)
+            and msg.client_request_id in self.records
+            and msg.code != DUPLICATE_REQUEST
+        ):
+            self._count_final(
+                msg.client_request_id
+            )  # (a duplicate: a resubmission whose original still runs)
         super().dispatch(frames)
 
     def _count_final(self, request_id: int) -> None:
@@ -251,6 +258,11 @@ class Workload:
     @property
     def num_dropped(self) -> int:
         return sum(c.num_dropped for c in self.clients)
+
+    def sdk_counter(self, name: str) -> int | None:
+        """The sum of an SDK counter (``num_resubmitted``...) over every client; None if the SDK has none."""
+        values = [getattr(c, name) for c in self.clients if isinstance(getattr(c, name, None), int)]
+        return sum(values) if values else None
 
     @property
     def foreign_finals(self) -> int:
