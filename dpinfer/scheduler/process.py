@@ -156,8 +156,18 @@ class SchedulerProcess:
     # ------------------------------------------------------------------ handlers
 
     def on_request(self, req: m.TokenizedRequest) -> None:
-        stop = tuple(req.sampling.stop) if req.sampling is not None else ()
-        self._metas.append(m.RequestMeta(req.request_id, bool(req.stream), stop, tuple(req.input_ids[-8:])))
+        sampling = req.sampling
+        stop = tuple(sampling.stop) if sampling is not None else ()
+        self._metas.append(
+            m.RequestMeta(
+                req.request_id,
+                bool(req.stream),
+                stop,
+                tuple(req.input_ids[-8:]),
+                min_tokens=sampling.min_tokens if stop else 0,
+                include_stop_str=bool(stop) and sampling.include_stop_str_in_output,
+            )
+        )
         try:
             self._outputs.extend(self.scheduler.add_request(req))
         except Exception as e:

@@ -5,6 +5,10 @@ keeps a ``RequestDetokenizer``; a streaming request gets a partial entry wheneve
 is released (``delta_text`` + the token ids since the last partial), every request gets
 exactly one final entry with the whole text and token ids (a streaming one also carries
 the last unsent delta). ``EngineOutputEntry.num_tokens`` is the tokens generated so far.
+
+Logprobs ride along with their tokens (a partial carries those of its ``delta_token_ids``,
+the final all of them, and the prompt's), with ``token_texts``: every id they name, decoded
+alone (once per id and process: the texts are kept).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, FinishReason, OutputBody
-from dpinfer.protocol.bodies import ErrorCode
+from dpinfer.protocol.bodies import ErrorCode, PositionLogprobs
 from dpinfer.protocol.local import RankOutputs, RequestMeta, SchedulerBatch, SchedulerOutput
 from dpinfer.tokenizer.incremental_detok import DecodeFn, RequestDetokenizer
 
@@ -27,6 +31,8 @@ class _Tracked:
     detok: RequestDetokenizer
     num_sent_tokens: int = 0
     """Tokens already carried by partial outputs (the next delta starts here)."""
+    logprobs: list[PositionLogprobs] | None = None
+    """One per token so far, when the request asked for logprobs."""
 
 
 class OutputBuilder:
@@ -35,6 +41,7 @@ class OutputBuilder:
     def __init__(self, decode: DecodeFn) -> None:
         self._decode = decode
         self._requests: dict[int, _Tracked] = {}
+        self._token_texts: dict[int, str] = {}
 
     @property
     def num_tracked(self) -> int:
@@ -43,9 +50,10 @@ class OutputBuilder:
     def process(self, batch: SchedulerBatch) -> RankOutputs:
         """Consume one scheduler batch; return the outputs to forward (in batch order)."""
         for meta in batch.metas:
-            self._requests[meta.request_id] = _Tracked(
-                meta, RequestDetokenizer(self._decode, meta.stop, meta.prompt_tail)
+            detok = RequestDetokenizer(
+                self._decode, meta.stop, meta.prompt_tail, meta.min_tokens, meta.include_stop_str
             )
+            self._requests[meta.request_id] = _Tracked(meta, detok)
         entries: list[EngineOutputEntry] = []
         bodies: list[bytes] = []
         for out in batch.outputs:
@@ -65,6 +73,10 @@ class OutputBuilder:
             tracked = _Tracked(RequestMeta(rid, stream=False), RequestDetokenizer(self._decode))
             self._requests[rid] = tracked
         new_ids = tuple(out.new_token_ids or ())
+        if out.logprobs is not None:
+            if tracked.logprobs is None:
+                tracked.logprobs = []
+            tracked.logprobs.extend(out.logprobs)
         if out.finished:
             del self._requests[rid]
             return self._final(tracked, out, new_ids)
@@ -72,7 +84,14 @@ class OutputBuilder:
         if not (tracked.meta.stream and delta):
             return None
         ids = tracked.detok.token_ids
-        body = OutputBody(delta_text=delta, delta_token_ids=tuple(ids[tracked.num_sent_tokens :]))
+        start = tracked.num_sent_tokens
+        logprobs = None if tracked.logprobs is None else tuple(tracked.logprobs[start:])
+        body = OutputBody(
+            delta_text=delta,
+            delta_token_ids=tuple(ids[start:]),
+            logprobs=logprobs,
+            token_texts=self._texts(*logprobs) if logprobs else None,
+        )
         tracked.num_sent_tokens = len(ids)
         return EngineOutputEntry(rid, False, len(ids)), body.to_bytes()
 
@@ -83,6 +102,8 @@ class OutputBuilder:
         delta = tracked.detok.finish(new_ids, matched)
         ids = tuple(tracked.detok.token_ids)
         stream = tracked.meta.stream
+        logprobs = None if tracked.logprobs is None else tuple(tracked.logprobs)
+        prompt = None if out.prompt_logprobs is None else tuple(out.prompt_logprobs)
         body = OutputBody(
             text=tracked.detok.text,
             token_ids=ids,
@@ -94,8 +115,24 @@ class OutputBuilder:
             prompt_tokens=int(out.prompt_len or 0),
             completion_tokens=len(ids),
             cached_tokens=int(out.cached_len or 0),
+            stop_reason=out.stop_reason,
+            logprobs=logprobs,
+            prompt_logprobs=prompt,
+            token_texts=self._texts(*(logprobs or ()), *(prompt or ())) if logprobs or prompt else None,
         )
         return EngineOutputEntry(tracked.meta.request_id, True, len(ids)), body.to_bytes()
+
+    def _texts(self, *entries: PositionLogprobs) -> dict[int, str]:
+        """The text of every token id ``entries`` name, each decoded alone."""
+        known = self._token_texts
+        texts: dict[int, str] = {}
+        for entry in entries:
+            for token_id in entry.ids:
+                text = known.get(token_id)
+                if text is None:
+                    text = known[token_id] = self._decode([token_id])
+                texts[token_id] = text
+        return texts
 
     def drop(self, request_id: int) -> None:
         self._requests.pop(request_id, None)
