@@ -156,8 +156,11 @@ _DEFAULT = SamplingParams()
 
 def _renamed(message: str, names: Mapping[str, str]) -> APIError:
     """``SamplingParams``' message with the field called what the caller called it."""
+    message = message.replace("max_new_tokens", names["max_new_tokens"])
     first, _, rest = message.partition(" ")
     field = first.removesuffix("[]").rstrip(":")
+    if field in names.values():
+        return invalid(message, field)
     if field in names:
         return invalid(f"{names[field]} {rest}", names[field])
     return invalid(message, field if field in ENGINE_FIELDS else None)

@@ -4,7 +4,8 @@
   "bytes"}, ...]}]}``, ``top_logprobs`` holding the ``top_logprobs`` most likely tokens;
 - completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``,
   each ``top_logprobs`` map holding the ``logprobs`` most likely tokens and the sampled one
-  (as vLLM's), ``text_offset`` counting characters of the token texts from the first token.
+  (as vLLM's; tokens of one text, such as bytes that are no character alone, show once, with
+  the likelier value), ``text_offset`` counting characters of the token texts from the first token.
 
 A token's text is the rank's decoding of it alone; ``bytes`` are that text's UTF-8 (as in
 vLLM). ``-inf`` is sent as ``-9999.0`` (JSON has no infinity; vLLM's choice).
@@ -49,7 +50,10 @@ def completion_logprobs(
         text = texts.get(token, "")
         tokens.append(text)
         token_logprobs.append(max(entry[token], LOGPROB_FLOOR))
-        top_logprobs.append({texts.get(i, ""): max(v, LOGPROB_FLOOR) for i, v in entry.items()})
+        top: dict[str, float] = {}
+        for i, v in entry.items():  # most likely first: two tokens of one text show the likelier
+            top.setdefault(texts.get(i, ""), max(v, LOGPROB_FLOOR))
+        top_logprobs.append(top)
         text_offset.append(offset)
         offset += len(text)
     shape = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
