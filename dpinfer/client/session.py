@@ -146,7 +146,7 @@ class ClientSession:
                 entry = p.OutputEntry(request_id, True, entry.rank)
             if not entry.final:
                 if record.stream:
-                    self.on_delta(StreamDelta(request_id, body.delta_text, body.delta_token_ids))
+                    self.on_delta(_delta(request_id, body))
                 continue
             del self._inflight[request_id]
             result = _result(request_id, entry.rank, body, now - record.submitted_at)
@@ -259,13 +259,32 @@ def _result(request_id: int, rank: int, body: p.OutputBody, latency_s: float) ->
         completion_tokens=body.completion_tokens,
         cached_tokens=body.cached_tokens,
         latency_s=latency_s,
+        stop_reason=body.stop_reason,
+        logprobs=None if body.logprobs is None else [e.as_dict() for e in body.logprobs],
+        prompt_logprobs=None
+        if body.prompt_logprobs is None
+        else [None, *(e.as_dict() for e in body.prompt_logprobs)],
+        token_texts=body.token_texts,
+    )
+
+
+def _delta(request_id: int, body: p.OutputBody) -> StreamDelta:
+    logprobs = None if body.logprobs is None else [e.as_dict() for e in body.logprobs]
+    return StreamDelta(
+        request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts
     )
 
 
 def _tail(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
     text = body.delta_text if body else ""
     token_ids = body.delta_token_ids if body else ()
-    return StreamDelta(result.request_id, text, token_ids, finished=True, result=result)
+    logprobs = None
+    if result.logprobs is not None:  # the final body's logprobs are the whole result's: the tail's end them
+        logprobs = result.logprobs[len(result.token_ids) - len(token_ids) :]
+    return StreamDelta(
+        result.request_id, text, token_ids, finished=True, result=result,
+        logprobs=logprobs, token_texts=result.token_texts,
+    )  # fmt: skip
 
 
 def service_error(code: str, message: str) -> ServiceError:
