@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
+
+TokenLogprobs: TypeAlias = dict[int, float]
+"""One position's logprobs: token id -> logprob, the ``K`` most likely tokens first (most
+likely first), then the sampled (or prompt) token if it is not among them (vLLM's shape)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,16 @@ class GenerationResult:
     """Prompt tokens served from the rank's prefix cache."""
     latency_s: float = 0.0
     """Seconds from submission to the final reply, measured by the client."""
+    stop_reason: str | int | None = None
+    """What ended a ``stop`` request: the matched stop string, or the stop token id of
+    ``stop_token_ids``; ``None`` for EOS, ``length`` and failures (as in vLLM)."""
+    logprobs: list[TokenLogprobs] | None = None
+    """With ``SamplingParams.logprobs``: one map per token of ``token_ids`` (else ``None``)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: one map per prompt token, ``None`` for the first."""
+    token_texts: dict[int, str] | None = None
+    """The text of each token id in ``logprobs``/``prompt_logprobs``, decoded alone by the
+    rank's tokenizer (what OpenAI's ``token`` field shows)."""
 
     @property
     def ok(self) -> bool:
@@ -44,3 +59,7 @@ class StreamDelta:
     finished: bool = False
     result: GenerationResult | None = None
     """Set on the last delta (``finished=True``)."""
+    logprobs: list[TokenLogprobs] | None = None
+    """With ``SamplingParams.logprobs``: one map per token of ``token_ids``."""
+    token_texts: dict[int, str] | None = None
+    """The text of each token id in ``logprobs`` (see ``GenerationResult.token_texts``)."""

@@ -20,6 +20,10 @@ MAX_STOP_STRINGS = 16
 """Stop strings per request (OpenAI allows 4; vLLM has no limit): each costs work on every token."""
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+"""Most alternatives per token for ``logprobs``/``prompt_logprobs`` (OpenAI's ``top_logprobs`` limit)."""
+MAX_PENALTY = 2.0
+"""``presence_penalty``/``frequency_penalty`` lie in [-2, 2] (OpenAI's range)."""
 
 SAMPLING_EPS = 1e-5
 """Below this, a temperature or top_p means greedy (as in vLLM): dividing logits by a tinier
@@ -43,13 +47,35 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     top_k: int = 0
     """Keep the k most likely tokens; 0 disables."""
     stop: tuple[str, ...] = ()
-    """Strings that end generation; the matched string is not part of the output."""
+    """Strings that end generation; the matched string is not part of the output (unless
+    ``include_stop_str_in_output``)."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation (in addition to EOS unless ``ignore_eos``)."""
     seed: int | None = None
     """Per-request seed: the same seed and prompt give the same sampled output."""
     ignore_eos: bool = False
     """Keep generating past EOS until ``max_new_tokens`` or a stop condition."""
+    logprobs: int | None = None
+    """Per generated token, return its logprob and those of the ``logprobs`` most likely tokens
+    (0..``MAX_LOGPROBS``; 0: the sampled token's only). Values are the log-softmax of the
+    model's raw logits, before any sampling transform (penalties, ``min_tokens`` masking,
+    temperature, top-k, top-p). ``None``: none are computed."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (0..``MAX_LOGPROBS``). A request that
+    asks for them computes its whole prompt (the prefix cache is not read for it)."""
+    repetition_penalty: float = 1.0
+    """``transformers``' rule (> 0; 1 disables): the logit of every token already in the prompt
+    or the output is divided by it when positive, multiplied by it when negative."""
+    presence_penalty: float = 0.0
+    """OpenAI's rule, in [-2, 2]: subtracted once from the logit of every token generated so far."""
+    frequency_penalty: float = 0.0
+    """OpenAI's rule, in [-2, 2]: subtracted from a token's logit once per time it was generated."""
+    min_tokens: int = 0
+    """Generate at least this many tokens (<= ``max_new_tokens``): EOS and ``stop_token_ids``
+    are masked until then, and a stop string counts only if it lies in the text of the
+    tokens from the ``min_tokens``-th on (as in vLLM)."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the text (what follows it is still cut)."""
 
     def __post_init__(self) -> None:
         stop: object = self.stop
@@ -90,14 +116,43 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
             _check_int("seed", self.seed, minimum=0)
             if self.seed >= 1 << 64:
                 raise InvalidRequestError(f"seed must be below 2**64, got {self.seed}")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, minimum=0)
+                if value > MAX_LOGPROBS:
+                    raise InvalidRequestError(f"{name} must be <= {MAX_LOGPROBS}, got {value}")
+        _check_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_float(name, value)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequestError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_new_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_tokens}"
+            )
 
     @property
     def greedy(self) -> bool:
         """Decoding picks the most likely token: temperature 0, top_k 1, or a temperature or
         top_p so small that sampling with it would only underflow (float32) to the same choice."""
         return self.temperature < SAMPLING_EPS or self.top_k == 1 or self.top_p < SAMPLING_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the sampler must look at the tokens so far (penalties, ``min_tokens``)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.min_tokens > 0
+        )
 
     def to_dict(self) -> dict[str, object]:
         """A msgpack-ready dict holding only the fields that differ from the defaults."""
@@ -125,6 +180,11 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise InvalidRequestError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be a boolean, got {type(value).__name__}")
 
 
 def _check_float(name: str, value: object) -> None:

@@ -37,6 +37,7 @@ def test_bench_engine_json_shape() -> None:
     systems = {(c["workload"], c["system"]) for c in report["cases"]}
     assert systems == {
         ("mixed", "dpinfer"),
+        ("mixed", "dpinfer_logprobs"),
         ("mixed", "hf_generate"),
         ("mixed", "dpinfer_rank"),
         ("shared_prefix", "dpinfer"),
@@ -48,7 +49,13 @@ def test_bench_engine_json_shape() -> None:
         assert case["num_requests"] == 6
     mixed = [c for c in report["cases"] if c["workload"] == "mixed"]
     assert len({c["output_tokens"] for c in mixed}) == 1, "same requested tokens on every system"
-    assert set(report["speedup"]) == {"mixed", "shared_prefix", "mixed_through_rank"}
+    assert set(report["speedup"]) == {
+        "mixed",
+        "shared_prefix",
+        "mixed_through_rank",
+        "logprobs",
+        "logprobs_cpu",
+    }
     assert all(v > 0 for v in report["speedup"].values())
     cached = {c["system"]: c["cached_tokens"] for c in report["cases"] if c["workload"] == "shared_prefix"}
     assert cached["dpinfer"] > 0 and cached["dpinfer_no_cache"] == 0

@@ -122,7 +122,7 @@ def test_killed_coordinator_fails_a_pending_generate() -> None:
     started = threading.Event()
 
     def call() -> None:
-        with InferenceClient(d.address, timeout_s=5) as c:
+        with InferenceClient(d.address, timeout_s=5, reconnect=False) as c:
             started.set()
             try:
                 c.generate("never answered")

@@ -85,7 +85,7 @@ def test_shutdown_notice_fails_pending_futures_and_streams() -> None:
         ctx = zmq.asyncio.Context()
         hub = ctx.socket(zmq.ROUTER)
         hub.bind("tcp://127.0.0.1:*")
-        client = AsyncInferenceClient(hub.last_endpoint.decode(), timeout_s=5)
+        client = AsyncInferenceClient(hub.last_endpoint.decode(), timeout_s=5, reconnect=False)
 
         async def serve() -> None:
             identity, *frames = await hub.recv_multipart()
@@ -120,7 +120,7 @@ def test_killed_coordinator_fails_pending_futures() -> None:
     d = Deployment.start([0], {0: {"delay_s": 30.0}})  # nothing finishes before the kill
 
     async def go() -> None:
-        async with AsyncInferenceClient(d.address, timeout_s=10) as client:
+        async with AsyncInferenceClient(d.address, timeout_s=10, reconnect=False) as client:
             futures = [client.add_request(f"slow {i}") for i in range(5)]
             while (await client.status())["totals"]["in_flight"] < 5:
                 await asyncio.sleep(0.01)

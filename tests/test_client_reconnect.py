@@ -49,8 +49,11 @@ def _wait_live(address: str, ranks: list[int]) -> None:
         watcher.close()
 
 
-def _kill(handle: CoordinatorHandle) -> None:
-    handle.process.kill()  # no notice, no goodbye: only the dropped connection tells
+def _kill(handle: CoordinatorHandle, how: str = "kill") -> None:
+    if how == "kill":
+        handle.process.kill()  # no notice, no goodbye: only the dropped connection tells
+    else:
+        handle.process.terminate()  # SIGTERM: the coordinator says "shutdown" and fails nothing
     handle.process.join(5)
 
 
@@ -70,8 +73,9 @@ def _check_stream(deltas: list[StreamDelta], text: str) -> None:
 # ---------------------------------------------------------------------------- (a) restart
 
 
+@pytest.mark.parametrize("how", ["kill", "terminate"])
 def test_a_restarted_coordinator_costs_latency_not_errors(
-    coordinator_factory: Factory, null_ranks: Factory
+    coordinator_factory: Factory, null_ranks: Factory, how: str
 ) -> None:
     first = coordinator_factory()
     null_ranks(first.address, [0, 1], delay_s=1.5, stream_chunks=6)
@@ -84,7 +88,7 @@ def test_a_restarted_coordinator_costs_latency_not_errors(
             streams = [client.add_request_streaming(f"streamed prompt number {i}") for i in range(4)]
             heads = [await s.__anext__() for s in streams]  # every stream delivered output
             assert not any(d.finished for d in heads) and not any(f.done() for f in futures)
-            _kill(first)
+            _kill(first, how)
             restarted.append(coordinator_factory(port=_port(first.address)))
             results = await asyncio.gather(*futures)
             tails = await asyncio.gather(*(_drain(s) for s in streams))

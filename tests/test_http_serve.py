@@ -20,7 +20,7 @@ import openai
 import pytest
 from conftest import ServeProcess
 
-from dpinfer import InferenceClient
+from dpinfer import InferenceClient, SamplingParams
 
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"
@@ -121,6 +121,84 @@ def test_extras_top_k_and_ignore_eos_are_accepted(api: openai.OpenAI) -> None:
     assert out.usage is not None and out.usage.completion_tokens == 5
 
 
+# ---------------------------------------------------------------------------- sampling surface
+
+
+def test_chat_logprobs_in_openai_shape_streamed_alike(api: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Tell me"}]
+    args = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 3,
+        **GREEDY,
+    }
+    whole = api.chat.completions.create(**args)  # type: ignore[call-overload]
+    content = whole.choices[0].logprobs.content
+    assert whole.usage is not None and len(content) == whole.usage.completion_tokens == 8
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob) == (entry.token, entry.logprob), (
+            "greedy samples the most likely token"
+        )
+    chunks = list(api.chat.completions.create(**args, stream=True))  # type: ignore[call-overload]
+    streamed = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content, strict=True))
+    plain = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_openai_shape_and_equal_to_the_sdk(
+    served: ServeProcess, api: openai.OpenAI
+) -> None:
+    whole = api.completions.create(model=MODEL, prompt="Hello", max_tokens=6, logprobs=2, **GREEDY)
+    lp = whole.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # (at most 3: the top 2 and the sampled token; fewer when tokens share a text, e.g. lone bytes)
+        assert 1 <= len(top) <= 3 and top[token] == value == max(top.values())
+    chunks = list(api.completions.create(model=MODEL, prompt="Hello", max_tokens=6, logprobs=2, stream=True,
+                                         **GREEDY))  # fmt: skip
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+
+    with InferenceClient(served.address, timeout_s=60) as client:
+        params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=2, prompt_logprobs=1)
+        (result,) = client.generate("Hello", params)
+    assert result.logprobs is not None and result.token_texts is not None
+    assert [result.token_texts[t] for t in result.token_ids] == lp.tokens
+    assert all(abs(e[t] - v) < 1e-4 for e, t, v in zip(result.logprobs, result.token_ids, lp.token_logprobs,
+                                                        strict=True))  # fmt: skip
+    assert result.prompt_logprobs is not None and len(result.prompt_logprobs) == result.prompt_tokens
+    assert result.prompt_logprobs[0] is None and all(
+        len(e or ()) in (1, 2) for e in result.prompt_logprobs[1:]
+    )
+
+
+def test_stop_reason_include_stop_str_penalties_and_min_tokens(api: openai.OpenAI) -> None:
+    free = api.completions.create(model=MODEL, prompt="stop here", max_tokens=16, **GREEDY).choices[0]
+    assert free.stop_reason is None and free.finish_reason == "length"  # type: ignore[attr-defined]
+    stop = free.text[len(free.text) // 2]
+    kept = api.completions.create(model=MODEL, prompt="stop here", max_tokens=16, stop=[stop], **GREEDY,
+                                  extra_body={"include_stop_str_in_output": True}).choices[0]  # fmt: skip
+    assert kept.finish_reason == "stop" and kept.stop_reason == stop  # type: ignore[attr-defined]
+    assert kept.text == free.text[: free.text.index(stop) + 1]
+    messages = [{"role": "user", "content": "hi"}]
+    chat = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, presence_penalty=-2.0,
+                                       frequency_penalty=0.5, **GREEDY,
+                                       extra_body={"repetition_penalty": 1.3, "min_tokens": 12})  # fmt: skip
+    assert chat.usage is not None and chat.usage.completion_tokens == 12
+
+
 def test_models_health_version_and_metrics(served: ServeProcess, api: openai.OpenAI) -> None:
     assert [m.id for m in api.models.list()] == [MODEL]
     health = httpx.get(served.http_url + "/health")
@@ -145,8 +223,10 @@ def test_models_health_version_and_metrics(served: ServeProcess, api: openai.Ope
         ({"top_p": "high"}, "top_p", "must be a number"),
         ({"n": 0}, "n", "n must be >= 1"),
         ({"foo": 1}, "foo", "unknown parameter 'foo'"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
-        ({"logprobs": 2}, "logprobs", "not supported"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", "frequency_penalty must be in [-2.0, 2.0]"),
+        ({"logprobs": 21}, "logprobs", "logprobs must be <= 20"),
+        ({"min_tokens": 20, "max_tokens": 4}, "min_tokens", "min_tokens must be <= max_tokens (4)"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ({"prompt": ""}, "prompt", "prompt is empty"),
         ({"prompt": [1, "a"]}, "prompt", "prompt must be"),
         ({"prompt": [[5000]]}, None, "out of vocabulary"),

@@ -10,6 +10,10 @@ Workloads (fixed seed, random token ids, greedy, ``ignore_eos`` so output length
 - ``shared_prefix``: every prompt is one 400-token prefix plus a short suffix; the
   Scheduler with its radix cache on against the same with it off.
 
+``mixed`` runs the Scheduler a second time with ``logprobs=5`` on every request (system
+``dpinfer_logprobs``): ``speedup.logprobs`` is its throughput over the run without
+(``logprobs_cpu``: the same in CPU seconds, which other load on the machine disturbs less).
+
 The Scheduler gets every request at t=0 and each output token is timestamped when the step
 that produced it returns; ``generate`` tokens are timestamped by a logits processor at the
 step that produced them. TTFT counts from t=0 (queueing included), TPOT is
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
     from dpinfer.runner.model_runner import ModelRunner
 
 HF_BATCH_SIZE = 16
+LOGPROBS_K = 5
+"""``logprobs`` of every request of the ``dpinfer_logprobs`` case."""
 
 
 class Sizes(TypedDict):
@@ -66,7 +72,9 @@ class HFGenerator(Protocol):
     def generate(self, **kwargs: object) -> object: ...
 
 
-def run_dpinfer(runner: ModelRunner, workload: Workload, radix: bool, system: str) -> Case:
+def run_dpinfer(
+    runner: ModelRunner, workload: Workload, radix: bool, system: str, logprobs: int | None = None
+) -> Case:
     from dpinfer.config import SchedulerConfig
     from dpinfer.protocol.local import TokenizedRequest
     from dpinfer.sampling import SamplingParams
@@ -78,7 +86,7 @@ def run_dpinfer(runner: ModelRunner, workload: Workload, radix: bool, system: st
     cached = 0
     cpu0, t0 = time.process_time(), time.perf_counter()
     for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
-        params = SamplingParams(max_new_tokens=out_len, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=out_len, temperature=0.0, ignore_eos=True, logprobs=logprobs)
         errors = scheduler.add_request(TokenizedRequest(i, prompt, params, stream=True))
         if errors:
             raise click.ClickException(f"request {i} rejected: {errors[0].error}")
@@ -169,6 +177,11 @@ def run_bench(
         ours, base = run_dpinfer(runner, wl, radix=True, system="dpinfer"), run_hf_generate(model, wl, pad_id)
         cases += [ours, base]
         speedup["mixed"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
+        with_logprobs = run_dpinfer(runner, wl, radix=True, system="dpinfer_logprobs", logprobs=LOGPROBS_K)
+        cases.append(with_logprobs)
+        speedup["logprobs"] = round(with_logprobs["output_tok_per_s"] / ours["output_tok_per_s"], 2)
+        # The same ratio in CPU seconds, steadier than wall time on a shared machine (one thread).
+        speedup["logprobs_cpu"] = round(ours["cpu_s"] / max(with_logprobs["cpu_s"], 1e-9), 2)
         if through_rank:
             from dpinfer.bench.engine_stack import run_rank_stack
 
@@ -192,7 +205,7 @@ def run_bench(
         "machine": machine_info(),
         "cases": cases,
         "speedup": speedup,
-        "targets": {"mixed": 2.0, "shared_prefix": 1.5},
+        "targets": {"mixed": 2.0, "shared_prefix": 1.5, "logprobs": 0.9},
     }
 
 
@@ -293,7 +306,8 @@ def command(
     )
     notes = [
         f"Both systems in one process, {threads} torch threads each; greedy, ignore_eos.",
-        "speedup: mixed = dpinfer / hf_generate, shared_prefix = dpinfer / dpinfer_no_cache (output tok/s).",
+        "speedup: mixed = dpinfer / hf_generate, shared_prefix = dpinfer / dpinfer_no_cache, "
+        "logprobs = dpinfer_logprobs / dpinfer (output tok/s).",
         "dpinfer_rank: mixed through a real rank stack (tokenizer, scheduler, detokenizer processes).",
     ]
     emit(report, as_json, _tables, notes)

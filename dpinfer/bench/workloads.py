@@ -45,7 +45,7 @@ class Case(TypedDict):
 
     workload: str
     system: str
-    """``dpinfer``, ``dpinfer_no_cache``, ``dpinfer_rank`` or ``hf_generate``."""
+    """``dpinfer``, ``dpinfer_logprobs``, ``dpinfer_no_cache``, ``dpinfer_rank`` or ``hf_generate``."""
     num_requests: int
     output_tokens: int
     duration_s: float

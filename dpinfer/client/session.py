@@ -34,6 +34,9 @@ from dpinfer.client.connection import ControlError as ControlError
 from dpinfer.client.connection import check_acknowledgement as check_acknowledgement
 from dpinfer.client.connection import resumed_body
 from dpinfer.client.connection import service_error as service_error
+from dpinfer.client.results import delta_of as _delta
+from dpinfer.client.results import result_of as _result
+from dpinfer.client.results import tail_of as _tail
 from dpinfer.errors import ConnectionLostError, InvalidRequestError, ProtocolError, ReconnectTimeoutError
 from dpinfer.log import get_logger
 from dpinfer.outputs import GenerationResult, StreamDelta
@@ -262,7 +265,7 @@ class ClientSession:
                 if record.stream:
                     record.token_ids.extend(body.delta_token_ids)
                     record.text_chars += len(body.delta_text)
-                    self.on_delta(StreamDelta(request_id, body.delta_text, body.delta_token_ids))
+                    self.on_delta(_delta(request_id, body))
                 continue
             del self._inflight[request_id]
             result = _result(request_id, entry.rank, body, now - record.submitted_at)
@@ -376,25 +379,3 @@ class ClientSession:
 
     def on_lost(self, reason: str) -> None:
         """The connection is gone; every tracked request has been forgotten."""
-
-
-def _result(request_id: int, rank: int, body: p.OutputBody, latency_s: float) -> GenerationResult:
-    return GenerationResult(
-        request_id=request_id,
-        text=body.text,
-        token_ids=body.token_ids,
-        finish_reason=body.finish_reason or p.FinishReason.ERROR.value,
-        error=body.error if body.finish_reason else (body.error or "final output without a finish reason"),
-        error_code=body.error_code if body.finish_reason else (body.error_code or p.ErrorCode.INTERNAL.value),
-        rank=rank,
-        prompt_tokens=body.prompt_tokens,
-        completion_tokens=body.completion_tokens,
-        cached_tokens=body.cached_tokens,
-        latency_s=latency_s,
-    )
-
-
-def _tail(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
-    text = body.delta_text if body else ""
-    token_ids = body.delta_token_ids if body else ()
-    return StreamDelta(result.request_id, text, token_ids, finished=True, result=result)

@@ -60,7 +60,7 @@ class PeerHandlers:
     def bump_timer(self, deadline: float) -> None:
         raise NotImplementedError
 
-    def _shutdown_now(self, reason: str) -> None:
+    def _shutdown_now(self, reason: str, fail_requests: bool = False) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ replies and rejections
@@ -387,6 +387,6 @@ class PeerHandlers:
         logger.info("control %s done: ok=%s state=%s %s", ack.signal, ack.ok, ack.state.value, ack.error)
         self.outbox.send(act.client, reply)
         if act.signal is Signal.SHUTDOWN:
-            self._shutdown_now("shutdown requested")
+            self._shutdown_now("shutdown requested", fail_requests=True)
         else:
             self._advance_control(now)

@@ -296,10 +296,18 @@ class Coordinator(PeerHandlers):
                 push.send(b"", zmq.NOBLOCK)
                 push.close(linger=100)
 
-    def _shutdown_now(self, reason: str) -> None:
-        """Fail what is left, tell every client, flush, and leave the loop."""
+    def _shutdown_now(self, reason: str, fail_requests: bool = False) -> None:
+        """Tell every client, flush, and leave the loop.
+
+        After a SHUTDOWN signal (``fail_requests``: the ranks were stopped first) whatever is
+        left fails here. When the process is closed or interrupted, the ranks go on and what
+        is in flight is not failed: a client that reconnects to the coordinator started in
+        its place resubmits it (continuing streams from what they delivered), one that does
+        not fails it on the notice, and the ranks drop the old copies when they register again.
+        """
         logger.info("shutting down: %s", reason)
-        self.forwarder.fail_all(f"{reason}; the request did not finish")
+        if fail_requests:
+            self.forwarder.fail_all(f"{reason}; the request did not finish")
         while self.lifecycle.queue:
             identity, msg = self.lifecycle.queue.popleft()
             self.outbox.send(identity, self.lifecycle.refusal(msg, reason))

@@ -3,9 +3,10 @@
 Value rules are the engine's own: ``SamplingParams`` checks every sampling value and
 ``RequestBody`` (built by the SDK on submit) every prompt, and their messages come back as
 400s with the OpenAI parameter named (``max_new_tokens`` is called ``max_tokens`` here).
-What the engine cannot do yet (penalties, ``min_tokens``, logprobs, tools...) is refused
-with a 400 that says so, unless it is given at its neutral value; a field the engine's
-``SamplingParams`` gains (``min_tokens``, the penalties) is passed through from then on.
+What the engine cannot do (``logit_bias``, ``echo``, tools...) is refused with a 400 that
+says so, unless it is given at its neutral value. Logprobs: chat's ``logprobs: true`` with
+``top_logprobs: N`` and completions' ``logprobs: N`` become ``SamplingParams.logprobs``; the
+penalties, ``min_tokens`` and ``include_stop_str_in_output`` pass through (vLLM's extensions).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _PASS_THROUGH = {
     "frequency_penalty": 0.0,
     "presence_penalty": 0.0,
     "repetition_penalty": 1.0,
+    "include_stop_str_in_output": False,
 }
 """OpenAI/vLLM sampling fields the engine may or may not have, with their neutral value."""
 COMPLETION_MAX_TOKENS = 16
@@ -47,18 +49,19 @@ class Choice:
 
 
 def completion_choices(req: CompletionRequest, max_choices: int) -> list[Choice]:
-    _refuse(req.logprobs is not None, "logprobs", "logprobs are not supported by this engine yet")
     _refuse(req.echo, "echo", "echo is not supported")
     _refuse(req.best_of not in (None, 1), "best_of", "best_of is not supported")
     _refuse(bool(req.suffix), "suffix", "suffix is not supported")
     prompts = _prompt_list(req.prompt)
     max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    return _choices(prompts, _sampling(req, max_tokens, "max_tokens"), req.n, max_choices)
+    sampling = _sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs")
+    return _choices(prompts, sampling, req.n, max_choices)
 
 
 def chat_choices(req: ChatCompletionRequest, allowed_media: str | None, max_choices: int) -> list[Choice]:
-    _refuse(bool(req.logprobs) or req.top_logprobs not in (None, 0), "logprobs",
-            "logprobs are not supported by this engine yet")  # fmt: skip
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
     _refuse(bool(req.tools), "tools", "tools are not supported")
     _refuse(req.tool_choice not in (None, "none", "auto"), "tool_choice", "tool_choice is not supported")
     response_format = (req.response_format or {}).get("type", "text")
@@ -70,7 +73,8 @@ def chat_choices(req: ChatCompletionRequest, allowed_media: str | None, max_choi
     if req.max_completion_tokens is not None:
         max_tokens, name = req.max_completion_tokens, "max_completion_tokens"
     prompt = chat_prompt(req.messages, allowed_media)
-    return _choices([prompt], _sampling(req, max_tokens, name), req.n, max_choices)
+    sampling = _sampling(req, max_tokens, name, logprobs, "top_logprobs")
+    return _choices([prompt], sampling, req.n, max_choices)
 
 
 def _refuse(condition: bool, param: str, message: str) -> None:
@@ -107,11 +111,17 @@ def _choices(prompts: list[Prompt], sampling: SamplingParams, n: int, max_choice
 
 
 def _sampling(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, max_tokens_name: str
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    max_tokens_name: str,
+    logprobs: int | None,
+    logprobs_name: str,
 ) -> SamplingParams:
     fields: dict[str, object] = {}
     if max_tokens is not None:
         fields["max_new_tokens"] = max_tokens
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
     if req.temperature is not None:
         fields["temperature"] = req.temperature
     if req.top_p is not None:
@@ -138,18 +148,21 @@ def _sampling(
     try:
         return SamplingParams.from_dict(fields)
     except InvalidRequestError as e:
-        raise _renamed(str(e), max_tokens_name) from None
+        raise _renamed(str(e), {"max_new_tokens": max_tokens_name, "logprobs": logprobs_name}) from None
 
 
 _DEFAULT = SamplingParams()
 
 
-def _renamed(message: str, max_tokens_name: str) -> APIError:
+def _renamed(message: str, names: Mapping[str, str]) -> APIError:
     """``SamplingParams``' message with the field called what the caller called it."""
+    message = message.replace("max_new_tokens", names["max_new_tokens"])
     first, _, rest = message.partition(" ")
     field = first.removesuffix("[]").rstrip(":")
-    if field == "max_new_tokens":
-        return invalid(f"{max_tokens_name} {rest}", max_tokens_name)
+    if field in names.values():
+        return invalid(message, field)
+    if field in names:
+        return invalid(f"{names[field]} {rest}", names[field])
     return invalid(message, field if field in ENGINE_FIELDS else None)
 
 

@@ -46,14 +46,16 @@ class OpenAIRoutes:
         req = decode(await read_body(request, self.config.max_body_bytes), CompletionRequest)
         model = self.link.model_name(req.model)
         choices = completion_choices(req, self.config.max_choices)
-        return await self._serve(request, Reply(False, model), choices, req.n, req, "prompt")
+        reply = Reply(False, model, top_logprobs=req.logprobs)
+        return await self._serve(request, reply, choices, req.n, req, "prompt")
 
     async def chat_completions(self, request: Request) -> Response:
         self.keys.check_api(request)
         req = decode(await read_body(request, self.config.max_body_bytes), ChatCompletionRequest)
         model = self.link.model_name(req.model)
         choices = chat_choices(req, self.config.allowed_local_media_path, self.config.max_choices)
-        return await self._serve(request, Reply(True, model), choices, req.n, req, "messages")
+        reply = Reply(True, model, top_logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        return await self._serve(request, reply, choices, req.n, req, "messages")
 
     async def models(self, request: Request) -> Response:
         self.keys.check_api(request)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from dpinfer.outputs import GenerationResult
+from dpinfer.http.logprobs import chat_logprobs, completion_logprobs
+from dpinfer.outputs import GenerationResult, StreamDelta
 
 encode_json = msgspec.json.encode
 _encode = encode_json
@@ -41,6 +42,8 @@ class Reply:
 
     chat: bool
     model: str
+    top_logprobs: int | None = None
+    """Most likely tokens to show per token when logprobs were asked for (``None``: not asked)."""
     id: str = ""
     created: int = 0
 
@@ -53,19 +56,30 @@ class Reply:
     def response(self, results: Sequence[GenerationResult], n: int) -> bytes:
         if self.chat:
             choices: list[dict[str, object]] = [
-                {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                 "finish_reason": r.finish_reason}
+                {"index": i, "message": {"role": "assistant", "content": r.text},
+                 "logprobs": self.logprobs(r), "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
                 for i, r in enumerate(results)
             ]  # fmt: skip
         else:
             choices = [
-                {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                {"index": i, "text": r.text, "logprobs": self.logprobs(r), "finish_reason": r.finish_reason,
+                 "stop_reason": r.stop_reason}
                 for i, r in enumerate(results)
-            ]
+            ]  # fmt: skip
         return _encode({
             "id": self.id, "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created, "model": self.model, "choices": choices, "usage": usage(results, n),
         })  # fmt: skip
+
+    def logprobs(self, out: GenerationResult | StreamDelta, offset: int = 0) -> dict[str, object] | None:
+        """``choices[].logprobs`` of a result or delta (a completion chunk's tokens start at
+        ``offset`` characters); ``None`` unless asked for."""
+        if self.top_logprobs is None or out.logprobs is None:
+            return None
+        texts = out.token_texts or {}
+        if self.chat:
+            return chat_logprobs(out.token_ids, out.logprobs, texts, self.top_logprobs)
+        return completion_logprobs(out.token_ids, out.logprobs, texts, offset)[0]
 
     # ------------------------------------------------------------------ stream chunks
 
@@ -76,10 +90,13 @@ class Reply:
 class ChunkWriter:
     """SSE events (``data: {...}\\n\\n``) of one streamed request."""
 
-    __slots__ = ("_chat", "_content_key", "_end", "_head", "_usage_head")
+    __slots__ = ("_chat", "_content_key", "_end", "_head", "_offsets", "_reply", "_usage_head")
 
     def __init__(self, reply: Reply, include_usage: bool) -> None:
         self._chat = reply.chat
+        self._reply = reply
+        self._offsets: dict[int, int] = {}
+        """Per completion choice: characters of token text so far (``text_offset``)."""
         kind = "chat.completion.chunk" if reply.chat else "text_completion"
         common = (
             b'{"id":' + _encode(reply.id) + b',"object":"' + kind.encode() + b'","created":'
@@ -98,18 +115,26 @@ class ChunkWriter:
             + b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null' + self._end
         )  # fmt: skip
 
-    def text(self, index: int, text: str) -> bytes:
+    def text(self, index: int, text: str, delta: StreamDelta | None = None) -> bytes:
+        """A chunk of ``text`` (and, when asked for, the logprobs of ``delta``'s tokens)."""
         close = b"}" if self._chat else b""
+        logprobs = b"null"
+        if delta is not None and delta.logprobs is not None and self._reply.top_logprobs is not None:
+            offset = self._offsets.get(index, 0)
+            logprobs = _encode(self._reply.logprobs(delta, offset))
+            self._offsets[index] = offset + sum(
+                len((delta.token_texts or {}).get(t, "")) for t in delta.token_ids
+            )
         return (
             self._head + str(index).encode() + self._content_key + _encode(text) + close
-            + b',"logprobs":null,"finish_reason":null' + self._end
+            + b',"logprobs":' + logprobs + b',"finish_reason":null' + self._end
         )  # fmt: skip
 
-    def finish(self, index: int, reason: str) -> bytes:
+    def finish(self, index: int, reason: str, stop_reason: str | int | None = None) -> bytes:
         body = b',"delta":{}' if self._chat else b',"text":""'
         return (
             self._head + str(index).encode() + body + b',"logprobs":null,"finish_reason":'
-            + _encode(reason) + self._end
+            + _encode(reason) + b',"stop_reason":' + _encode(stop_reason) + self._end
         )  # fmt: skip
 
     def usage(self, results: Sequence[GenerationResult], n: int) -> bytes:

@@ -54,12 +54,15 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ignore_eos: bool = False
     """Extra (vLLM): keep generating past EOS."""
     min_tokens: int | None = None
-    """Extra (vLLM): refused unless the engine supports it."""
+    """Extra (vLLM): generate at least this many tokens (EOS and stop tokens masked until then)."""
     stop_token_ids: list[int] | None = None
     """Extra (vLLM): token ids that end generation."""
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
+    """Extra (vLLM): ``transformers``' repetition penalty over prompt and output (1 disables)."""
+    include_stop_str_in_output: bool | None = None
+    """Extra (vLLM): keep the matched stop string in the text."""
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -125,11 +128,21 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+class CompletionLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    """The ``logprobs`` most likely tokens and the sampled one."""
+    text_offset: list[int]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the choice (vLLM); null for EOS or length."""
 
 
 class CompletionResponse(msgspec.Struct):
@@ -146,11 +159,30 @@ class AssistantMessage(msgspec.Struct):
     content: str
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the choice (vLLM); null for EOS or length."""
 
 
 class ChatCompletionResponse(msgspec.Struct):

@@ -92,15 +92,15 @@ class EventStream(Response):
             item: Event | None = self._first
             while item is not None:
                 index, delta = item
-                if delta.text:
-                    out.append(writer.text(index, delta.text))
+                if delta.text or delta.logprobs:
+                    out.append(writer.text(index, delta.text, delta))
                 if delta.finished:
                     result = delta.result
                     assert result is not None  # the last delta carries the result
                     if not result.ok:
                         out.append(error_event(result_error(result).body()))
                         break
-                    out.append(writer.finish(index, result.finish_reason))
+                    out.append(writer.finish(index, result.finish_reason, result.stop_reason))
                     results[index] = result
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})

@@ -285,6 +285,17 @@ def _words(msgspec_types: str, words: dict[str, str], joiner: str = " | ") -> st
 # ---------------------------------------------------------------------------- output body
 
 
+class PositionLogprobs(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One position's logprobs, on the wire as ``[ids, values]``: the ``K`` most likely tokens
+    (most likely first), then the position's own token if it is not among them."""
+
+    ids: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(zip(self.ids, self.values, strict=True))
+
+
 class OutputBody(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """What a rank sends back for one request (an ``Outputs``/``EngineOutputs`` body).
 
@@ -293,6 +304,11 @@ class OutputBody(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     last ``delta_text``/``delta_token_ids`` not yet sent, and the counters. A request that
     ends without its result has ``finish_reason`` ``error`` or ``abort``, a human ``error`` and
     a machine ``error_code`` (``ErrorCode``) that front ends map to a status (429, 503, ...).
+
+    Logprobs (only when the request asked): ``logprobs`` has one entry per token of
+    ``delta_token_ids`` (partial) or of ``token_ids`` (final; a streamed request's last delta
+    is its tail); ``prompt_logprobs`` (final only) one per prompt token after the first;
+    ``token_texts`` the text of every id they name.
     """
 
     text: str = ""
@@ -305,6 +321,11 @@ class OutputBody(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    stop_reason: str | int | None = None
+    """The matched stop string or ``stop_token_ids`` id (``None`` for EOS), see ``GenerationResult``."""
+    logprobs: tuple[PositionLogprobs, ...] | None = None
+    prompt_logprobs: tuple[PositionLogprobs, ...] | None = None
+    token_texts: dict[int, str] | None = None
 
     def to_bytes(self) -> bytes:
         return _encode_output(self)

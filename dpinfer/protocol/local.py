@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.protocol.kinds import EngineState
 from dpinfer.protocol.messages import ControlAck, EngineOutputEntry, LoadStats, RankMetrics
 from dpinfer.sampling import SamplingParams
@@ -155,6 +156,12 @@ class SchedulerOutput:
     """Prompt tokens whose KV came from the prefix cache when the request was first admitted."""
     error_code: str | None = None
     """An ``ErrorCode`` value when ``finish_reason`` is ``error`` (none: an internal error)."""
+    stop_reason: str | int | None = None
+    """The user-facing ``matched_stop``: ``None`` for EOS (``GenerationResult.stop_reason``)."""
+    logprobs: list[PositionLogprobs] | None = None
+    """With ``SamplingParams.logprobs``: one entry per token of ``new_token_ids``."""
+    prompt_logprobs: list[PositionLogprobs] | None = None
+    """With ``SamplingParams.prompt_logprobs``, on the final output: one per prompt token after the first."""
 
     @classmethod
     def for_error(cls, request_id: int, prompt_len: int, error: str) -> SchedulerOutput:
@@ -176,6 +183,10 @@ class RequestMeta:
     """A continuation's output so far (replayed into the detokenizer, not sent again)."""
     resume_chars: int = 0
     """Characters of that output's text the client has received."""
+    min_tokens: int = 0
+    """No stop string counts in the text of the first ``min_tokens - 1`` tokens."""
+    include_stop_str: bool = False
+    """``SamplingParams.include_stop_str_in_output``."""
 
 
 @dataclass(frozen=True, slots=True)

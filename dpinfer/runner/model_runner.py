@@ -20,11 +20,12 @@ import torch
 
 from dpinfer.config import ConfigError, ModelConfig, SchedulerConfig
 from dpinfer.log import get_logger
+from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.runner import attention
 from dpinfer.runner.attention import ForwardBatch
 from dpinfer.runner.kv_pool import KVLayout, KVPool, ReqToTokenPool, SlotAllocator, kv_pool_tokens
 from dpinfer.runner.registry import ModelSpec, load_model, resolve_model
-from dpinfer.runner.sampler import SamplingInfo, sample
+from dpinfer.runner.sampler import SamplingInfo, logprobs, sample
 from dpinfer.runner.vision import VisionEncoder
 
 logger = get_logger(__name__)
@@ -118,6 +119,15 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
         with torch.inference_mode():
             return sample(logits, info)
+
+    def logprobs(
+        self, logits: torch.Tensor, info: SamplingInfo, next_ids: torch.Tensor
+    ) -> list[PositionLogprobs | None] | None:
+        """Per row, the sampled token's logprob and the top K (raw logits); ``None`` if no row asked."""
+        if info.logprob_rows is None:
+            return None
+        with torch.inference_mode():
+            return logprobs(logits, info, next_ids)
 
     # ------------------------------------------------------------------ memory
 

@@ -52,8 +52,9 @@ class KVManager:
             return False
         req.req_pool_idx = row
         if self.tree is not None:
-            # Leave at least one token to compute: its logits give the next token.
-            key = req.fill_ids[: req.fill_len - 1]
+            # Leave at least one token to compute: its logits give the next token. Prompt
+            # logprobs need the logits of every prompt token: nothing cached is read then.
+            key = [] if req.needs_prompt_logprobs else req.fill_ids[: req.fill_len - 1]
             slots, node = self.tree.match_prefix(key, req.mm_hash)
             self.tree.inc_lock_ref(node)
             req.last_node = node

@@ -156,10 +156,20 @@ class SchedulerProcess:
     # ------------------------------------------------------------------ handlers
 
     def on_request(self, req: m.TokenizedRequest) -> None:
-        stop = tuple(req.sampling.stop) if req.sampling is not None else ()
-        tail = tuple(req.input_ids[-8:])
-        meta = m.RequestMeta(req.request_id, bool(req.stream), stop, tail, req.resume_ids, req.resume_chars)
-        self._metas.append(meta)
+        sampling = req.sampling
+        stop = tuple(sampling.stop) if sampling is not None else ()
+        self._metas.append(
+            m.RequestMeta(
+                req.request_id,
+                bool(req.stream),
+                stop,
+                tuple(req.input_ids[-8:]),
+                resume_ids=req.resume_ids,
+                resume_chars=req.resume_chars,
+                min_tokens=sampling.min_tokens if stop else 0,
+                include_stop_str=bool(stop) and sampling.include_stop_str_in_output,
+            )
+        )
         try:
             self._outputs.extend(self.scheduler.add_request(req))
         except Exception as e:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.radix_cache import TreeNode
 from dpinfer.runner.sampler import make_generator
@@ -20,6 +21,10 @@ class Req:
     ``req_to_token[req_pool_idx, :kv_len]``. The first ``locked_len`` of them belong to the
     prefix cache (locked through ``last_node``); the rest are owned by this request.
     A retracted request loses all of it and is prefilled again from ``prompt + output``.
+
+    Logprobs: ``output_logprobs`` (one per output token) and ``prompt_logprobs`` (one per prompt
+    token after the first, filled by the prefill chunks) exist only when the request asks;
+    both survive a retraction. While prompt logprobs are missing the prefix cache is not read.
 
     Images: ``image_positions`` are the prompt positions of its image tokens; their features
     (``image_features``) are computed when a prefill chunk first needs them, sliced per chunk,
@@ -47,7 +52,14 @@ class Req:
                 self.mm_hash = mm_inputs_hash(self.mm_inputs)
         self.image_features: torch.Tensor | None = None
         self.output_ids: list[int] = list(request.resume_ids)
-        """Output tokens; a continuation starts with the ones generated before it moved here."""
+        """Output tokens; a continuation starts with the ones generated before it moved here
+        (their logprobs, if asked for, stayed with the stream that delivered them)."""
+        self.output_logprobs: list[PositionLogprobs] | None = (
+            [] if request.sampling.logprobs is not None else None
+        )
+        self.prompt_logprobs: list[PositionLogprobs] | None = (
+            [] if request.sampling.prompt_logprobs is not None else None
+        )
         self.stop = StopChecker(request.sampling, eos_token_ids, max_context_len)
         self.generator: torch.Generator | None = (
             None if request.sampling.greedy else make_generator(request.sampling.seed)
@@ -89,13 +101,23 @@ class Req:
         return self.kv_len >= self.fill_len
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still to compute."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len - 1
+
+    @property
     def remaining_new_tokens(self) -> int:
         return max(0, self.sampling.max_new_tokens - len(self.output_ids))
 
     # ------------------------------------------------------------------ output
 
-    def append_token(self, token_id: int, decoder: Any | None) -> None:
+    def append_token(
+        self, token_id: int, decoder: Any | None, logprobs: PositionLogprobs | None = None
+    ) -> None:
         self.output_ids.append(token_id)
+        if self.output_logprobs is not None:
+            assert logprobs is not None, "a request that asks for logprobs gets them every step"
+            self.output_logprobs.append(logprobs)
         self.finish = self.stop.check(self.prompt_len, self.output_ids, decoder)
 
     @property
@@ -108,7 +130,8 @@ class Req:
         finished = self.finish is not None
         if not finished and not self.stream:
             return None
-        new = self.output_ids[self.num_reported : self.num_visible]
+        start, end = self.num_reported, self.num_visible
+        new = self.output_ids[start:end]
         if not new and not finished:
             return None
         self.num_reported = max(self.num_reported, self.num_visible)
@@ -120,11 +143,15 @@ class Req:
             matched_stop=self.finish.matched_stop if self.finish else None,
             prompt_len=self.prompt_len,
             cached_len=self.cached_len,
+            stop_reason=self.finish.stop_reason if self.finish else None,
+            logprobs=None if self.output_logprobs is None else self.output_logprobs[start:end],
+            prompt_logprobs=self.prompt_logprobs if finished else None,
         )
 
     def final_output(self, reason: str, error: str | None = None) -> SchedulerOutput:
         """The last output of a request ended from outside (abort, error)."""
-        new = self.output_ids[self.num_reported :]
+        start = self.num_reported
+        new = self.output_ids[start:]
         self.num_reported = len(self.output_ids)
         return SchedulerOutput(
             request_id=self.request_id,
@@ -134,6 +161,8 @@ class Req:
             error=error,
             prompt_len=self.prompt_len,
             cached_len=self.cached_len,
+            logprobs=None if self.output_logprobs is None else self.output_logprobs[start:],
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def __repr__(self) -> str:

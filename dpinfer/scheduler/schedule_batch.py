@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from dpinfer.runner.attention import ExtendSeq, ForwardBatch, ForwardMode, bottom_right_causal_mask
+from dpinfer.runner.logprobs import position_logprobs
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.runner.sampler import SamplingInfo
 from dpinfer.scheduler.req import Req
@@ -25,7 +26,13 @@ from dpinfer.scheduler.req import Req
 
 def build_sampling_info(reqs: list[Req], runner: ModelRunner) -> SamplingInfo:
     return SamplingInfo.build(
-        [r.sampling for r in reqs], [r.generator for r in reqs], runner.vocab_size, runner.device
+        [r.sampling for r in reqs],
+        [r.generator for r in reqs],
+        runner.vocab_size,
+        runner.device,
+        prompt_ids=[r.origin_input_ids for r in reqs],
+        output_ids=[r.output_ids for r in reqs],
+        stop_ids=[r.stop.stop_token_ids for r in reqs],
     )
 
 
@@ -37,6 +44,9 @@ class ScheduleBatch:
         self.runner = runner
         self.device = runner.device
         self.sampling: SamplingInfo | None = None
+        self.prompt_logprob_rows: list[int] = []
+        """Extend only: flat rows whose logits give prompt logprobs (after the sampling rows)."""
+        self._prompt_spans: list[tuple[Req, int, int]] = []
         # Decode state; set by ``start_decoding``.
         self.req_pool_indices = torch.empty(0, dtype=torch.int64, device=self.device)
         self.seq_lens = torch.empty(0, dtype=torch.int64, device=self.device)
@@ -49,13 +59,18 @@ class ScheduleBatch:
 
     def prepare_for_extend(self) -> ForwardBatch:
         """The forward pass of an extend batch; logits are kept for requests whose prefill
-        completes in this step (``sampling_reqs``), in order."""
+        completes in this step (``sampling_reqs``), in order, then the rows that give prompt
+        logprobs (``prompt_logprob_rows``; ``take_prompt_logprobs`` splits them off)."""
         table = self.runner.req_to_token_pool.req_to_token
         ids: list[int] = []
         positions, locs, seqs, keep = [], [], [], []
         self.sampling_reqs: list[Req] = []
+        self.prompt_logprob_rows = []
+        self._prompt_spans = []
         for req in self.reqs:
             start, n = req.kv_len, req.extend_len
+            if req.needs_prompt_logprobs:
+                self._add_prompt_logprob_rows(req, len(ids))
             assert req.req_pool_idx is not None and n > 0
             row = table[req.req_pool_idx]
             seq = ExtendSeq(q_start=len(ids), q_len=n, prefix_len=start)
@@ -77,12 +92,47 @@ class ScheduleBatch:
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=torch.cat(positions),
             out_cache_loc=torch.cat(locs),
-            logits_indices=torch.tensor(keep, dtype=torch.int64, device=self.device),
+            logits_indices=torch.tensor(
+                keep + self.prompt_logprob_rows, dtype=torch.int64, device=self.device
+            ),
             extend_seqs=seqs,
         )
         if any(r.image_positions is not None for r in self.reqs):
             self._add_image_embeds(batch)
         return batch
+
+    def _add_prompt_logprob_rows(self, req: Req, q_start: int) -> None:
+        """Keep the logits of the chunk's prompt positions whose next prompt token lacks its
+        logprobs (row ``p`` gives token ``p + 1``); kept after the sampling rows."""
+        assert req.prompt_logprobs is not None
+        start, end = (
+            max(req.kv_len, len(req.prompt_logprobs)),
+            min(req.kv_len + req.extend_len, req.prompt_len - 1),
+        )
+        if start < end:
+            first = q_start + start - req.kv_len
+            self.prompt_logprob_rows.extend(range(first, first + end - start))
+            self._prompt_spans.append((req, start, end))
+
+    def take_prompt_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hand the prompt-logprob rows of an extend step's ``logits`` to their requests;
+        return the sampling rows."""
+        if not self.prompt_logprob_rows:
+            return logits
+        num_sampling = len(logits) - len(self.prompt_logprob_rows)
+        targets, ks = [], []
+        for req, start, end in self._prompt_spans:
+            targets.extend(req.origin_input_ids[start + 1 : end + 1])
+            ks.extend([req.sampling.prompt_logprobs or 0] * (end - start))
+        with torch.inference_mode():
+            ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+            entries = position_logprobs(logits[num_sampling:], ids, ks)
+        at = 0
+        for req, start, end in self._prompt_spans:
+            assert req.prompt_logprobs is not None and len(req.prompt_logprobs) == start
+            req.prompt_logprobs.extend(entries[at : at + end - start])
+            at += end - start
+        return logits[:num_sampling]
 
     def _add_image_embeds(self, batch: ForwardBatch) -> None:
         """Image features for the image tokens this step computes (``image_positions/embeds``).

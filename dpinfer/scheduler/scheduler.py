@@ -21,6 +21,7 @@ from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.errors import ServiceError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, LoadStats
+from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.protocol.messages import RankMetrics
 from dpinfer.runner.model_runner import ModelRunner
@@ -121,10 +122,18 @@ class Scheduler:
         else:
             self.waiting.remove(req)
 
-    def _accept_token(self, req: Req, token: int, outputs: list[SchedulerOutput], now: float) -> bool:
-        """Append a sampled token, collect the request's output; True if it just finished."""
+    def _accept_token(
+        self,
+        req: Req,
+        token: int,
+        outputs: list[SchedulerOutput],
+        now: float,
+        logprobs: PositionLogprobs | None = None,
+    ) -> bool:
+        """Append a sampled token (and its logprobs, if asked), collect the request's output;
+        True if it just finished."""
         self.recorder.token(req.request_id, now)
-        req.append_token(token, self._decoder_for(req))
+        req.append_token(token, self._decoder_for(req), logprobs)
         out = req.take_output()
         if out is not None:
             outputs.append(out)
@@ -259,7 +268,7 @@ class Scheduler:
         return ScheduleBatch(adder.reqs, self.runner) if adder.reqs else None
 
     def _run_extend(self, batch: ScheduleBatch) -> list[SchedulerOutput]:
-        logits = self.runner.forward(batch.prepare_for_extend())
+        logits = batch.take_prompt_logprobs(self.runner.forward(batch.prepare_for_extend()))
         for req in batch.reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
@@ -272,11 +281,12 @@ class Scheduler:
             return outputs
         assert batch.sampling is not None
         next_ids = self.runner.sample(logits, batch.sampling)
+        logprobs = self.runner.logprobs(logits, batch.sampling, next_ids)
         tokens: list[int] = next_ids.tolist()
         now = time.monotonic()
         joining: list[int] = []
         for i, (req, token) in enumerate(zip(batch.sampling_reqs, tokens, strict=True)):
-            if not self._accept_token(req, token, outputs, now):
+            if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
                 self.kv.cache_unfinished(req)
                 joining.append(i)
         if joining:
@@ -297,6 +307,7 @@ class Scheduler:
         logits = self.runner.forward(running.prepare_for_decode(slots))
         assert running.sampling is not None
         next_ids = self.runner.sample(logits, running.sampling)
+        logprobs = self.runner.logprobs(logits, running.sampling, next_ids)
         running.input_ids = next_ids
         tokens: list[int] = next_ids.tolist()
         now = time.monotonic()
@@ -304,7 +315,7 @@ class Scheduler:
         keep: list[int] = []
         for i, (req, token) in enumerate(zip(running.reqs, tokens, strict=True)):
             req.kv_len += 1
-            if not self._accept_token(req, token, outputs, now):
+            if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
                 keep.append(i)
         running.filter(keep)
         if not running.reqs:

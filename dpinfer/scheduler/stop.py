@@ -2,7 +2,9 @@
 
 Stop strings are looked for in the decoded tail of the output: the last ``window`` tokens,
 enough to spell the longest stop string even one byte per token. Because every step checks,
-a match is found on the step whose token completes it.
+a match is found on the step whose token completes it. With ``min_tokens``, nothing but the
+length stops a request before its ``min_tokens``-th token, and a stop string counts only in
+the text of the tokens from that one on (vLLM's rule).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class Finish:
     matched_stop: str | int | None = None
     hide_last_token: bool = False
     """True when the last token is a stop token, which is not part of the output."""
+    stop_reason: str | int | None = None
+    """What the user sees (vLLM's ``stop_reason``): the stop string, or the id of
+    ``stop_token_ids`` that matched; ``None`` for EOS and ``length``."""
 
 
 class StopChecker:
@@ -38,6 +43,8 @@ class StopChecker:
         if not sampling.ignore_eos:
             stop_ids.update(eos_token_ids)
         self.stop_token_ids = frozenset(stop_ids)
+        self.eos_token_ids = frozenset(() if sampling.ignore_eos else eos_token_ids)
+        self.min_tokens = sampling.min_tokens
         self.stop_strings = sampling.stop
         self.max_new_tokens = sampling.max_new_tokens
         self.max_context_len = max_context_len
@@ -48,14 +55,17 @@ class StopChecker:
 
         ``decoder`` (a tokenizer) is needed only when the request has stop strings.
         """
-        last = output_ids[-1]
-        if last in self.stop_token_ids:
-            return Finish(FinishReason.STOP, last, hide_last_token=True)
-        if self.stop_strings and decoder is not None:
-            tail = decoder.decode(output_ids[-self.window :], skip_special_tokens=True)
-            for s in self.stop_strings:
-                if s in tail:
-                    return Finish(FinishReason.STOP, s)
+        last, num_output = output_ids[-1], len(output_ids)
+        if num_output >= self.min_tokens:
+            if last in self.stop_token_ids:
+                reason = None if last in self.eos_token_ids else last
+                return Finish(FinishReason.STOP, last, hide_last_token=True, stop_reason=reason)
+            if self.stop_strings and decoder is not None:
+                start = max(num_output - self.window, self.min_tokens - 1, 0)
+                tail = decoder.decode(output_ids[start:], skip_special_tokens=True)
+                for s in self.stop_strings:
+                    if s in tail:
+                        return Finish(FinishReason.STOP, s, stop_reason=s)
         if len(output_ids) >= self.max_new_tokens:
             return Finish(FinishReason.LENGTH)
         if prompt_len + len(output_ids) >= self.max_context_len:

@@ -80,8 +80,10 @@ class StopStringBuffer:
     remainder at the end of the request, cut at the first stop string.
     """
 
-    def __init__(self, stop: Sequence[str] = ()) -> None:
+    def __init__(self, stop: Sequence[str] = (), include_stop: bool = False) -> None:
         self.stop = tuple(s for s in stop if s)
+        self.include_stop = include_stop
+        """Release the stop string itself (``include_stop_str_in_output``), not what follows."""
         self.pending = ""
         self.found: str | None = None
         """The stop string found in the text, if any (then nothing more is released)."""
@@ -95,7 +97,8 @@ class StopStringBuffer:
         hit = self._first_stop(self.pending)
         if hit is not None:
             index, self.found = hit
-            released, self.pending = self.pending[:index], self.pending[index:]
+            cut = index + len(self.found) if self.include_stop else index
+            released, self.pending = self.pending[:cut], self.pending[cut:]
             return released
         keep = self._longest_partial_suffix(self.pending)
         cut = len(self.pending) - keep
@@ -111,7 +114,7 @@ class StopStringBuffer:
             index = pending.find(matched_stop)
             if index >= 0:
                 self.found = matched_stop
-                return pending[:index]
+                return pending[: index + len(matched_stop) if self.include_stop else index]
         return pending
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:
@@ -136,11 +139,21 @@ class StopStringBuffer:
 class RequestDetokenizer:
     """Incremental text of one request: ``step`` per batch of new tokens, ``finish`` once."""
 
-    def __init__(self, decode: DecodeFn, stop: Sequence[str] = (), context_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        decode: DecodeFn,
+        stop: Sequence[str] = (),
+        context_ids: Sequence[int] = (),
+        min_tokens: int = 0,
+        include_stop: bool = False,
+    ) -> None:
         self.decoder = IncrementalDecoder(decode, context_ids[-PROMPT_CONTEXT_TOKENS:] if context_ids else ())
-        self.stops = StopStringBuffer(stop)
+        self.stops = StopStringBuffer(stop, include_stop)
         self._parts: list[str] = []
         self.finished = False
+        self._unchecked_tokens = max(0, min_tokens - 1)
+        """The first tokens, whose text no stop string may start in (``min_tokens``, as the
+        scheduler's ``StopChecker``): it bypasses the stop-string buffer."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -158,7 +171,7 @@ class RequestDetokenizer:
     def step(self, new_ids: Sequence[int]) -> str:
         """Add tokens; return newly released text (``""`` while held back)."""
         assert not self.finished, "step() after finish()"
-        released = self.stops.push(self.decoder.add(new_ids))
+        released = self._add(new_ids)
         if released:
             self._parts.append(released)
         return released
@@ -167,9 +180,17 @@ class RequestDetokenizer:
         """Add the last tokens and end the request; return the last piece of text."""
         assert not self.finished, "finish() twice"
         self.finished = True
-        released = self.stops.push(self.decoder.add(new_ids))
+        released = self._add(new_ids)
         released += self.stops.push(self.decoder.flush())
         released += self.stops.finish(matched_stop)
         if released:
             self._parts.append(released)
         return released
+
+    def _add(self, new_ids: Sequence[int]) -> str:
+        unchecked = self._unchecked_tokens - self.decoder.num_output_tokens
+        if unchecked <= 0 or not self.stops.stop:
+            return self.stops.push(self.decoder.add(new_ids))
+        released = self.decoder.add(new_ids[:unchecked])
+        rest = new_ids[unchecked:]
+        return released + self.stops.push(self.decoder.add(rest)) if rest else released

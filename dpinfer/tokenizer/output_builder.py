@@ -5,6 +5,10 @@ keeps a ``RequestDetokenizer``; a streaming request gets a partial entry wheneve
 is released (``delta_text`` + the token ids since the last partial), every request gets
 exactly one final entry with the whole text and token ids (a streaming one also carries
 the last unsent delta). ``EngineOutputEntry.num_tokens`` is the tokens generated so far.
+
+Logprobs ride along with their tokens (a partial carries those of its ``delta_token_ids``,
+the final all of them, and the prompt's), with ``token_texts``: every id they name, decoded
+alone (once per id and process: the texts are kept).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, FinishReason, OutputBody
-from dpinfer.protocol.bodies import ErrorCode
+from dpinfer.protocol.bodies import ErrorCode, PositionLogprobs
 from dpinfer.protocol.local import RankOutputs, RequestMeta, SchedulerBatch, SchedulerOutput
 from dpinfer.tokenizer.incremental_detok import DecodeFn, RequestDetokenizer
 
@@ -30,6 +34,8 @@ class _Tracked:
     unsent_text: str = ""
     """Text released but not yet sent: after replaying a continuation's tokens, what the
     client had not received of them (normally nothing); it leads the next delta."""
+    logprobs: list[PositionLogprobs] | None = None
+    """One per token so far, when the request asked for logprobs."""
 
 
 class OutputBuilder:
@@ -38,6 +44,7 @@ class OutputBuilder:
     def __init__(self, decode: DecodeFn) -> None:
         self._decode = decode
         self._requests: dict[int, _Tracked] = {}
+        self._token_texts: dict[int, str] = {}
 
     @property
     def num_tracked(self) -> int:
@@ -57,7 +64,10 @@ class OutputBuilder:
         return RankOutputs(tuple(entries), tuple(bodies), batch.control_acks, batch.load, batch.metrics)
 
     def _track(self, meta: RequestMeta) -> _Tracked:
-        tracked = _Tracked(meta, RequestDetokenizer(self._decode, meta.stop, meta.prompt_tail))
+        detok = RequestDetokenizer(
+            self._decode, meta.stop, meta.prompt_tail, meta.min_tokens, meta.include_stop_str
+        )
+        tracked = _Tracked(meta, detok)
         if meta.resume_ids:
             # A continuation: replay what was generated before it moved, so the text goes on
             # exactly where the client's left off (same decoding context, same hold-backs).
@@ -82,6 +92,10 @@ class OutputBuilder:
             tracked = _Tracked(RequestMeta(rid, stream=False), RequestDetokenizer(self._decode))
             self._requests[rid] = tracked
         new_ids = tuple(out.new_token_ids or ())
+        if out.logprobs is not None:
+            if tracked.logprobs is None:
+                tracked.logprobs = []
+            tracked.logprobs.extend(out.logprobs)
         if out.finished:
             del self._requests[rid]
             return self._final(tracked, out, new_ids)
@@ -91,7 +105,16 @@ class OutputBuilder:
         if not (tracked.meta.stream and delta):
             return None
         ids = tracked.detok.token_ids
-        body = OutputBody(delta_text=delta, delta_token_ids=tuple(ids[tracked.num_sent_tokens :]))
+        start = tracked.num_sent_tokens
+        # A continuation's logprobs start at its first new token (the resumed ones were streamed).
+        first = start - len(tracked.meta.resume_ids)
+        logprobs = None if tracked.logprobs is None else tuple(tracked.logprobs[first:])
+        body = OutputBody(
+            delta_text=delta,
+            delta_token_ids=tuple(ids[start:]),
+            logprobs=logprobs,
+            token_texts=self._texts(*logprobs) if logprobs else None,
+        )
         tracked.num_sent_tokens = len(ids)
         return EngineOutputEntry(rid, False, len(ids)), body.to_bytes()
 
@@ -102,6 +125,8 @@ class OutputBuilder:
         delta = tracked.unsent_text + tracked.detok.finish(new_ids, matched)
         ids = tuple(tracked.detok.token_ids)
         stream = tracked.meta.stream
+        logprobs = None if tracked.logprobs is None else tuple(tracked.logprobs)
+        prompt = None if out.prompt_logprobs is None else tuple(out.prompt_logprobs)
         body = OutputBody(
             text=tracked.detok.text,
             token_ids=ids,
@@ -113,8 +138,24 @@ class OutputBuilder:
             prompt_tokens=int(out.prompt_len or 0),
             completion_tokens=len(ids),
             cached_tokens=int(out.cached_len or 0),
+            stop_reason=out.stop_reason,
+            logprobs=logprobs,
+            prompt_logprobs=prompt,
+            token_texts=self._texts(*(logprobs or ()), *(prompt or ())) if logprobs or prompt else None,
         )
         return EngineOutputEntry(tracked.meta.request_id, True, len(ids)), body.to_bytes()
+
+    def _texts(self, *entries: PositionLogprobs) -> dict[int, str]:
+        """The text of every token id ``entries`` name, each decoded alone."""
+        known = self._token_texts
+        texts: dict[int, str] = {}
+        for entry in entries:
+            for token_id in entry.ids:
+                text = known.get(token_id)
+                if text is None:
+                    text = known[token_id] = self._decode([token_id])
+                texts[token_id] = text
+        return texts
 
     def drop(self, request_id: int) -> None:
         self._requests.pop(request_id, None)

@@ -1,0 +1,47 @@
+"""Output bodies as the SDK hands them back: ``GenerationResult`` and ``StreamDelta`` (pure)."""
+
+from __future__ import annotations
+
+from dpinfer import protocol as p
+from dpinfer.outputs import GenerationResult, StreamDelta
+
+
+def result_of(request_id: int, rank: int, body: p.OutputBody, latency_s: float) -> GenerationResult:
+    return GenerationResult(
+        request_id=request_id,
+        text=body.text,
+        token_ids=body.token_ids,
+        finish_reason=body.finish_reason or p.FinishReason.ERROR.value,
+        error=body.error if body.finish_reason else (body.error or "final output without a finish reason"),
+        error_code=body.error_code if body.finish_reason else (body.error_code or p.ErrorCode.INTERNAL.value),
+        rank=rank,
+        prompt_tokens=body.prompt_tokens,
+        completion_tokens=body.completion_tokens,
+        cached_tokens=body.cached_tokens,
+        latency_s=latency_s,
+        stop_reason=body.stop_reason,
+        logprobs=None if body.logprobs is None else [e.as_dict() for e in body.logprobs],
+        prompt_logprobs=None
+        if body.prompt_logprobs is None
+        else [None, *(e.as_dict() for e in body.prompt_logprobs)],
+        token_texts=body.token_texts,
+    )
+
+
+def delta_of(request_id: int, body: p.OutputBody) -> StreamDelta:
+    logprobs = None if body.logprobs is None else [e.as_dict() for e in body.logprobs]
+    return StreamDelta(
+        request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts
+    )
+
+
+def tail_of(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
+    text = body.delta_text if body else ""
+    token_ids = body.delta_token_ids if body else ()
+    logprobs = None
+    if result.logprobs is not None:  # the final body's logprobs are the whole result's: the tail's end them
+        logprobs = result.logprobs[len(result.token_ids) - len(token_ids) :]
+    return StreamDelta(
+        result.request_id, text, token_ids, finished=True, result=result,
+        logprobs=logprobs, token_texts=result.token_texts,
+    )  # fmt: skip
