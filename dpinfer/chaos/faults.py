@@ -96,6 +96,11 @@ class Injector:
         pending, self._pending = self._pending, []
         await asyncio.gather(*pending)
 
+    @property
+    def restarting(self) -> bool:
+        """Whether a rank a fault ended is still coming back."""
+        return any(not task.done() for task in self._pending)
+
     def cancel(self) -> None:
         for task in self._pending:
             task.cancel()

@@ -4,7 +4,8 @@ The schedule is a pure function of the seed, the fault kinds and the deployment'
 rounds in which every chosen kind appears once, in a seeded order, each fault after a seeded
 pause. A fault that kills a rank process (the rank main, or its scheduler child) uses one of
 that rank's restarts, so it targets only ranks with restarts left; once none has any, those
-kinds drop out and the other kinds go on.
+kinds drop out and the other kinds go on. (While a rank restarts, the run lets such a fault
+wait and injects the next ones first, so a slow model load never stalls the schedule.)
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from dpinfer.chaos.invariants import (
     check_vanished,
 )
 from dpinfer.chaos.monitor import MIGRATION_COUNTERS, RESUBMISSION_COUNTERS, Monitor
-from dpinfer.chaos.plan import ChaosConfig, FaultKind, PlannedFault, draw_schedule
+from dpinfer.chaos.plan import RESTARTING_KINDS, ChaosConfig, FaultKind, PlannedFault, draw_schedule
 from dpinfer.chaos.workload import SAMPLED, Workload, request_pool
 
 ProgressFn = Callable[[str, float], None]
@@ -151,7 +151,20 @@ def result_kinds(result: ChaosResult) -> set[FaultKind]:
 async def _inject(
     injector: Injector, schedule: list[PlannedFault], config: ChaosConfig, started: float, result: ChaosResult
 ) -> None:
-    for fault in schedule:
+    """Faults in schedule order, except that one which would end a rank while another rank is
+    still restarting waits (the next ones go first) until that restart is over."""
+    queue, deferred = list(schedule), list[PlannedFault]()
+    while queue or deferred:
+        if deferred and not injector.restarting:
+            fault = deferred.pop(0)
+        elif queue:
+            fault = queue.pop(0)
+            if fault.kind in RESTARTING_KINDS and injector.restarting:
+                deferred.append(fault)
+                continue
+        else:
+            await injector.settle()
+            continue
         if time.monotonic() - started + fault.gap_s >= config.duration_s:
             return
         await asyncio.sleep(fault.gap_s)
