@@ -253,3 +253,20 @@ def test_load_report_counts(runner: ModelRunner) -> None:
     assert report.num_running == 2 and report.num_waiting == 1
     assert report.kv_used_tokens >= len(PROMPTS[0]) + len(PROMPTS[1])
     assert report.kv_used_tokens + report.kv_free_tokens == report.kv_capacity_tokens == 4096
+
+
+@pytest.mark.parametrize("seed", [None, 1234])
+def test_a_continuation_goes_on_where_the_moved_request_stopped(
+    runner: ModelRunner, seed: int | None
+) -> None:
+    # Migration: prompt + the tokens generated elsewhere, prefilled at once, then decoding on.
+    # Greedy, and seeded sampling (the generator skips one draw per resumed token), give the
+    # undisturbed tokens; the continuation reports only what follows, counted against the limit.
+    params = greedy(20) if seed is None else SamplingParams(max_new_tokens=20, temperature=0.9, seed=seed)
+    (whole,) = generate(runner, [PROMPTS[2]], params)
+    for cut in (1, 7, 19):
+        c = Collector(new_scheduler(runner))
+        c.add(1, PROMPTS[2], params, resume_ids=tuple(whole[:cut]))
+        c.run()
+        assert c.tokens[1] == whole[cut:], cut
+        assert c.final[1].finish_reason == "length" and c.final[1].prompt_len == len(PROMPTS[2])

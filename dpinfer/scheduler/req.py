@@ -64,6 +64,11 @@ class Req:
         self.generator: torch.Generator | None = (
             None if request.sampling.greedy else make_generator(request.sampling.seed)
         )
+        if self.generator is not None and request.resume_ids and request.sampling.seed is not None:
+            # A seeded continuation draws on where the moved request stopped: the sampler takes
+            # one uniform per generated token, so skip one per resumed token.
+            for _ in request.resume_ids:
+                torch.rand((), generator=self.generator)
         self.finish: Finish | None = None
         self.num_reported = len(self.output_ids)
         self.cached_len = 0
