@@ -6,6 +6,11 @@ as the keyword argument ``dp_batch``; Llama-family models forward unknown keywor
 to the attention function of every layer, which is ``paged_attention`` once
 ``register()`` has run and the model selected ``ATTENTION_NAME``.
 
+A *mixed* batch (``ForwardMode.MIXED``, ``mixed_forward_batch``) is a decode batch and an
+extend batch in one pass: the ``num_decode`` decode tokens come first (one per running
+request, attended like a decode batch), the prompt chunks after them (attended like an
+extend batch), so prefilling a prompt never stops the running requests' streams.
+
 Contract of the attention function (checked against transformers 5.23): it receives
 ``query [1, H, T, D]`` and ``key/value [1, Hkv, T, D]`` with rotary embeddings applied, and
 returns ``(out, None)`` with ``out`` laid out ``[1, T, H, D]``.
@@ -30,6 +35,8 @@ class ForwardMode(enum.Enum):
     """Several new tokens per request (prefill, or a prefill chunk after a cached prefix)."""
     DECODE = "decode"
     """Exactly one new token per request."""
+    MIXED = "mixed"
+    """``num_decode`` decode tokens (one per running request), then extend sequences."""
 
 
 @dataclass
@@ -72,6 +79,40 @@ class ForwardBatch:
     """Extend with images: ``[K]`` rows of ``[T]`` whose input embedding is an image feature."""
     image_embeds: torch.Tensor | None = None
     """Extend with images: ``[K, hidden]`` features written at ``image_positions``."""
+    num_decode: int = 0
+    """Mixed: the first ``num_decode`` rows of ``[T]`` are decode tokens (the rest extend)."""
+
+
+def mixed_forward_batch(decode: ForwardBatch, extend: ForwardBatch) -> ForwardBatch:
+    """One pass computing ``decode``'s tokens first, then ``extend``'s (``ForwardMode.MIXED``).
+
+    The extend part is shifted by the decode tokens: its ``q_start``s, logits rows and image
+    rows. Logits come back in the same order: one row per decode request, then the extend
+    batch's kept rows.
+    """
+    assert decode.mode is ForwardMode.DECODE and extend.mode is ForwardMode.EXTEND
+    b = len(decode.input_ids)
+    device = decode.input_ids.device
+    assert extend.logits_indices is not None, "an extend batch names its kept rows"
+    seqs = [
+        ExtendSeq(s.q_start + b, s.q_len, s.prefix_len, kv_indices=s.kv_indices, mask=s.mask)
+        for s in extend.extend_seqs
+    ]
+    return ForwardBatch(
+        mode=ForwardMode.MIXED,
+        kv_pool=decode.kv_pool,
+        input_ids=torch.cat([decode.input_ids, extend.input_ids]),
+        positions=torch.cat([decode.positions, extend.positions]),
+        out_cache_loc=torch.cat([decode.out_cache_loc, extend.out_cache_loc]),
+        logits_indices=torch.cat([torch.arange(b, device=device), extend.logits_indices + b]),
+        extend_seqs=seqs,
+        kv_indices=decode.kv_indices,
+        kv_mask=decode.kv_mask,
+        kv_rows=decode.kv_rows,
+        image_positions=None if extend.image_positions is None else extend.image_positions + b,
+        image_embeds=extend.image_embeds,
+        num_decode=b,
+    )
 
 
 def bottom_right_causal_mask(q_len: int, prefix_len: int, device: torch.device) -> torch.Tensor:
@@ -88,9 +129,9 @@ def _extend(
     batch: ForwardBatch,
     layer: int,
     scaling: float | None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    _, num_heads, total, head_dim = query.shape
-    out = query.new_empty(1, total, num_heads, head_dim)
+    """Attention of every extend sequence, written into its rows of ``out [1, T, H, D]``."""
     k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
     for seq in batch.extend_seqs:
         end = seq.q_start + seq.q_len
@@ -159,7 +200,12 @@ def paged_attention(
     pool.v_buffers[layer].index_copy_(0, loc, value[0].transpose(0, 1))
     if dp_batch.mode is ForwardMode.DECODE:
         return _decode(query, dp_batch, layer, scaling), None
-    return _extend(query, key, value, dp_batch, layer, scaling), None
+    _, num_heads, total, head_dim = query.shape
+    out = query.new_empty(1, total, num_heads, head_dim)
+    b = dp_batch.num_decode
+    if b:
+        out[:, :b] = _decode(query[:, :, :b], dp_batch, layer, scaling)
+    return _extend(query, key, value, dp_batch, layer, scaling, out), None
 
 
 _registered = False
