@@ -133,3 +133,28 @@ def test_mixed_pass_equals_its_parts(runner: ModelRunner) -> None:
     apart = torch.cat([runner.forward(decode_part), runner.forward(extend_part)])
     assert together.shape == (len(SHORT) + 1, runner.vocab_size)
     torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_and_ragged_decode_agree(runner: ModelRunner) -> None:
+    """The GPU's padded decode attention (one call, masked) equals the CPU's ragged one
+    (a call per request) on a GQA model, alone and inside a mixed pass."""
+    assert runner.layout.num_kv_heads < runner.model.config.num_attention_heads, "a GQA model"
+    s = Scheduler(runner, SchedulerConfig(max_kv_tokens=4096, max_prefill_tokens=96))
+    start_short_requests(s)
+    s.add_request(TokenizedRequest(5, LONG[:40], greedy(4), stream=True))
+    assert s.running is not None
+    slots = s._reserve_decode()
+    extend = s._schedule_prefill(s.config.max_prefill_tokens - len(s.running))
+    assert extend is not None
+    ragged = s.running.prepare_for_decode(slots, padded=False)
+    s.running.seq_lens -= 1  # prepare the same step again, the other way
+    padded = s.running.prepare_for_decode(slots, padded=True)
+    assert ragged.kv_rows is not None and padded.kv_indices is not None and padded.kv_rows is None
+    torch.testing.assert_close(runner.forward(padded), runner.forward(ragged), rtol=1e-4, atol=1e-4)
+    prefill = extend.prepare_for_extend()
+    torch.testing.assert_close(
+        runner.forward(mixed_forward_batch(padded, prefill)),
+        runner.forward(mixed_forward_batch(ragged, prefill)),
+        rtol=1e-4,
+        atol=1e-4,
+    )

@@ -155,27 +155,37 @@ def _decode_ragged(
     # and attends over max_len for every request (measured ~2x at lengths 30-500).
     assert batch.kv_rows is not None
     k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
-    outs = []
+    _, num_heads, _, head_dim = query.shape
+    num_kv = k_buf.shape[1]
+    rows = query[0].transpose(0, 1)  # [T, H, D]
+    out = query.new_empty(1, len(batch.kv_rows), num_heads, head_dim)
     for i, slots in enumerate(batch.kv_rows):
         k = k_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
         v = v_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-        q = query[:, :, i : i + 1]
-        outs.append(F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
-    return torch.cat(outs, dim=2).transpose(1, 2)
+        q = rows[i].reshape(1, num_kv, num_heads // num_kv, head_dim)  # query groups, see _decode
+        out[0, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling).view(num_heads, head_dim)
+    return out
 
 
 def _decode(query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None) -> torch.Tensor:
+    """Attention of one new token per request, ``query [1, H, B, D]`` -> ``[1, B, H, D]``.
+
+    With grouped-query attention the ``H / Hkv`` query heads of one KV head attend as that
+    head's query rows (``[Hkv, G, D]``): one token sees every key, so no mask is needed and
+    the KV heads are never repeated (measured 1.5-2x faster than ``enable_gqa`` on CPU).
+    """
     if batch.kv_rows is not None:
         return _decode_ragged(query, batch, layer, scaling)
     assert batch.kv_indices is not None and batch.kv_mask is not None
     _, num_heads, bsz, head_dim = query.shape
     k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
+    num_kv = k_buf.shape[1]
     max_len = batch.kv_indices.shape[1]
     flat = batch.kv_indices.view(-1)
     k = k_buf.index_select(0, flat).view(bsz, max_len, *k_buf.shape[1:]).transpose(1, 2)
     v = v_buf.index_select(0, flat).view(bsz, max_len, *v_buf.shape[1:]).transpose(1, 2)
-    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.kv_mask, scale=scaling, enable_gqa=True)
+    q = query[0].transpose(0, 1).reshape(bsz, num_kv, num_heads // num_kv, head_dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.kv_mask, scale=scaling)
     return o.view(1, bsz, num_heads, head_dim)
 
 
