@@ -13,26 +13,50 @@ Workloads (fixed seed, random token ids, greedy, ``ignore_eos`` so output length
 The Scheduler gets every request at t=0 and each output token is timestamped when the step
 that produced it returns; ``generate`` tokens are timestamped by a logits processor at the
 step that produced them. TTFT counts from t=0 (queueing included), TPOT is
-``(last - first) / (n - 1)`` per request.
+``(last - first) / (n - 1)`` per request; ``tpot_p99_over_p50`` shows how much the slowest
+streams stall (prefills that stop the running streams make it large).
+
+Both dpinfer systems run with ``--step-tokens`` as the token budget of one step (decodes
+first, then prompt chunks; ``--no-mixed-steps`` alternates prefill-only and decode-only
+steps instead). On ``mixed`` the report adds ``matmul``/``matmul_peak_fraction``: the
+in-process run's model FLOP rate over a ``torch`` matmul peak at the model's shapes,
+measured in the same run (``matmul_peak.py``); it means something on a model whose steps
+are matmul-bound (``--model smollm2-135m``), not on tiny-llama, whose are framework overhead.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import click
 
+from dpinfer.bench.hf_baseline import HFGenerator, run_hf_generate
+from dpinfer.bench.matmul_peak import MatmulPeak, measure_peak, model_gflop
 from dpinfer.bench.report import Column, MachineInfo, emit, json_option, machine_info, render_table
-from dpinfer.bench.workloads import Case, Workload, make_mixed, make_shared_prefix, summarize
+from dpinfer.bench.workloads import (
+    DEFAULT_STEP_TOKENS,
+    Case,
+    EngineSetup,
+    Workload,
+    make_mixed,
+    make_shared_prefix,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from dpinfer.runner.model_runner import ModelRunner
 
-HF_BATCH_SIZE = 16
+TARGETS = {
+    "mixed": 2.0,
+    "mixed_through_rank": 3.0,
+    "shared_prefix": 1.5,
+    "tpot_p99_over_p50_max": 2.0,
+    "matmul_peak_fraction": 0.7,
+}
 
 
 class Sizes(TypedDict):
@@ -45,6 +69,15 @@ class Sizes(TypedDict):
     shared_output: tuple[int, int]
 
 
+class MatmulReport(MatmulPeak):
+    """The in-process ``mixed`` run against the matmul peak."""
+
+    system: str
+    model_gflop: float
+    model_gflop_per_s: float
+    matmul_peak_fraction: float
+
+
 class EngineReport(TypedDict):
     """What ``dpinfer bench engine --json`` prints."""
 
@@ -53,26 +86,33 @@ class EngineReport(TypedDict):
     device: str
     dtype: str
     torch_threads: int
+    step_tokens: int
+    mixed_steps: bool
     machine: MachineInfo
     cases: list[Case]
     speedup: dict[str, float]
     """Per workload: output tok/s of dpinfer over its baseline."""
     targets: dict[str, float]
+    """``speedup`` minimums, the most a case's ``tpot_p99_over_p50`` should be, and the
+    least ``matmul_peak_fraction`` should be (on smollm2-135m)."""
+    matmul: NotRequired[MatmulReport]
+    matmul_peak_fraction: NotRequired[float]
 
 
-class HFGenerator(Protocol):
-    """What the baseline calls on a ``transformers`` causal LM (``AutoModelForCausalLM``)."""
-
-    def generate(self, **kwargs: object) -> object: ...
-
-
-def run_dpinfer(runner: ModelRunner, workload: Workload, radix: bool, system: str) -> Case:
+def run_dpinfer(
+    runner: ModelRunner, workload: Workload, radix: bool, system: str, setup: EngineSetup
+) -> Case:
     from dpinfer.config import SchedulerConfig
     from dpinfer.protocol.local import TokenizedRequest
     from dpinfer.sampling import SamplingParams
     from dpinfer.scheduler.scheduler import Scheduler
 
-    config = SchedulerConfig(max_running_requests=64, max_prefill_tokens=2048, enable_radix_cache=radix)
+    config = SchedulerConfig(
+        max_running_requests=setup.max_running_requests,
+        max_prefill_tokens=setup.step_tokens,
+        enable_radix_cache=radix,
+        mixed_steps=setup.mixed_steps,
+    )
     scheduler = Scheduler(runner, config)
     stamps: list[list[float]] = [[] for _ in workload.prompts]
     cached = 0
@@ -99,51 +139,29 @@ def run_dpinfer(runner: ModelRunner, workload: Workload, radix: bool, system: st
     return case
 
 
-def run_hf_generate(model: HFGenerator, workload: Workload, pad_id: int) -> Case:
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class StepClock(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.times.append(time.perf_counter())
-            return scores
-
-    stamps: list[list[float]] = []
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for start in range(0, len(workload.prompts), HF_BATCH_SIZE):
-        prompts = workload.prompts[start : start + HF_BATCH_SIZE]
-        out_lens = workload.output_lens[start : start + HF_BATCH_SIZE]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        clock = StepClock()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max(out_lens),
-                min_new_tokens=max(out_lens),  # no EOS: every request runs its full length
-                do_sample=False,
-                pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([clock]),
-            )
-        stamps.extend(clock.times[:n] for n in out_lens)
-    return summarize(workload, "hf_generate", t0, stamps, time.perf_counter(), time.process_time() - cpu0)
-
-
-def warm_up(runner: ModelRunner, model: HFGenerator) -> None:
+def warm_up(runner: ModelRunner, model: HFGenerator, setup: EngineSetup) -> None:
     """One short request through each system, so allocation and lazy init are not timed."""
     warm = Workload("warmup", [list(range(3, 40)), list(range(5, 20))], [4, 4])
-    run_dpinfer(runner, warm, radix=True, system="warmup")
-    run_hf_generate(model, warm, pad_id=0)
+    run_dpinfer(runner, warm, radix=True, system="warmup", setup=setup)
+    run_hf_generate(model, warm, pad_id=0, device=setup.device)
+
+
+def _compute_figures(peak: MatmulPeak, workload: Workload, case: Case) -> MatmulReport:
+    """``case``'s model FLOP rate against the matmul peak (see ``matmul_peak.py``)."""
+    prompt_tokens = sum(len(p) for p in workload.prompts) - case.get("cached_tokens", 0)
+    body_tokens = prompt_tokens + case["output_tokens"] - case["num_requests"]
+    gflop, peak_s = model_gflop(peak, body_tokens, case["output_tokens"])
+    return {
+        **peak,
+        "system": case["system"],
+        "model_gflop": round(gflop, 1),
+        "model_gflop_per_s": round(gflop / case["duration_s"], 2),
+        "matmul_peak_fraction": round(peak_s / case["duration_s"], 3),
+    }
 
 
 def run_bench(
-    model_name: str,
-    threads: int,
+    setup: EngineSetup,
     workloads: list[str],
     num_requests: int,
     sizes: Sizes,
@@ -156,44 +174,53 @@ def run_bench(
     from dpinfer.config import ModelConfig, SchedulerConfig
     from dpinfer.runner.model_runner import ModelRunner
 
-    torch.set_num_threads(threads)
-    runner = ModelRunner(ModelConfig(model=model_name), SchedulerConfig(max_running_requests=64))
-    model = AutoModelForCausalLM.from_pretrained(runner.spec.path, dtype=torch.float32).eval()
+    torch.set_num_threads(setup.threads)
+    model_config = ModelConfig(model=setup.model, device=setup.device, dtype=setup.dtype)
+    runner = ModelRunner(model_config, SchedulerConfig(max_running_requests=setup.max_running_requests))
+    model = AutoModelForCausalLM.from_pretrained(runner.spec.path, dtype=getattr(torch, setup.dtype)).eval()
+    model.to(setup.device)
     pad_id = model.generation_config.pad_token_id or 0
     vocab = runner.vocab_size
-    warm_up(runner, model)
+    warm_up(runner, model, setup)
     cases: list[Case] = []
     speedup: dict[str, float] = {}
+    report: EngineReport = {
+        "bench": "engine",
+        "model": setup.model,
+        "device": setup.device,
+        "dtype": setup.dtype,
+        "torch_threads": setup.threads,
+        "step_tokens": setup.step_tokens,
+        "mixed_steps": setup.mixed_steps,
+        "machine": machine_info(),
+        "cases": cases,
+        "speedup": speedup,
+        "targets": dict(TARGETS),
+    }
     if "mixed" in workloads:
+        peak = measure_peak(runner.model)
         wl = make_mixed(num_requests, vocab, sizes["prompt"], sizes["output"], seed)
-        ours, base = run_dpinfer(runner, wl, radix=True, system="dpinfer"), run_hf_generate(model, wl, pad_id)
+        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer", setup=setup)
+        base = run_hf_generate(model, wl, pad_id, setup.device)
         cases += [ours, base]
         speedup["mixed"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
+        report["matmul"] = _compute_figures(peak, wl, ours)
+        report["matmul_peak_fraction"] = report["matmul"]["matmul_peak_fraction"]
         if through_rank:
             from dpinfer.bench.engine_stack import run_rank_stack
 
-            stack = run_rank_stack(model_name, threads, wl)
+            stack = run_rank_stack(setup, wl)
             cases.append(stack)
             speedup["mixed_through_rank"] = round(stack["output_tok_per_s"] / base["output_tok_per_s"], 2)
     if "shared_prefix" in workloads:
         wl = make_shared_prefix(
             num_requests, vocab, sizes["prefix"], sizes["suffix"], sizes["shared_output"], seed
         )
-        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer")
-        base = run_dpinfer(runner, wl, radix=False, system="dpinfer_no_cache")
+        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer", setup=setup)
+        base = run_dpinfer(runner, wl, radix=False, system="dpinfer_no_cache", setup=setup)
         cases += [ours, base]
         speedup["shared_prefix"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
-    return {
-        "bench": "engine",
-        "model": model_name,
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": threads,
-        "machine": machine_info(),
-        "cases": cases,
-        "speedup": speedup,
-        "targets": {"mixed": 2.0, "shared_prefix": 1.5},
-    }
+    return report
 
 
 COLUMNS = [
@@ -207,11 +234,15 @@ COLUMNS = [
     Column("ttft_p99_ms", "TTFT p99 ms"),
     Column("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"),
     Column("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
+    Column("tpot_p99_over_p50", "p99/p50", "{:.2f}"),
 ]
 
 
 def _tables(report: EngineReport) -> list[Table]:
-    title = f"engine: {report['model']}, cpu fp32, {report['torch_threads']} torch threads"
+    title = (
+        f"engine: {report['model']}, {report['device']} {report['dtype']}, "
+        f"{report['torch_threads']} torch threads, {report['step_tokens']} tokens per step"
+    )
     rows: list[Mapping[str, object]] = [*report["cases"]]
     rows += [
         {"workload": k, "system": "speedup", "output_tok_per_s": v} for k, v in report["speedup"].items()
@@ -241,6 +272,27 @@ def _range(text: str) -> tuple[int, int]:
     type=click.IntRange(min=1),
     help="torch threads, the same for both systems (1 is steadiest on a shared machine).",
 )
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (both systems).")
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Model dtype (both systems).",
+)
+@click.option(
+    "--step-tokens",
+    default=DEFAULT_STEP_TOKENS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="dpinfer's token budget of one step (--max-prefill-tokens).",
+)
+@click.option(
+    "--mixed-steps/--no-mixed-steps",
+    default=True,
+    show_default=True,
+    help="dpinfer runs decodes and prompt chunks in one pass (off: alternating steps).",
+)
 @click.option(
     "--workload",
     "workloads",
@@ -269,6 +321,10 @@ def _range(text: str) -> tuple[int, int]:
 def command(
     model: str,
     threads: int,
+    device: str,
+    dtype: str,
+    step_tokens: int,
+    mixed_steps: bool,
     workloads: tuple[str, ...],
     num_requests: int,
     prompt_len: str,
@@ -288,12 +344,20 @@ def command(
         suffix=_range(suffix_len),
         shared_output=_range(shared_output_len),
     )
+    setup = EngineSetup(model, device, dtype, threads, step_tokens, mixed_steps)
     report = run_bench(
-        model, threads, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
+        setup, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
     )
     notes = [
         f"Both systems in one process, {threads} torch threads each; greedy, ignore_eos.",
         "speedup: mixed = dpinfer / hf_generate, shared_prefix = dpinfer / dpinfer_no_cache (output tok/s).",
         "dpinfer_rank: mixed through a real rank stack (tokenizer, scheduler, detokenizer processes).",
     ]
+    if "matmul" in report:
+        mm = report["matmul"]
+        notes.append(
+            f"matmul_peak_fraction {mm['matmul_peak_fraction']}: {mm['model_gflop_per_s']} model GFLOP/s "
+            f"({mm['system']}) over a torch matmul peak of {mm['body_gflop_per_s']} (body) / "
+            f"{mm['head_gflop_per_s']} (LM head) GFLOP/s at the model's shapes."
+        )
     emit(report, as_json, _tables, notes)
