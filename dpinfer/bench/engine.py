@@ -26,6 +26,7 @@ are matmul-bound (``--model smollm2-135m``), not on tiny-llama, whose are framew
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NotRequired, TypedDict
@@ -176,7 +177,17 @@ def run_bench(
 
     torch.set_num_threads(setup.threads)
     model_config = ModelConfig(model=setup.model, device=setup.device, dtype=setup.dtype)
-    runner = ModelRunner(model_config, SchedulerConfig(max_running_requests=setup.max_running_requests))
+    # A pool for every request of the workload at its longest, the same size in the rank.
+    longest = max(
+        sizes["prompt"][1] + sizes["output"][1],
+        sizes["prefix"] + sizes["suffix"][1] + sizes["shared_output"][1],
+    )
+    kv_tokens = setup.max_running_requests * longest
+    pool = SchedulerConfig(
+        max_running_requests=setup.max_running_requests, max_kv_tokens=kv_tokens, kv_cache_fraction=0.5
+    )
+    runner = ModelRunner(model_config, pool)
+    setup = dataclasses.replace(setup, kv_cache_bytes=runner.num_slots * runner.layout.bytes_per_token)
     model = AutoModelForCausalLM.from_pretrained(runner.spec.path, dtype=getattr(torch, setup.dtype)).eval()
     model.to(setup.device)
     pad_id = model.generation_config.pad_token_id or 0

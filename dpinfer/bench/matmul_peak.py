@@ -7,8 +7,8 @@ back), the LM head only for generated tokens (one row of logits each). Attention
 norms and activations are not counted, so the figure is what the matmuls alone would need.
 
 The *peak* is measured in the same process just before: ``torch.nn.functional.linear`` at each
-of the model's weight shapes (its own weights), with 64, 256 and 1024 rows, best of a few runs
-per shape. ``matmul_peak_fraction`` is the time the run's FLOPs take at those peak rates
+of the model's weight shapes (its own weights), with 64, 128 and 512 rows, the best of up to
+ten runs per shape. ``matmul_peak_fraction`` is the time the run's FLOPs take at those peak rates
 (body FLOPs at the body's shapes, head FLOPs at the head's) over the run's wall time: 1.0
 would be an engine doing nothing but perfectly efficient matmuls.
 """
@@ -22,8 +22,11 @@ from typing import TYPE_CHECKING, TypedDict
 if TYPE_CHECKING:
     import torch
 
-PEAK_ROWS = (64, 256, 1024)
-REPEATS = 3
+PEAK_ROWS = (64, 128, 512)
+REPEATS = 10
+REPEAT_BUDGET_S = 0.5
+"""Per shape and row count: the best of ``REPEATS`` runs, fewer once ``REPEAT_BUDGET_S`` is
+spent (noise from other work on the machine only ever lowers a rate, so the best is kept)."""
 
 
 class MatmulPeak(TypedDict):
@@ -52,15 +55,21 @@ def _rate(weight: torch.Tensor, rows: int) -> float:
     import torch.nn.functional as F
 
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    cuda = weight.device.type == "cuda"
     best = float("inf")
     with torch.inference_mode():
         F.linear(x, weight)
+        if cuda:
+            torch.cuda.synchronize(weight.device)
+        deadline = time.perf_counter() + REPEAT_BUDGET_S
         for _ in range(REPEATS):
             t0 = time.perf_counter()
             F.linear(x, weight)
-            if weight.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(weight.device)
             best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() > deadline:
+                break
     return 2 * rows * weight.numel() / best / 1e9
 
 

@@ -26,6 +26,9 @@ class EngineSetup:
     step_tokens: int = DEFAULT_STEP_TOKENS
     mixed_steps: bool = True
     max_running_requests: int = 64
+    kv_cache_bytes: int = 0
+    """The KV pool both systems get (set from the in-process runner's pool, so the rank's is
+    the same size)."""
 
 
 @dataclass(frozen=True)
