@@ -181,9 +181,13 @@ class SchedulerConfig:
     max_running_requests: int = 64
     """Most requests decoding at once."""
     max_prefill_tokens: int = 2048
-    """Token budget of one prefill (extend) step; longer prompts are chunked."""
+    """Token budget of one step. With ``mixed_steps`` the running requests' decode tokens
+    count first and prompt chunks get the rest; prompts longer than that are chunked."""
     enable_radix_cache: bool = True
     """Reuse KV of shared prompt prefixes across requests."""
+    mixed_steps: bool = True
+    """Decode tokens and prompt chunks share one forward pass (a prefill never stalls the
+    running streams); False alternates prefill-only and decode-only steps."""
 
     def __post_init__(self) -> None:
         _positive(self.kv_cache_bytes, "--kv-cache-bytes", allow_zero=True)

@@ -28,12 +28,14 @@ def test_bench_engine_json_shape() -> None:
         "--prefix-len=48",
         "--suffix-len=2-6",
         "--shared-output-len=2-4",
+        "--step-tokens=32",
         "--json",
     ]
     result = CliRunner().invoke(command, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # stderr may carry logs
     assert report["torch_threads"] == 1
+    assert report["step_tokens"] == 32 and report["mixed_steps"] is True
     systems = {(c["workload"], c["system"]) for c in report["cases"]}
     assert systems == {
         ("mixed", "dpinfer"),
@@ -44,8 +46,16 @@ def test_bench_engine_json_shape() -> None:
         ("shared_prefix", "dpinfer_no_cache"),
     }
     for case in report["cases"]:
-        for key in ("output_tok_per_s", "ttft_p50_ms", "tpot_p50_ms", "ttft_p99_ms", "tpot_p99_ms"):
+        for key in (
+            "output_tok_per_s",
+            "ttft_p50_ms",
+            "tpot_p50_ms",
+            "ttft_p99_ms",
+            "tpot_p99_ms",
+        ):
             assert isinstance(case[key], int | float) and case[key] >= 0, (case["system"], key)
+        ratio = case["tpot_p99_over_p50"]  # null when p50 is 0 (tokens of a stream arrived together)
+        assert ratio is None or ratio >= 1.0 or case["tpot_p50_ms"] == 0, case
         assert case["num_requests"] == 6
     mixed = [c for c in report["cases"] if c["workload"] == "mixed"]
     assert len({c["output_tokens"] for c in mixed}) == 1, "same requested tokens on every system"
@@ -57,5 +67,10 @@ def test_bench_engine_json_shape() -> None:
         "logprobs_cpu",
     }
     assert all(v > 0 for v in report["speedup"].values())
+    matmul = report["matmul"]
+    assert matmul["system"] == "dpinfer" and matmul["body_params"] > 0 and matmul["head_params"] > 0
+    assert 0 < report["matmul_peak_fraction"] == matmul["matmul_peak_fraction"] < 1.5
+    assert matmul["model_gflop"] > 0 and matmul["body_gflop_per_s"] > 0
+    assert report["targets"]["matmul_peak_fraction"] == 0.7 and report["targets"]["mixed_through_rank"] == 3.0
     cached = {c["system"]: c["cached_tokens"] for c in report["cases"] if c["workload"] == "shared_prefix"}
     assert cached["dpinfer"] > 0 and cached["dpinfer_no_cache"] == 0

@@ -3,8 +3,11 @@
 32 prompts of mixed lengths (half share prefixes) arrive a few at a time, so extend and
 decode steps interleave. The same expected outputs must come out with the radix cache on
 and off, with chunked prefill, and with a KV pool so small that requests are retracted.
-``generate`` keeps the EOS token in its output; the Scheduler does not (it reports it as
-``matched_stop``), so the comparison strips a trailing EOS from ``generate``'s output.
+Each combination runs with mixed steps (decodes and prompt chunks in one forward pass, the
+default) and without them (prefill-only and decode-only passes), and checks that the passes
+it ran were of the kind it asked for. ``generate`` keeps the EOS token in its output; the
+Scheduler does not (it reports it as ``matched_stop``), so the comparison strips a trailing
+EOS from ``generate``'s output.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
+from dpinfer.runner.attention import ForwardMode
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.sampling import SamplingParams
 from dpinfer.scheduler.scheduler import Scheduler
@@ -102,37 +106,64 @@ def assert_parity(tokens: dict[int, list[int]], cases: list[Case]) -> None:
     )
 
 
+def assert_step_kinds(scheduler: Scheduler) -> None:
+    """Mixed steps ran when asked for (and only then), beside plain decode and extend passes."""
+    steps = scheduler.steps_by_mode
+    assert steps[ForwardMode.DECODE] > 0 and steps[ForwardMode.EXTEND] > 0
+    if scheduler.config.mixed_steps:
+        assert steps[ForwardMode.MIXED] > 0, "some prompt chunks rode with running decodes"
+    else:
+        assert steps[ForwardMode.MIXED] == 0
+
+
+MIXED = pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "alternating"])
+
+
 def test_workload_exercises_eos_and_mixed_lengths(cases: list[Case]) -> None:
     assert any(c.hit_eos for c in cases), "at least one prompt ends with EOS"
     assert min(len(c.prompt) for c in cases) < 20 and max(len(c.prompt) for c in cases) > 120
 
 
+@MIXED
 @pytest.mark.parametrize("radix", [True, False], ids=["radix", "no_radix"])
-def test_greedy_parity(runner: ModelRunner, cases: list[Case], radix: bool) -> None:
-    scheduler = Scheduler(runner, SchedulerConfig(max_kv_tokens=8192, enable_radix_cache=radix))
+def test_greedy_parity(runner: ModelRunner, cases: list[Case], radix: bool, mixed: bool) -> None:
+    config = SchedulerConfig(max_kv_tokens=8192, enable_radix_cache=radix, mixed_steps=mixed)
+    scheduler = Scheduler(runner, config)
     tokens = serve(scheduler, cases)
     assert_parity(tokens, cases)
     assert scheduler.num_retractions == 0
+    assert_step_kinds(scheduler)
 
 
-def test_greedy_parity_with_chunked_prefill(runner: ModelRunner, cases: list[Case]) -> None:
+@MIXED
+@pytest.mark.parametrize("radix", [True, False], ids=["radix", "no_radix"])
+def test_greedy_parity_with_chunked_prefill(
+    runner: ModelRunner, cases: list[Case], radix: bool, mixed: bool
+) -> None:
     chunk = 48
     assert max(len(c.prompt) for c in cases) > 2 * chunk, "some prompts need several chunks"
-    scheduler = Scheduler(runner, SchedulerConfig(max_kv_tokens=8192, max_prefill_tokens=chunk))
+    config = SchedulerConfig(
+        max_kv_tokens=8192, max_prefill_tokens=chunk, enable_radix_cache=radix, mixed_steps=mixed
+    )
+    scheduler = Scheduler(runner, config)
     assert_parity(serve(scheduler, cases), cases)
+    assert_step_kinds(scheduler)
 
 
+@MIXED
 @pytest.mark.parametrize("radix", [True, False], ids=["radix", "no_radix"])
-def test_greedy_parity_with_retraction(cases: list[Case], radix: bool) -> None:
+def test_greedy_parity_with_retraction(cases: list[Case], radix: bool, mixed: bool) -> None:
     longest = max(len(c.prompt) + c.max_new_tokens for c in cases)
     pool = longest + 24
     small = ModelRunner(ModelConfig(), SchedulerConfig(max_kv_tokens=pool, max_running_requests=16))
-    scheduler = Scheduler(small, SchedulerConfig(max_kv_tokens=pool, enable_radix_cache=radix))
+    config = SchedulerConfig(max_kv_tokens=pool, enable_radix_cache=radix, mixed_steps=mixed)
+    scheduler = Scheduler(small, config)
     assert scheduler.max_context_len == pool
     scheduler.new_token_ratio = 0.0  # admit optimistically so decode runs out of slots
     tokens = serve(scheduler, cases, per_arrival=8, every=1)
     assert scheduler.num_retractions > 0, "the pool was small enough to force retractions"
     assert_parity(tokens, cases)
+    assert_step_kinds(scheduler)
 
 
 @pytest.mark.slow

@@ -17,26 +17,52 @@ Workloads (fixed seed, random token ids, greedy, ``ignore_eos`` so output length
 The Scheduler gets every request at t=0 and each output token is timestamped when the step
 that produced it returns; ``generate`` tokens are timestamped by a logits processor at the
 step that produced them. TTFT counts from t=0 (queueing included), TPOT is
-``(last - first) / (n - 1)`` per request.
+``(last - first) / (n - 1)`` per request; ``tpot_p99_over_p50`` shows how much the slowest
+streams stall (prefills that stop the running streams make it large).
+
+Both dpinfer systems run with ``--step-tokens`` as the token budget of one step (decodes
+first, then prompt chunks; ``--no-mixed-steps`` alternates prefill-only and decode-only
+steps instead). On ``mixed`` the report adds ``matmul``/``matmul_peak_fraction``: the
+in-process run's model FLOP rate over a ``torch`` matmul peak at the model's shapes,
+measured in the same run (``matmul_peak.py``); it means something on a model whose steps
+are matmul-bound (``--model smollm2-135m``), not on tiny-llama, whose are framework overhead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import click
 
+from dpinfer.bench.hf_baseline import HFGenerator, run_hf_generate
+from dpinfer.bench.matmul_peak import MatmulPeak, best_of, measure_peak, model_gflop
 from dpinfer.bench.report import Column, MachineInfo, emit, json_option, machine_info, render_table
-from dpinfer.bench.workloads import Case, Workload, make_mixed, make_shared_prefix, summarize
+from dpinfer.bench.workloads import (
+    DEFAULT_STEP_TOKENS,
+    Case,
+    EngineSetup,
+    Workload,
+    make_mixed,
+    make_shared_prefix,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from dpinfer.runner.model_runner import ModelRunner
 
-HF_BATCH_SIZE = 16
+TARGETS = {
+    "mixed": 2.0,
+    "mixed_through_rank": 3.0,
+    "shared_prefix": 1.5,
+    "tpot_p99_over_p50_max": 2.0,
+    "matmul_peak_fraction": 0.7,
+    "logprobs": 0.9,
+}
 LOGPROBS_K = 5
 """``logprobs`` of every request of the ``dpinfer_logprobs`` case."""
 
@@ -51,6 +77,15 @@ class Sizes(TypedDict):
     shared_output: tuple[int, int]
 
 
+class MatmulReport(MatmulPeak):
+    """The in-process ``mixed`` run against the matmul peak."""
+
+    system: str
+    model_gflop: float
+    model_gflop_per_s: float
+    matmul_peak_fraction: float
+
+
 class EngineReport(TypedDict):
     """What ``dpinfer bench engine --json`` prints."""
 
@@ -59,28 +94,38 @@ class EngineReport(TypedDict):
     device: str
     dtype: str
     torch_threads: int
+    step_tokens: int
+    mixed_steps: bool
     machine: MachineInfo
     cases: list[Case]
     speedup: dict[str, float]
     """Per workload: output tok/s of dpinfer over its baseline."""
     targets: dict[str, float]
-
-
-class HFGenerator(Protocol):
-    """What the baseline calls on a ``transformers`` causal LM (``AutoModelForCausalLM``)."""
-
-    def generate(self, **kwargs: object) -> object: ...
+    """``speedup`` minimums, the most a case's ``tpot_p99_over_p50`` should be, and the
+    least ``matmul_peak_fraction`` should be (on smollm2-135m)."""
+    matmul: NotRequired[MatmulReport]
+    matmul_peak_fraction: NotRequired[float]
 
 
 def run_dpinfer(
-    runner: ModelRunner, workload: Workload, radix: bool, system: str, logprobs: int | None = None
+    runner: ModelRunner,
+    workload: Workload,
+    radix: bool,
+    system: str,
+    setup: EngineSetup,
+    logprobs: int | None = None,
 ) -> Case:
     from dpinfer.config import SchedulerConfig
     from dpinfer.protocol.local import TokenizedRequest
     from dpinfer.sampling import SamplingParams
     from dpinfer.scheduler.scheduler import Scheduler
 
-    config = SchedulerConfig(max_running_requests=64, max_prefill_tokens=2048, enable_radix_cache=radix)
+    config = SchedulerConfig(
+        max_running_requests=setup.max_running_requests,
+        max_prefill_tokens=setup.step_tokens,
+        enable_radix_cache=radix,
+        mixed_steps=setup.mixed_steps,
+    )
     scheduler = Scheduler(runner, config)
     stamps: list[list[float]] = [[] for _ in workload.prompts]
     cached = 0
@@ -107,51 +152,29 @@ def run_dpinfer(
     return case
 
 
-def run_hf_generate(model: HFGenerator, workload: Workload, pad_id: int) -> Case:
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class StepClock(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.times.append(time.perf_counter())
-            return scores
-
-    stamps: list[list[float]] = []
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for start in range(0, len(workload.prompts), HF_BATCH_SIZE):
-        prompts = workload.prompts[start : start + HF_BATCH_SIZE]
-        out_lens = workload.output_lens[start : start + HF_BATCH_SIZE]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        clock = StepClock()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max(out_lens),
-                min_new_tokens=max(out_lens),  # no EOS: every request runs its full length
-                do_sample=False,
-                pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([clock]),
-            )
-        stamps.extend(clock.times[:n] for n in out_lens)
-    return summarize(workload, "hf_generate", t0, stamps, time.perf_counter(), time.process_time() - cpu0)
-
-
-def warm_up(runner: ModelRunner, model: HFGenerator) -> None:
+def warm_up(runner: ModelRunner, model: HFGenerator, setup: EngineSetup) -> None:
     """One short request through each system, so allocation and lazy init are not timed."""
     warm = Workload("warmup", [list(range(3, 40)), list(range(5, 20))], [4, 4])
-    run_dpinfer(runner, warm, radix=True, system="warmup")
-    run_hf_generate(model, warm, pad_id=0)
+    run_dpinfer(runner, warm, radix=True, system="warmup", setup=setup)
+    run_hf_generate(model, warm, pad_id=0, device=setup.device)
+
+
+def _compute_figures(peak: MatmulPeak, workload: Workload, case: Case) -> MatmulReport:
+    """``case``'s model FLOP rate against the matmul peak (see ``matmul_peak.py``)."""
+    prompt_tokens = sum(len(p) for p in workload.prompts) - case.get("cached_tokens", 0)
+    body_tokens = prompt_tokens + case["output_tokens"] - case["num_requests"]
+    gflop, peak_s = model_gflop(peak, body_tokens, case["output_tokens"])
+    return {
+        **peak,
+        "system": case["system"],
+        "model_gflop": round(gflop, 1),
+        "model_gflop_per_s": round(gflop / case["duration_s"], 2),
+        "matmul_peak_fraction": round(peak_s / case["duration_s"], 3),
+    }
 
 
 def run_bench(
-    model_name: str,
-    threads: int,
+    setup: EngineSetup,
     workloads: list[str],
     num_requests: int,
     sizes: Sizes,
@@ -164,20 +187,51 @@ def run_bench(
     from dpinfer.config import ModelConfig, SchedulerConfig
     from dpinfer.runner.model_runner import ModelRunner
 
-    torch.set_num_threads(threads)
-    runner = ModelRunner(ModelConfig(model=model_name), SchedulerConfig(max_running_requests=64))
-    model = AutoModelForCausalLM.from_pretrained(runner.spec.path, dtype=torch.float32).eval()
+    torch.set_num_threads(setup.threads)
+    model_config = ModelConfig(model=setup.model, device=setup.device, dtype=setup.dtype)
+    # A pool for every request of the workload at its longest, the same size in the rank.
+    longest = max(
+        sizes["prompt"][1] + sizes["output"][1],
+        sizes["prefix"] + sizes["suffix"][1] + sizes["shared_output"][1],
+    )
+    kv_tokens = setup.max_running_requests * longest
+    pool = SchedulerConfig(
+        max_running_requests=setup.max_running_requests, max_kv_tokens=kv_tokens, kv_cache_fraction=0.5
+    )
+    runner = ModelRunner(model_config, pool)
+    setup = dataclasses.replace(setup, kv_cache_bytes=runner.num_slots * runner.layout.bytes_per_token)
+    model = AutoModelForCausalLM.from_pretrained(runner.spec.path, dtype=getattr(torch, setup.dtype)).eval()
+    model.to(setup.device)
     pad_id = model.generation_config.pad_token_id or 0
     vocab = runner.vocab_size
-    warm_up(runner, model)
+    warm_up(runner, model, setup)
     cases: list[Case] = []
     speedup: dict[str, float] = {}
+    report: EngineReport = {
+        "bench": "engine",
+        "model": setup.model,
+        "device": setup.device,
+        "dtype": setup.dtype,
+        "torch_threads": setup.threads,
+        "step_tokens": setup.step_tokens,
+        "mixed_steps": setup.mixed_steps,
+        "machine": machine_info(),
+        "cases": cases,
+        "speedup": speedup,
+        "targets": dict(TARGETS),
+    }
     if "mixed" in workloads:
+        peak = measure_peak(runner.model)
         wl = make_mixed(num_requests, vocab, sizes["prompt"], sizes["output"], seed)
-        ours, base = run_dpinfer(runner, wl, radix=True, system="dpinfer"), run_hf_generate(model, wl, pad_id)
+        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer", setup=setup)
+        base = run_hf_generate(model, wl, pad_id, setup.device)
         cases += [ours, base]
         speedup["mixed"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
-        with_logprobs = run_dpinfer(runner, wl, radix=True, system="dpinfer_logprobs", logprobs=LOGPROBS_K)
+        report["matmul"] = _compute_figures(best_of(peak, measure_peak(runner.model)), wl, ours)
+        report["matmul_peak_fraction"] = report["matmul"]["matmul_peak_fraction"]
+        with_logprobs = run_dpinfer(
+            runner, wl, radix=True, system="dpinfer_logprobs", setup=setup, logprobs=LOGPROBS_K
+        )
         cases.append(with_logprobs)
         speedup["logprobs"] = round(with_logprobs["output_tok_per_s"] / ours["output_tok_per_s"], 2)
         # The same ratio in CPU seconds, steadier than wall time on a shared machine (one thread).
@@ -185,28 +239,18 @@ def run_bench(
         if through_rank:
             from dpinfer.bench.engine_stack import run_rank_stack
 
-            stack = run_rank_stack(model_name, threads, wl)
+            stack = run_rank_stack(setup, wl)
             cases.append(stack)
             speedup["mixed_through_rank"] = round(stack["output_tok_per_s"] / base["output_tok_per_s"], 2)
     if "shared_prefix" in workloads:
         wl = make_shared_prefix(
             num_requests, vocab, sizes["prefix"], sizes["suffix"], sizes["shared_output"], seed
         )
-        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer")
-        base = run_dpinfer(runner, wl, radix=False, system="dpinfer_no_cache")
+        ours = run_dpinfer(runner, wl, radix=True, system="dpinfer", setup=setup)
+        base = run_dpinfer(runner, wl, radix=False, system="dpinfer_no_cache", setup=setup)
         cases += [ours, base]
         speedup["shared_prefix"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
-    return {
-        "bench": "engine",
-        "model": model_name,
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": threads,
-        "machine": machine_info(),
-        "cases": cases,
-        "speedup": speedup,
-        "targets": {"mixed": 2.0, "shared_prefix": 1.5, "logprobs": 0.9},
-    }
+    return report
 
 
 COLUMNS = [
@@ -220,11 +264,15 @@ COLUMNS = [
     Column("ttft_p99_ms", "TTFT p99 ms"),
     Column("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"),
     Column("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
+    Column("tpot_p99_over_p50", "p99/p50", "{:.2f}"),
 ]
 
 
 def _tables(report: EngineReport) -> list[Table]:
-    title = f"engine: {report['model']}, cpu fp32, {report['torch_threads']} torch threads"
+    title = (
+        f"engine: {report['model']}, {report['device']} {report['dtype']}, "
+        f"{report['torch_threads']} torch threads, {report['step_tokens']} tokens per step"
+    )
     rows: list[Mapping[str, object]] = [*report["cases"]]
     rows += [
         {"workload": k, "system": "speedup", "output_tok_per_s": v} for k, v in report["speedup"].items()
@@ -254,6 +302,27 @@ def _range(text: str) -> tuple[int, int]:
     type=click.IntRange(min=1),
     help="torch threads, the same for both systems (1 is steadiest on a shared machine).",
 )
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (both systems).")
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Model dtype (both systems).",
+)
+@click.option(
+    "--step-tokens",
+    default=DEFAULT_STEP_TOKENS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="dpinfer's token budget of one step (--max-prefill-tokens).",
+)
+@click.option(
+    "--mixed-steps/--no-mixed-steps",
+    default=True,
+    show_default=True,
+    help="dpinfer runs decodes and prompt chunks in one pass (off: alternating steps).",
+)
 @click.option(
     "--workload",
     "workloads",
@@ -282,6 +351,10 @@ def _range(text: str) -> tuple[int, int]:
 def command(
     model: str,
     threads: int,
+    device: str,
+    dtype: str,
+    step_tokens: int,
+    mixed_steps: bool,
     workloads: tuple[str, ...],
     num_requests: int,
     prompt_len: str,
@@ -301,8 +374,9 @@ def command(
         suffix=_range(suffix_len),
         shared_output=_range(shared_output_len),
     )
+    setup = EngineSetup(model, device, dtype, threads, step_tokens, mixed_steps)
     report = run_bench(
-        model, threads, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
+        setup, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
     )
     notes = [
         f"Both systems in one process, {threads} torch threads each; greedy, ignore_eos.",
@@ -310,4 +384,11 @@ def command(
         "logprobs = dpinfer_logprobs / dpinfer (output tok/s).",
         "dpinfer_rank: mixed through a real rank stack (tokenizer, scheduler, detokenizer processes).",
     ]
+    if "matmul" in report:
+        mm = report["matmul"]
+        notes.append(
+            f"matmul_peak_fraction {mm['matmul_peak_fraction']}: {mm['model_gflop_per_s']} model GFLOP/s "
+            f"({mm['system']}) over a torch matmul peak of {mm['body_gflop_per_s']} (body) / "
+            f"{mm['head_gflop_per_s']} (LM head) GFLOP/s at the model's shapes."
+        )
     emit(report, as_json, _tables, notes)

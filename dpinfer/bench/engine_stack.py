@@ -19,19 +19,22 @@ import click
 
 from dpinfer.bench.coordinator import wait_for_ranks
 from dpinfer.bench.report import process_cpu_s
-from dpinfer.bench.workloads import Case, Workload, summarize
+from dpinfer.bench.workloads import Case, EngineSetup, Workload, summarize
 from dpinfer.errors import RequestTimeoutError
 
 RANK_START_TIMEOUT_S = 300.0
 
 
-def _start_rank(address: str, model: str, threads: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def _start_rank(address: str, setup: EngineSetup) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(setup.threads))
     cmd = [
-        sys.executable, "-m", "dpinfer.launcher.worker", "--no-supervise", "--threads-per-rank", str(threads),
-        "--coordinator", address, "--rank", "0",
-        "--model", model, "--device", "cpu", "--max-running-requests", "64",
-        "--max-prefill-tokens", "2048", "--kv-cache-bytes", str(512 << 20),
+        sys.executable, "-m", "dpinfer.launcher.worker", "--no-supervise",
+        "--threads-per-rank", str(setup.threads), "--coordinator", address, "--rank", "0",
+        "--model", setup.model, "--device", setup.device, "--dtype", setup.dtype,
+        "--max-running-requests", str(setup.max_running_requests),
+        "--max-prefill-tokens", str(setup.step_tokens),
+        "--mixed-steps" if setup.mixed_steps else "--no-mixed-steps",
+        "--kv-cache-bytes", str(setup.kv_cache_bytes or 512 << 20),
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -78,13 +81,13 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
-def run_rank_stack(model: str, threads: int, workload: Workload) -> Case:
+def run_rank_stack(setup: EngineSetup, workload: Workload) -> Case:
     """One ``cases`` entry (system ``dpinfer_rank``) for ``workload`` through a real rank."""
     from dpinfer.config import CoordinatorConfig
     from dpinfer.coordinator.process import start_coordinator
 
     coordinator = start_coordinator(CoordinatorConfig(port=0))
-    rank = _start_rank(coordinator.address, model, threads)
+    rank = _start_rank(coordinator.address, setup)
     try:
         try:
             wait_for_ranks(coordinator.address, 1, RANK_START_TIMEOUT_S, process=rank)

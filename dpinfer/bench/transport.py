@@ -15,6 +15,11 @@ Methods: ``memcpy`` (in-process copy into a pre-allocated tensor: the limit), ``
 slot, no copy), ``tensor_queue`` (torch.multiprocessing queue), and with CUDA ``cuda_ipc``,
 ``cuda_ipc_pool``, ``default_gpu`` (a GPU source through each tensor-transport mode).
 ``ratio_vs_memcpy`` divides by the CPU ``memcpy`` figure of the same size.
+
+``--leak-transfers N`` (with CUDA) then sends N more 1 MiB GPU tensors through
+``cuda_ipc_pool`` and reports ``leak``: the sender's allocated CUDA memory and the device's
+free memory after the first 100 transfers and after the last (the pool's workspace is
+allocated once, so both must stay where they were; ``ok`` says they did).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -33,6 +39,10 @@ GPU_METHODS = ("cuda_ipc", "cuda_ipc_pool", "default_gpu")
 ALL_METHODS = ("memcpy", *CPU_METHODS, *GPU_METHODS)
 MiB = 1 << 20
 ACK_TIMEOUT_S = 60.0
+LEAK_SETTLE = 100
+"""Transfers before the leak check's first reading (pool, contexts and caches warmed)."""
+LEAK_TOLERANCE_BYTES = 2 * MiB
+"""Device free memory may move this much (driver bookkeeping), never by transfers."""
 
 
 def _transport_config(method: str, max_size: int) -> Any:
@@ -131,9 +141,17 @@ def bench_memcpy(size_bytes: int, iters: int) -> list[float]:
 
 
 def bench_channel(
-    method: str, sizes: list[int], iters: int, peer: Any, ack: Any, dep: str, tensor_queue: Any
+    method: str,
+    sizes: list[int],
+    iters: int,
+    peer: Any,
+    ack: Any,
+    dep: str,
+    tensor_queue: Any,
+    after_ack: Callable[[int], None] | None = None,
 ) -> dict[int, list[float]]:
-    """Seconds of each timed transfer (send until ack) per size, for one channel method."""
+    """Seconds of each timed transfer (send until ack) per size, for one channel method;
+    ``after_ack(i)`` runs after each acknowledged transfer (not timed)."""
     import torch
 
     from dpinfer.config import ipc_address
@@ -164,6 +182,8 @@ def bench_channel(
                     raise click.ClickException(f"{method}: receiver got wrong data at iteration {i}")
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
+                if after_ack is not None:
+                    after_ack(i)
     finally:
         sender.close()
     if not peer.poll(ACK_TIMEOUT_S) or peer.recv() != "done":
@@ -175,8 +195,39 @@ def _warmup(iters: int) -> int:
     return max(2, iters // 10)
 
 
+def leak_check(transfers: int, peer: Any, ack: Any, dep: str, tensor_queue: Any) -> dict[str, Any]:
+    """``transfers`` 1 MiB GPU tensors through ``cuda_ipc_pool``: does GPU memory stay put?"""
+    import torch
+
+    readings: dict[str, tuple[int, int]] = {}
+    count = _warmup(transfers) + transfers  # bench_channel's warm-up transfers come first
+    last = count - 1
+
+    def probe(i: int) -> None:
+        if i in (LEAK_SETTLE, last):
+            torch.cuda.synchronize()
+            free, _total = torch.cuda.mem_get_info()
+            readings["first" if i == LEAK_SETTLE else "last"] = (torch.cuda.memory_allocated(), free)
+
+    bench_channel("cuda_ipc_pool", [MiB], transfers, peer, ack, dep, tensor_queue, after_ack=probe)
+    (alloc0, free0), (alloc1, free1) = readings["first"], readings["last"]
+    return {
+        "method": "cuda_ipc_pool",
+        "transfers": count,
+        "size_bytes": MiB,
+        "allocated_delta_bytes": alloc1 - alloc0,
+        "device_free_delta_bytes": free1 - free0,
+        "ok": alloc1 == alloc0 and abs(free1 - free0) <= LEAK_TOLERANCE_BYTES,
+    }
+
+
 def run_bench(
-    sizes_mib: list[float], iters: int, methods: list[str], threads: int = 1, rounds: int = 3
+    sizes_mib: list[float],
+    iters: int,
+    methods: list[str],
+    threads: int = 1,
+    rounds: int = 3,
+    leak_transfers: int = 0,
 ) -> dict[str, Any]:
     """Measure every method ``rounds`` times, interleaved; GB/s = size / median transfer time.
 
@@ -197,7 +248,10 @@ def run_bench(
     if not cuda and any(m in GPU_METHODS for m in methods):
         notes.append(f"skipped {', '.join(m for m in methods if m in GPU_METHODS)}: no CUDA device")
         methods = [m for m in methods if m not in GPU_METHODS]
+    if leak_transfers and not cuda:
+        notes.append("skipped the leak check: no CUDA device")
     channel_methods = [m for m in methods if m != "memcpy"]
+    leak: dict[str, Any] | None = None
     samples: dict[tuple[str, int], list[float]] = {}
 
     def keep(method: str, results: dict[int, list[float]]) -> None:
@@ -222,6 +276,8 @@ def run_bench(
             keep("memcpy", {size: bench_memcpy(size, iters or auto_iters(size)) for size in sizes})
             for method in channel_methods:
                 keep(method, bench_channel(method, sizes, iters, peer, ack, dep, tensor_queue))
+        if leak_transfers and cuda:
+            leak = leak_check(leak_transfers, peer, ack, dep, tensor_queue)
         peer.send(("stop",))
         proc.join(ACK_TIMEOUT_S)
     finally:
@@ -249,6 +305,7 @@ def run_bench(
         "rounds": rounds,
         "torch_threads": threads,
         "cuda": cuda,
+        "leak": leak,
         "notes": notes,
         "machine": machine_info(),
     }
@@ -287,8 +344,17 @@ def _tables(report: dict[str, Any]) -> list[Any]:
     help="torch threads in both processes (more than the idle cores makes OpenMP copies stall).",
 )
 @click.option("--rounds", default=3, show_default=True, help="Interleaved rounds pooled into one median.")
+@click.option(
+    "--leak-transfers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="With CUDA: this many more cuda_ipc_pool transfers, checking GPU memory stays put (0: off).",
+)
 @json_option
-def command(sizes: str, iters: int, methods: str, threads: int, rounds: int, as_json: bool) -> None:
+def command(
+    sizes: str, iters: int, methods: str, threads: int, rounds: int, leak_transfers: int, as_json: bool
+) -> None:
     """Tensor transport inside a rank: throughput to a usable tensor in another process."""
     try:
         sizes_mib = [float(s) for s in sizes.split(",") if s.strip()]
@@ -302,9 +368,18 @@ def command(sizes: str, iters: int, methods: str, threads: int, rounds: int, as_
         raise click.BadParameter(f"--methods: unknown {unknown}; valid: {', '.join(ALL_METHODS)}")
     if iters < 0 or threads < 1 or rounds < 1:
         raise click.BadParameter("--iters must be >= 0, --threads and --rounds >= 1")
-    report = run_bench(sizes_mib, iters, chosen, threads, rounds)
+    if 0 < leak_transfers <= LEAK_SETTLE:
+        raise click.BadParameter(f"--leak-transfers must be more than {LEAK_SETTLE} (or 0)")
+    report = run_bench(sizes_mib, iters, chosen, threads, rounds, leak_transfers)
     notes = [
         *report["notes"],
         "stop-and-wait, one ack per transfer; size / median transfer time; ratio = GB/s / CPU memcpy GB/s",
     ]
+    if report["leak"] is not None:
+        leak = report["leak"]
+        notes.append(
+            f"leak check ({leak['transfers']} x 1 MiB, cuda_ipc_pool): allocated "
+            f"{leak['allocated_delta_bytes']:+d} B, device free {leak['device_free_delta_bytes']:+d} B "
+            f"-> {'ok' if leak['ok'] else 'LEAK'}"
+        )
     emit(report, as_json, _tables, notes)

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import NotRequired, TypedDict
 
 from dpinfer.bench.report import percentile
+
+DEFAULT_STEP_TOKENS = 256
+"""The benchmark's token budget per step (``--max-prefill-tokens``) on CPU: a step then costs
+at most about twice a decode step of the full batch, so streams stay smooth while prompts
+are prefilled. A GPU takes far larger steps at the same cost (``dpinfer serve`` uses 2048)."""
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """How the engine benchmark runs both dpinfer systems (in process and through a rank)."""
+
+    model: str = "tiny-llama"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    step_tokens: int = DEFAULT_STEP_TOKENS
+    mixed_steps: bool = True
+    max_running_requests: int = 64
+    kv_cache_bytes: int = 0
+    """The KV pool both systems get (set from the in-process runner's pool, so the rank's is
+    the same size)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,8 @@ class Case(TypedDict):
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p99_ms: float
+    tpot_p99_over_p50: float
+    """How much slower the slowest streams are than the typical one (1.0: all alike)."""
     cached_tokens: NotRequired[int]
     """In-process Scheduler only: prompt tokens served from the radix cache."""
     retractions: NotRequired[int]
@@ -69,6 +93,7 @@ def summarize(
     tpot = [(s[-1] - s[0]) * 1e3 / (len(s) - 1) for s in stamps if len(s) > 1]
     num_tokens = sum(len(s) for s in stamps)
     duration = end - t0
+    tpot_p50, tpot_p99 = percentile(tpot, 50), percentile(tpot, 99)
     return {
         "workload": workload.name,
         "system": system,
@@ -79,6 +104,7 @@ def summarize(
         "output_tok_per_s": round(num_tokens / duration, 1),
         "ttft_p50_ms": round(percentile(ttft, 50), 1),
         "ttft_p99_ms": round(percentile(ttft, 99), 1),
-        "tpot_p50_ms": round(percentile(tpot, 50), 2),
-        "tpot_p99_ms": round(percentile(tpot, 99), 2),
+        "tpot_p50_ms": round(tpot_p50, 2),
+        "tpot_p99_ms": round(tpot_p99, 2),
+        "tpot_p99_over_p50": round(tpot_p99 / tpot_p50, 2) if tpot_p50 > 0 else math.nan,
     }

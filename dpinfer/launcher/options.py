@@ -45,7 +45,9 @@ ENGINE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--max-running-requests", default=_SCHED.max_running_requests, show_default=True,
                  help="Most requests decoding at once per rank."),
     click.option("--max-prefill-tokens", default=_SCHED.max_prefill_tokens, show_default=True,
-                 help="Token budget of one prefill step; longer prompts are chunked."),
+                 help="Token budget of one step: decode tokens first, then prompt chunks."),
+    click.option("--mixed-steps/--no-mixed-steps", default=_SCHED.mixed_steps, show_default=True,
+                 help="Run decodes and prompt chunks in one forward pass (off: alternate)."),
     click.option("--radix-cache/--no-radix-cache", default=_SCHED.enable_radix_cache, show_default=True,
                  help="Reuse the KV of shared prompt prefixes."),
     click.option("--transport", default=_TRANSPORT.transport.value, show_default=True,
@@ -78,6 +80,7 @@ class EngineOptions(TypedDict):
     max_kv_tokens: int
     max_running_requests: int
     max_prefill_tokens: int
+    mixed_steps: bool
     radix_cache: bool
     transport: str
     tensor_transport: str
@@ -106,6 +109,7 @@ def rank_config_from_options(
         max_kv_tokens=opts["max_kv_tokens"],
         max_running_requests=opts["max_running_requests"],
         max_prefill_tokens=opts["max_prefill_tokens"],
+        mixed_steps=opts["mixed_steps"],
         enable_radix_cache=opts["radix_cache"],
     )
     # The option strings become enums in TransportConfig.__post_init__, whose errors name the flag.

@@ -6,6 +6,11 @@ as the keyword argument ``dp_batch``; Llama-family models forward unknown keywor
 to the attention function of every layer, which is ``paged_attention`` once
 ``register()`` has run and the model selected ``ATTENTION_NAME``.
 
+A *mixed* batch (``ForwardMode.MIXED``, ``mixed_forward_batch``) is a decode batch and an
+extend batch in one pass: the ``num_decode`` decode tokens come first (one per running
+request, attended like a decode batch), the prompt chunks after them (attended like an
+extend batch), so prefilling a prompt never stops the running requests' streams.
+
 Contract of the attention function (checked against transformers 5.23): it receives
 ``query [1, H, T, D]`` and ``key/value [1, Hkv, T, D]`` with rotary embeddings applied, and
 returns ``(out, None)`` with ``out`` laid out ``[1, T, H, D]``.
@@ -30,6 +35,8 @@ class ForwardMode(enum.Enum):
     """Several new tokens per request (prefill, or a prefill chunk after a cached prefix)."""
     DECODE = "decode"
     """Exactly one new token per request."""
+    MIXED = "mixed"
+    """``num_decode`` decode tokens (one per running request), then extend sequences."""
 
 
 @dataclass
@@ -72,6 +79,40 @@ class ForwardBatch:
     """Extend with images: ``[K]`` rows of ``[T]`` whose input embedding is an image feature."""
     image_embeds: torch.Tensor | None = None
     """Extend with images: ``[K, hidden]`` features written at ``image_positions``."""
+    num_decode: int = 0
+    """Mixed: the first ``num_decode`` rows of ``[T]`` are decode tokens (the rest extend)."""
+
+
+def mixed_forward_batch(decode: ForwardBatch, extend: ForwardBatch) -> ForwardBatch:
+    """One pass computing ``decode``'s tokens first, then ``extend``'s (``ForwardMode.MIXED``).
+
+    The extend part is shifted by the decode tokens: its ``q_start``s, logits rows and image
+    rows. Logits come back in the same order: one row per decode request, then the extend
+    batch's kept rows.
+    """
+    assert decode.mode is ForwardMode.DECODE and extend.mode is ForwardMode.EXTEND
+    b = len(decode.input_ids)
+    device = decode.input_ids.device
+    assert extend.logits_indices is not None, "an extend batch names its kept rows"
+    seqs = [
+        ExtendSeq(s.q_start + b, s.q_len, s.prefix_len, kv_indices=s.kv_indices, mask=s.mask)
+        for s in extend.extend_seqs
+    ]
+    return ForwardBatch(
+        mode=ForwardMode.MIXED,
+        kv_pool=decode.kv_pool,
+        input_ids=torch.cat([decode.input_ids, extend.input_ids]),
+        positions=torch.cat([decode.positions, extend.positions]),
+        out_cache_loc=torch.cat([decode.out_cache_loc, extend.out_cache_loc]),
+        logits_indices=torch.cat([torch.arange(b, device=device), extend.logits_indices + b]),
+        extend_seqs=seqs,
+        kv_indices=decode.kv_indices,
+        kv_mask=decode.kv_mask,
+        kv_rows=decode.kv_rows,
+        image_positions=None if extend.image_positions is None else extend.image_positions + b,
+        image_embeds=extend.image_embeds,
+        num_decode=b,
+    )
 
 
 def bottom_right_causal_mask(q_len: int, prefix_len: int, device: torch.device) -> torch.Tensor:
@@ -88,9 +129,9 @@ def _extend(
     batch: ForwardBatch,
     layer: int,
     scaling: float | None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    _, num_heads, total, head_dim = query.shape
-    out = query.new_empty(1, total, num_heads, head_dim)
+    """Attention of every extend sequence, written into its rows of ``out [1, T, H, D]``."""
     k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
     for seq in batch.extend_seqs:
         end = seq.q_start + seq.q_len
@@ -114,27 +155,37 @@ def _decode_ragged(
     # and attends over max_len for every request (measured ~2x at lengths 30-500).
     assert batch.kv_rows is not None
     k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
-    outs = []
+    _, num_heads, _, head_dim = query.shape
+    num_kv = k_buf.shape[1]
+    rows = query[0].transpose(0, 1)  # [T, H, D]
+    out = query.new_empty(1, len(batch.kv_rows), num_heads, head_dim)
     for i, slots in enumerate(batch.kv_rows):
         k = k_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
         v = v_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-        q = query[:, :, i : i + 1]
-        outs.append(F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
-    return torch.cat(outs, dim=2).transpose(1, 2)
+        q = rows[i].reshape(1, num_kv, num_heads // num_kv, head_dim)  # query groups, see _decode
+        out[0, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling).view(num_heads, head_dim)
+    return out
 
 
 def _decode(query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None) -> torch.Tensor:
+    """Attention of one new token per request, ``query [1, H, B, D]`` -> ``[1, B, H, D]``.
+
+    With grouped-query attention the ``H / Hkv`` query heads of one KV head attend as that
+    head's query rows (``[Hkv, G, D]``): one token sees every key, so no mask is needed and
+    the KV heads are never repeated (measured 1.5-2x faster than ``enable_gqa`` on CPU).
+    """
     if batch.kv_rows is not None:
         return _decode_ragged(query, batch, layer, scaling)
     assert batch.kv_indices is not None and batch.kv_mask is not None
     _, num_heads, bsz, head_dim = query.shape
     k_buf, v_buf = batch.kv_pool.k_buffers[layer], batch.kv_pool.v_buffers[layer]
+    num_kv = k_buf.shape[1]
     max_len = batch.kv_indices.shape[1]
     flat = batch.kv_indices.view(-1)
     k = k_buf.index_select(0, flat).view(bsz, max_len, *k_buf.shape[1:]).transpose(1, 2)
     v = v_buf.index_select(0, flat).view(bsz, max_len, *v_buf.shape[1:]).transpose(1, 2)
-    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.kv_mask, scale=scaling, enable_gqa=True)
+    q = query[0].transpose(0, 1).reshape(bsz, num_kv, num_heads // num_kv, head_dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.kv_mask, scale=scaling)
     return o.view(1, bsz, num_heads, head_dim)
 
 
@@ -159,7 +210,12 @@ def paged_attention(
     pool.v_buffers[layer].index_copy_(0, loc, value[0].transpose(0, 1))
     if dp_batch.mode is ForwardMode.DECODE:
         return _decode(query, dp_batch, layer, scaling), None
-    return _extend(query, key, value, dp_batch, layer, scaling), None
+    _, num_heads, total, head_dim = query.shape
+    out = query.new_empty(1, total, num_heads, head_dim)
+    b = dp_batch.num_decode
+    if b:
+        out[:, :b] = _decode(query[:, :, :b], dp_batch, layer, scaling)
+    return _extend(query, key, value, dp_batch, layer, scaling, out), None
 
 
 _registered = False

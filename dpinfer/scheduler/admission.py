@@ -2,8 +2,9 @@
 
 Two budgets, both in tokens:
 
-- the *chunk* budget, ``max_prefill_tokens`` new tokens per step; a prompt longer than what
-  is left is cut into chunks (one chunked request at a time, continued first next step);
+- the *chunk* budget: what the step's token budget (``max_prefill_tokens``) leaves after the
+  running requests' decode tokens (mixed steps, see ``scheduler.py``); a prompt longer than
+  what is left is cut into chunks (one chunked request at a time, continued first next step);
 - the *total* budget: slots available (free, or evictable from the prefix cache) minus
   what admitted requests are expected to still need — the rest of their prompt plus their
   remaining ``max_new_tokens`` scaled by ``new_token_ratio`` (most requests stop early).

@@ -182,11 +182,12 @@ class ScheduleBatch:
         batch.sampling = build_sampling_info(reqs, runner)
         return batch
 
-    def prepare_for_decode(self, out_cache_loc: torch.Tensor) -> ForwardBatch:
+    def prepare_for_decode(self, out_cache_loc: torch.Tensor, padded: bool | None = None) -> ForwardBatch:
         """One decode step: each request's next token goes to its slot in ``out_cache_loc``.
 
         On CPU attention runs per request over exactly its tokens (``kv_rows``); on GPU one
-        padded call (``kv_indices`` + ``kv_mask``) avoids a launch per request.
+        padded call (``kv_indices`` + ``kv_mask``) avoids a launch per request. ``padded``
+        picks one explicitly (tests compare the two).
         """
         table = self.runner.req_to_token_pool.req_to_token
         positions = self.seq_lens.clone()
@@ -199,7 +200,7 @@ class ScheduleBatch:
             positions=positions,
             out_cache_loc=out_cache_loc,
         )
-        if self.device.type == "cpu":
+        if not (padded if padded is not None else self.device.type != "cpu"):
             rows, lens = self.req_pool_indices.tolist(), self.seq_lens.tolist()
             batch.kv_rows = [table[row, :n] for row, n in zip(rows, lens, strict=True)]
             return batch

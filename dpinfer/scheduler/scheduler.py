@@ -1,21 +1,37 @@
 """The in-process Scheduler: continuous batching over one ModelRunner.
 
 Requests flow waiting -> extend (prefill, possibly in chunks) -> running (decode) ->
-finished. Each ``step()`` runs one forward pass: an extend step when admission lets any
-waiting request in (or a chunked prompt continues), otherwise a decode step over every
-running request. When the KV pool cannot hold the next decode step, running requests are
-*retracted*: their KV is given back (to the prefix cache when it is on), they return to the
-front of the waiting queue with their output so far, and their ``prompt + output`` is
-prefilled again later. A prompt that can never fit gets an error output at once.
+finished. Each ``step()`` runs one forward pass, composed under one token budget
+(``SchedulerConfig.max_prefill_tokens``), as SGLang's mixed chunked prefill and vLLM v1's
+unified token budget do:
 
-Not thread-safe: the SchedulerProcess calls every method from its one loop.
+1. *decodes first*: every running request's next token (one slot each; when the KV pool
+   cannot hold them, running requests are retracted first, see below);
+2. *then prompt chunks*: admission (``admission.py``) fills what is left of the budget with
+   the continued chunked prompt, then waiting requests in order, cutting the last one into
+   a chunk when it does not fit whole.
+
+Both parts run in one mixed pass (``ForwardMode.MIXED``: decode tokens first in the
+flattened batch), so a long prompt never freezes the streams already running; a step with
+only one part is a plain decode or extend pass. When the decodes fill the budget, no prompt
+is prefilled that step. Requests whose prompt completes sample their first token and join
+the running batch for the next step. With ``mixed_steps=False`` a step is either an extend
+pass (whenever admission lets something in) or a decode pass, the older alternation.
+
+When the KV pool cannot hold the next decode tokens, running requests are *retracted*:
+their KV is given back (to the prefix cache when it is on), they return to the front of the
+waiting queue with their output so far, and their ``prompt + output`` is prefilled again
+later. A prompt that can never fit gets an error output at once. Not thread-safe: the
+SchedulerProcess calls every method from its one loop.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
+
+import torch
 
 from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.errors import ServiceError
@@ -24,6 +40,7 @@ from dpinfer.protocol import EngineState, FinishReason, LoadStats
 from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.protocol.messages import RankMetrics
+from dpinfer.runner.attention import ForwardMode, mixed_forward_batch
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.scheduler.admission import AddResult, PrefillAdder
 from dpinfer.scheduler.kv_manager import KVManager
@@ -58,6 +75,8 @@ class Scheduler:
         """The rank's lifecycle state: this is its only owner (the rank main mirrors the acks)."""
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
+        self.steps_by_mode: Counter[ForwardMode] = Counter()
+        """Forward passes run, by composition: decode, extend, or mixed (both in one pass)."""
         self.recorder = MetricsRecorder()
         """Every request's figures (``metrics()``): arrival, first scheduled, tokens, finish."""
         self._tokenizer: Any | None = None
@@ -229,23 +248,31 @@ class Scheduler:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[SchedulerOutput]:
-        """One forward pass: an extend step if any request can be admitted, else a decode step."""
+        """One forward pass; its composition is described in the module docstring."""
         if not self.has_work:
             return []
-        batch = self._schedule_prefill()
-        if batch is not None:
-            return self._run_extend(batch)
-        if self.running is not None:
-            return self._run_decode()
-        return []
+        budget = self.config.max_prefill_tokens
+        if not self.config.mixed_steps:
+            extend = self._schedule_prefill(budget)
+            if extend is not None:
+                return self._run(extend, None)
+            return self._run(None, self._reserve_decode()) if self.running is not None else []
+        slots = self._reserve_decode() if self.running is not None else None
+        num_decode = len(slots) if slots is not None else 0
+        extend = self._schedule_prefill(budget - num_decode) if budget > num_decode else None
+        if extend is None and slots is None:
+            return []
+        return self._run(extend, slots)
 
-    def _schedule_prefill(self) -> ScheduleBatch | None:
+    def _schedule_prefill(self, budget: int) -> ScheduleBatch | None:
+        """Admit prompt chunks of at most ``budget`` tokens in all (the continued chunked
+        request first, then the waiting queue in order); their slots are allocated."""
         if not self.waiting and self.chunked_req is None:
             return None
         adder = PrefillAdder(
             self.kv,
             self.running.reqs if self.running else [],
-            self.config.max_prefill_tokens,
+            budget,
             self.config.max_running_requests,
             self.new_token_ratio,
         )
@@ -267,8 +294,62 @@ class Scheduler:
             self.recorder.scheduled(req.request_id, req.prompt_len, req.cached_len, now)
         return ScheduleBatch(adder.reqs, self.runner) if adder.reqs else None
 
-    def _run_extend(self, batch: ScheduleBatch) -> list[SchedulerOutput]:
-        logits = batch.take_prompt_logprobs(self.runner.forward(batch.prepare_for_extend()))
+    def _reserve_decode(self) -> torch.Tensor:
+        """One new slot per running request (retracting requests first if the pool is short)."""
+        self._make_room_for_decode()
+        assert self.running is not None
+        slots = self.kv.alloc_slots(len(self.running))
+        assert slots is not None, "decode room was made"
+        return slots
+
+    def _run(self, extend: ScheduleBatch | None, decode_slots: torch.Tensor | None) -> list[SchedulerOutput]:
+        """Run one forward pass over the running batch's decode tokens (when ``decode_slots``
+        is given) followed by ``extend``'s prompt chunks, then take every sampled token."""
+        running = self.running if decode_slots is not None else None
+        decode = None
+        if running is not None:
+            assert decode_slots is not None
+            decode = running.prepare_for_decode(decode_slots)
+        prefill = extend.prepare_for_extend() if extend is not None else None
+        if decode is not None and prefill is not None:
+            batch = mixed_forward_batch(decode, prefill)
+        else:
+            either = decode or prefill
+            assert either is not None, "a step computes something"
+            batch = either
+        self.steps_by_mode[batch.mode] += 1
+        logits = self.runner.forward(batch)
+        outputs: list[SchedulerOutput] = []
+        now = time.monotonic()
+        num_decode = 0
+        if running is not None:
+            num_decode = len(running)
+            self._finish_decode(running, logits[:num_decode], outputs, now)
+        if extend is not None:
+            self._finish_extend(extend, logits[num_decode:], outputs, now)
+        return outputs
+
+    def _finish_decode(
+        self, running: ScheduleBatch, logits: torch.Tensor, outputs: list[SchedulerOutput], now: float
+    ) -> None:
+        assert running.sampling is not None
+        next_ids = self.runner.sample(logits, running.sampling)
+        logprobs = self.runner.logprobs(logits, running.sampling, next_ids)
+        running.input_ids = next_ids
+        keep: list[int] = []
+        for i, (req, token) in enumerate(zip(running.reqs, next_ids.tolist(), strict=True)):
+            req.kv_len += 1
+            if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
+                keep.append(i)
+        running.filter(keep)
+        if not running.reqs:
+            self.running = None
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+
+    def _finish_extend(
+        self, batch: ScheduleBatch, logits: torch.Tensor, outputs: list[SchedulerOutput], now: float
+    ) -> None:
+        logits = batch.take_prompt_logprobs(logits)
         for req in batch.reqs:
             req.kv_len += req.extend_len
             req.extend_len = 0
@@ -276,16 +357,13 @@ class Scheduler:
             self.chunked_req = None
         if self.chunked_req is not None:
             self.kv.cache_unfinished(self.chunked_req)
-        outputs: list[SchedulerOutput] = []
         if not batch.sampling_reqs:
-            return outputs
+            return
         assert batch.sampling is not None
         next_ids = self.runner.sample(logits, batch.sampling)
         logprobs = self.runner.logprobs(logits, batch.sampling, next_ids)
-        tokens: list[int] = next_ids.tolist()
-        now = time.monotonic()
         joining: list[int] = []
-        for i, (req, token) in enumerate(zip(batch.sampling_reqs, tokens, strict=True)):
+        for i, (req, token) in enumerate(zip(batch.sampling_reqs, next_ids.tolist(), strict=True)):
             if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
                 self.kv.cache_unfinished(req)
                 joining.append(i)
@@ -296,32 +374,6 @@ class Scheduler:
                 self.running = new
             else:
                 self.running.merge(new)
-        return outputs
-
-    def _run_decode(self) -> list[SchedulerOutput]:
-        self._make_room_for_decode()
-        running = self.running
-        assert running is not None
-        slots = self.kv.alloc_slots(len(running))
-        assert slots is not None, "decode room was made"
-        logits = self.runner.forward(running.prepare_for_decode(slots))
-        assert running.sampling is not None
-        next_ids = self.runner.sample(logits, running.sampling)
-        logprobs = self.runner.logprobs(logits, running.sampling, next_ids)
-        running.input_ids = next_ids
-        tokens: list[int] = next_ids.tolist()
-        now = time.monotonic()
-        outputs: list[SchedulerOutput] = []
-        keep: list[int] = []
-        for i, (req, token) in enumerate(zip(running.reqs, tokens, strict=True)):
-            req.kv_len += 1
-            if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
-                keep.append(i)
-        running.filter(keep)
-        if not running.reqs:
-            self.running = None
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        return outputs
 
     def _make_room_for_decode(self) -> None:
         """Retract requests until the pool holds one more token for each running request.

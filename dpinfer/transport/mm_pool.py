@@ -263,14 +263,26 @@ class CudaIpcTensorTransportProxy:
     @classmethod
     def publish(cls, pool: MmItemMemoryPool, tensor: torch.Tensor) -> CudaIpcTensorTransportProxy | None:
         """Copy ``tensor`` into ``pool`` and describe it; None when the pool is full."""
-        chunk, _view = pool.get_slice_with_flag(tensor)
-        if chunk is None:
-            return None
-        event_handle = None
-        if pool.device.type == "cuda":
-            event = torch.cuda.Event(interprocess=True)
-            event.record(torch.cuda.current_stream(pool.device))
-            chunk.keepalive = event
+        if pool.device.type != "cuda":
+            chunk, _view = pool.get_slice_with_flag(tensor)
+            if chunk is None:
+                return None
+            event_handle = None
+        else:
+            # The copy and the event on one stream: the pool device's current stream (the
+            # current device may be another GPU, whose stream the event would not cover).
+            with torch.cuda.device(pool.device):
+                stream = torch.cuda.current_stream(pool.device)
+                if tensor.is_cuda and tensor.device == pool.device:
+                    # The caller may free ``tensor`` as soon as we return: its memory must not be
+                    # reused before the copy (queued on ``stream``, maybe not its own) has run.
+                    tensor.record_stream(stream)
+                chunk, _view = pool.get_slice_with_flag(tensor)
+                if chunk is None:
+                    return None
+                event = torch.cuda.Event(interprocess=True)
+                event.record(stream)
+            chunk.keepalive = event  # the producer keeps its event alive until the ack
             event_handle = event.ipc_handle()
         dtype = str(tensor.dtype).removeprefix("torch.")
         return cls(
