@@ -89,8 +89,10 @@ def test_a_greedy_mismatch_fails_the_reference_check() -> None:
     good, bad = _ended(_record(1)), _ended(_record(2), text="abXd", token_ids=(1, 2, 9, 4))
     check = check_greedy([good, bad], REFERENCES)
     assert not check.ok and "#2 of c" in check.detail and "token 2" in check.detail, check
-    sampled_spec = RequestSpec("sampled", "the prompt", 4, seed=5)
-    assert check_greedy([_ended(_record(3, spec=sampled_spec), text="zz")], REFERENCES).ok
+    seeded = RequestSpec("sampled", "the prompt", 4, seed=5)
+    references = {**REFERENCES, seeded: Reference("zz", (1, 2, 3, 4))}
+    assert check_greedy([_ended(_record(3, spec=seeded), text="zz")], references).ok
+    assert not check_greedy([_ended(_record(3, spec=seeded), text="zy")], references).ok
 
 
 def test_a_stream_that_lost_a_token_fails_the_stream_check() -> None:
@@ -154,7 +156,7 @@ def test_a_short_chaos_run_holds_every_invariant_and_reports_json() -> None:
     failed = [c for c in report["invariants"] if not c["ok"]]
     assert done.returncode == 0 and report["ok"] and not failed, json.dumps(report, indent=1)
     names = {c["name"] for c in report["invariants"]}
-    for name in ("every request ended exactly once", "greedy outputs equal the reference",
+    for name in ("every request ended exactly once", "greedy and seeded outputs equal the reference",
                  "no request waited past its deadline", "nothing left after shutdown",
                  "hub and rank memory bounded", "vanished clients forgotten, their requests aborted",
                  "floods beyond the limits answered 'overloaded'"):  # fmt: skip

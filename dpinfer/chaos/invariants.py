@@ -82,7 +82,9 @@ def check_no_failures(records: Sequence[RequestRecord]) -> Check:
 
 
 def check_greedy(records: Sequence[RequestRecord], references: Mapping[RequestSpec, Reference]) -> Check:
-    greedy = [r for r in records if r.spec.kind == GREEDY and r.ok]
+    """Greedy and seeded requests give their undisturbed output, moved or resubmitted or not
+    (a continuation draws on where the moved request stopped)."""
+    greedy = [r for r in records if (r.spec.kind == GREEDY or r.spec.seed is not None) and r.ok]
     problems = []
     for record in greedy:
         reference = references.get(record.spec)
@@ -92,7 +94,7 @@ def check_greedy(records: Sequence[RequestRecord], references: Mapping[RequestSp
             at = _first_difference(record.token_ids, reference.token_ids)
             problems.append(f"{_who(record)} on rank {record.rank}: differs from token {at}")
     return _verdict(
-        "greedy outputs equal the reference", problems, len(greedy), "greedy results equal theirs"
+        "greedy and seeded outputs equal the reference", problems, len(greedy), "results equal theirs"
     )
 
 
