@@ -24,7 +24,7 @@ from typing import Any
 from dpinfer import protocol as p
 from dpinfer.errors import ProtocolError, ServiceError
 from dpinfer.log import get_logger
-from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.outputs import GenerationResult, Routing, StreamDelta
 from dpinfer.protocol import ControlAcknowledgement
 from dpinfer.protocol.codec import Frame
 
@@ -85,7 +85,9 @@ class ClientSession:
         return p.SubmitEntry(request_id, p.NO_RANK if rank is None else rank, stream)
 
     def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
-        return p.encode(p.Submit(tuple(entries), tuple(bodies)))
+        # A body from ``inputs.request_body`` carries its prefix keys for the hub's routing.
+        keyed = tuple(e._replace(prefix_keys=getattr(b, "prefix_keys", b"")) for e, b in zip(entries, bodies))
+        return p.encode(p.Submit(keyed, tuple(bodies)))
 
     def abort_frames(self, request_ids: Sequence[int]) -> list[Frame]:
         return p.encode(p.Abort(tuple(request_ids)))
@@ -149,8 +151,17 @@ class ClientSession:
                     self.on_delta(StreamDelta(request_id, body.delta_text, body.delta_token_ids))
                 continue
             del self._inflight[request_id]
-            result = _result(request_id, entry.rank, body, now - record.submitted_at)
+            result = _result(request_id, entry.rank, body, now - record.submitted_at, self._routing(entry))
             self.on_result(result, _tail(result, body) if record.stream else None)
+
+    def _routing(self, entry: p.OutputEntry) -> Routing | None:
+        if entry.rank == p.NO_RANK:
+            return None
+        if entry.routing is not None:
+            info = entry.routing
+            return Routing(info.policy, entry.rank, info.matched_chars, info.reason)
+        policy = self.hello.routing if self.hello is not None else ""
+        return Routing(policy, entry.rank, 0, policy)
 
     def _handle_error(self, msg: p.Error) -> None:
         if msg.code == "duplicate_request":
@@ -246,7 +257,9 @@ class ClientSession:
         """The connection is gone; every tracked request has been forgotten."""
 
 
-def _result(request_id: int, rank: int, body: p.OutputBody, latency_s: float) -> GenerationResult:
+def _result(
+    request_id: int, rank: int, body: p.OutputBody, latency_s: float, routing: Routing | None = None
+) -> GenerationResult:
     return GenerationResult(
         request_id=request_id,
         text=body.text,
@@ -259,6 +272,7 @@ def _result(request_id: int, rank: int, body: p.OutputBody, latency_s: float) ->
         completion_tokens=body.completion_tokens,
         cached_tokens=body.cached_tokens,
         latency_s=latency_s,
+        routing=routing,
     )
 
 

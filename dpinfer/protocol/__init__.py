@@ -59,6 +59,7 @@ from dpinfer.protocol.kinds import (
 )
 from dpinfer.protocol.messages import (
     Abort,
+    CacheReport,
     ClientBye,
     ClientHello,
     Control,
@@ -85,6 +86,7 @@ from dpinfer.protocol.messages import (
     RegisterAck,
     RequestEntry,
     Requests,
+    RouteInfo,
     StatusQuery,
     StatusReply,
     Submit,
@@ -100,6 +102,7 @@ __all__ = [
     "REQUEST_BODY_FIELDS",
     "TRANSITIONS",
     "Abort",
+    "CacheReport",
     "ClientBye",
     "ClientHello",
     "Control",
@@ -133,6 +136,7 @@ __all__ = [
     "RequestBody",
     "RequestEntry",
     "Requests",
+    "RouteInfo",
     "Signal",
     "StatusQuery",
     "StatusReply",

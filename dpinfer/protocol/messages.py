@@ -14,6 +14,8 @@ class SubmitEntry(NamedTuple):
     client_request_id: int
     rank: int  # NO_RANK: the routing policy picks; otherwise pin to this rank id
     stream: bool
+    prefix_keys: bytes = b""
+    """``protocol.prefix_keys`` of the body, packed (only ``cache_aware`` routing reads them)."""
 
 
 class RequestEntry(NamedTuple):
@@ -27,10 +29,25 @@ class EngineOutputEntry(NamedTuple):
     num_tokens: int  # tokens generated so far; > 0 means the client has seen output
 
 
+class RouteInfo(NamedTuple):
+    """Why the hub sent a request where it did (``cache_aware`` routing; on the final output)."""
+
+    policy: str
+    matched_chars: int
+    """Length of the prompt prefix the chosen rank holds, as of its last cache report: in
+    characters of canonical content (``prefix_keys``; a token-id prompt's key blocks count
+    as many characters as a text block, 4 per token id)."""
+    reason: str
+    """``match`` (the best-matching rank), ``spread`` (the best match was loaded past the
+    anti-hotspot threshold), ``load`` (no rank holds a prefix), ``pinned``, or ``credit``
+    (the choice was full; the least-loaded rank with credit took it)."""
+
+
 class OutputEntry(NamedTuple):
     client_request_id: int
     final: bool
     rank: int
+    routing: RouteInfo | None = None
 
 
 class RankAck(NamedTuple):
@@ -253,6 +270,8 @@ class HelloAck(Message):
     incarnation: int = 0
     known: bool = False
     client_timeout_s: float = 30.0
+    routing: str = ""
+    """The routing policy (``config.RoutingPolicyName``), for ``GenerationResult.routing``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +376,22 @@ class Deregister(Message):
     handoff: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class CacheReport(Message):
+    """What a rank's prefix cache started and stopped holding since its last report, as
+    packed ``protocol.prefix_keys``; ``reset``: forget all it reported before (sent after
+    a registration, then ``inserted`` is everything it holds). Sent only when asked
+    (``RegisterAck.cache_reports``), at most ``MAX_REPORT_KEYS`` keys per message."""
+
+    KIND = Kind.CACHE_REPORT
+    inserted: bytes
+    evicted: bytes
+    reset: bool = False
+
+
+MAX_REPORT_KEYS = 8192
+
+
 # coordinator -> engine rank
 
 
@@ -370,6 +405,8 @@ class RegisterAck(Message):
     state: EngineState
     heartbeat_interval_s: float
     incarnation: int = 0
+    cache_reports: bool = False
+    """Report prefix cache contents (``CacheReport``): the hub routes with ``cache_aware``."""
 
 
 @dataclass(frozen=True, slots=True)
