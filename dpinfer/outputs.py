@@ -24,7 +24,8 @@ class Routing:
 
     def header(self) -> str:
         """The ``x-dpinfer-routing`` HTTP header value."""
-        return f"policy={self.policy}; rank={self.rank}; matched_chars={self.matched_chars}; reason={self.reason}"
+        matched = self.matched_chars
+        return f"policy={self.policy}; rank={self.rank}; matched_chars={matched}; reason={self.reason}"
 
 
 @dataclass(frozen=True)

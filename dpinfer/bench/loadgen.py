@@ -67,7 +67,7 @@ class RawLoad:
         # The hot kinds' own decoders (one C call each): the load generator must stay cheap.
         kind = codec.peek_kind(frames[0])
         if kind == codec.KIND_OUTPUTS:
-            entries: tuple[tuple[int, bool, int], ...] = codec.output_entries(frames[0], len(frames) - 1)
+            entries: tuple[tuple[object, ...], ...] = codec.output_entries(frames[0], len(frames) - 1)
         elif kind == codec.KIND_ENGINE_OUTPUTS:
             entries = codec.engine_output_entries(frames[0], len(frames) - 1)
         else:

@@ -109,8 +109,8 @@ class KeyedBody(bytes):
 
 def request_body(
     prompt: Prompt, sampling_params: SamplingInput = None, images: Sequence[ImageInput] | None = None
-) -> KeyedBody:
-    """The packed request body of one prompt (see ``build_request``), with its prefix keys."""
+) -> bytes:
+    """The packed request body of one prompt (see ``build_request``): a ``KeyedBody``."""
     request = build_request(prompt, sampling_params, images)
     body = KeyedBody(request.to_bytes())
     body.prefix_keys = prefix_keys.pack(prefix_keys.body_keys(request))

@@ -86,7 +86,10 @@ class ClientSession:
 
     def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
         # A body from ``inputs.request_body`` carries its prefix keys for the hub's routing.
-        keyed = tuple(e._replace(prefix_keys=getattr(b, "prefix_keys", b"")) for e, b in zip(entries, bodies))
+        keyed = tuple(
+            e._replace(prefix_keys=getattr(b, "prefix_keys", b""))
+            for e, b in zip(entries, bodies, strict=True)
+        )
         return p.encode(p.Submit(keyed, tuple(bodies)))
 
     def abort_frames(self, request_ids: Sequence[int]) -> list[Frame]:

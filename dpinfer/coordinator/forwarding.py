@@ -129,12 +129,14 @@ class Forwarder:
         """The keyed policy's rank for ``req`` (its explanation kept for the final output)."""
         if not live:
             return None
-        peer, req.route = self.policy.pick_keyed(live, req.keys)
-        if peer.in_flight >= peer.credit:
-            peer = with_room(live)
-            if peer is not None:
-                req.route = req.route._replace(matched_chars=0, reason="credit")
-        return peer
+        peer, route = self.policy.pick_keyed(live, req.keys)
+        req.route = route
+        if peer.in_flight < peer.credit:
+            return peer
+        room = with_room(live)
+        if room is not None:
+            req.route = route._replace(matched_chars=0, reason="credit")
+        return room
 
     def engine_outputs(
         self, peer: RankPeer, entries: Sequence[tuple[int, bool, int]], bodies: list[Any]

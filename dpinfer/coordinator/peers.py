@@ -305,7 +305,11 @@ class PeerHandlers:
         self.outbox.send(
             peer.identity,
             protocol.RegisterAck(
-                peer.rank, state, self.config.heartbeat_interval_s, self.incarnation, self.forwarder.policy.keyed
+                peer.rank,
+                state,
+                self.config.heartbeat_interval_s,
+                self.incarnation,
+                self.forwarder.policy.keyed,
             ),
         )
 

@@ -162,7 +162,11 @@ class CacheAware(LeastLoaded):
         return self.index.held(peer)
 
     def pick_keyed(self, ranks: Sequence[RankPeer], keys: bytes) -> tuple[RankPeer, protocol.RouteInfo]:
-        found = self.index.match(prefix_keys.unpack(keys[: prefix_keys.MAX_KEYS_BYTES]), len(ranks)) if keys else None
+        found = (
+            self.index.match(prefix_keys.unpack(keys[: prefix_keys.MAX_KEYS_BYTES]), len(ranks))
+            if keys
+            else None
+        )
         if not found:
             return ranks[self._least_loaded(ranks)], _LOAD
         block, load_chars = self._block, self.load_chars
@@ -176,7 +180,9 @@ class CacheAware(LeastLoaded):
             score = found.get(peer, 0) * block - load_chars * load
             if score > best_score or (score == best_score and load < best.in_flight):
                 best, best_score = peer, score
-            if load < least.in_flight or (load == least.in_flight and found.get(peer, 0) > found.get(least, 0)):
+            if load < least.in_flight or (
+                load == least.in_flight and found.get(peer, 0) > found.get(least, 0)
+            ):
                 least = peer
         self._cursor = start + 1
         if best.in_flight - least.in_flight >= self.spread_threshold:
