@@ -51,6 +51,20 @@ class Hub:
         """Send one keyed request; finish it on whichever rank got it; its result (or its rank)."""
         before = {r: self._num_requests(r) for r in self.ranks}
         (crid,) = self.client.submit([prompt], keys=True)
+        return self._follow(crid, before, finish)
+
+    def submit_body(self, body: RequestBody) -> Result:
+        """The same for a body of any kind (with the keys the SDK computes for it)."""
+        before = {r: self._num_requests(r) for r in self.ranks}
+        crid = 1000 + len(self.crids)
+        packed = prefix_keys.pack(prefix_keys.body_keys(body))
+        entry = protocol.SubmitEntry(crid, NO_RANK, False, packed)
+        self.client.send(protocol.Submit((entry,), (body.to_bytes(),)))
+        result = self._follow(crid, before, True)
+        assert isinstance(result, Result)
+        return result
+
+    def _follow(self, crid: int, before: dict[int, int], finish: bool) -> Result | int:
         self.crids.append(crid)
         self.client.wait_for(
             lambda: any(self._num_requests(r) > before[r] for r in self.ranks), what="a dispatch"
@@ -159,16 +173,7 @@ def test_requests_with_different_images_never_attract_each_other(hub: Hub) -> No
     hub.report(1, keys_of(PREFIX, (image_a,)))
     hub.wait_held(1, 10)
     for image, reason in ((image_b, "load"), (image_a, "match")):
-        body = RequestBody(prompt=PREFIX + "describe", images=(image,))
-        packed = prefix_keys.pack(prefix_keys.body_keys(body))
-        entry = protocol.SubmitEntry(100 + len(image) + ord(reason[0]), NO_RANK, False, packed)
-        before = {r: hub._num_requests(r) for r in (0, 1)}
-        hub.client.send(protocol.Submit((entry,), (body.to_bytes(),)))
-        hub.client.wait_for(lambda: any(hub._num_requests(r) > before[r] for r in (0, 1)), what="dispatch")
-        rank = next(r for r in (0, 1) if hub._num_requests(r) > before[r])
-        (request_id,) = hub.ranks[rank].requests(1, after=before[rank])
-        hub.ranks[rank].finals([request_id], [FINAL])
-        (result,) = hub.client.wait_results([entry.client_request_id])
+        result = hub.submit_body(RequestBody(prompt=PREFIX + "describe", images=(image,)))
         assert route(result).reason == reason
         if reason == "match":
             assert result.rank == 1
