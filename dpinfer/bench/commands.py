@@ -12,6 +12,7 @@ BENCHES = {
     "transport": "dpinfer.bench.transport:command",
     "serve": "dpinfer.bench.serve:command",
     "http": "dpinfer.bench.http:command",
+    "routing": "dpinfer.bench.routing:command",
 }
 
 
