@@ -229,10 +229,18 @@ def run_null_engine(
     stream_chunks: int = 2,
     curve_dir: str | None = None,
     connect_timeout_s: float = 30.0,
+    cache_keys: int = 4096,
 ) -> None:
     """Entry point of one null rank process; exits non-zero if it was refused or unreachable."""
     set_role("null-rank", rank)
-    engine = NullEngine(address, rank, delay_s=delay_s, stream_chunks=stream_chunks, curve_dir=curve_dir)
+    engine = NullEngine(
+        address,
+        rank,
+        delay_s=delay_s,
+        stream_chunks=stream_chunks,
+        curve_dir=curve_dir,
+        cache_keys=cache_keys,
+    )
     code = engine.run(connect_timeout_s)
     if code:
         raise SystemExit(code)
