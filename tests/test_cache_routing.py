@@ -251,3 +251,10 @@ def test_ranks_map_keys_to_the_tokens_that_cover_them() -> None:
     user_at = rendered.index("u" * 100)  # canonical: the user content starts at 7 + 301 + 5
     assert [n for _, n in request.cache_keys] == [131, 259, user_at + 384 - (7 + 301 + 5)]
     assert [k for k, _ in request.cache_keys] == prefix_keys.body_keys(chat)
+
+
+def test_status_shows_each_ranks_cache_hit_rate() -> None:
+    from dpinfer.client.render import cache_hit
+
+    assert cache_hit({"metrics": {"prefix_cache_hits": 30, "prefix_cache_queries": 40}}) == "75%"
+    assert cache_hit({"metrics": {"prefix_cache_hits": 0, "prefix_cache_queries": 0}}) == ""
