@@ -36,7 +36,7 @@ from dpinfer.config import ConfigError, CoordinatorConfig
 from dpinfer.coordinator.prefix_index import PrefixIndex
 from dpinfer.coordinator.registry import RankPeer
 from dpinfer.protocol import prefix_keys
-from dpinfer.protocol.messages import MAX_REPORT_KEYS
+from dpinfer.protocol.cache_report import MAX_REPORT_KEYS
 
 
 class RoutingPolicy:

@@ -44,6 +44,7 @@ from dpinfer.protocol.bodies import (
     pack_body,
     unpack_body,
 )
+from dpinfer.protocol.cache_report import CacheReport
 from dpinfer.protocol.codec import MESSAGE_TYPES, decode, encode, encode_header
 from dpinfer.protocol.kinds import (
     MAX_HEADER_BYTES,
@@ -59,7 +60,6 @@ from dpinfer.protocol.kinds import (
 )
 from dpinfer.protocol.messages import (
     Abort,
-    CacheReport,
     ClientBye,
     ClientHello,
     Control,
@@ -86,12 +86,12 @@ from dpinfer.protocol.messages import (
     RegisterAck,
     RequestEntry,
     Requests,
-    RouteInfo,
     StatusQuery,
     StatusReply,
     Submit,
     SubmitEntry,
 )
+from dpinfer.protocol.route_info import RouteInfo
 
 __all__ = [
     "MAX_HEADER_BYTES",

@@ -25,10 +25,10 @@ import msgspec
 import zmq
 
 from dpinfer.errors import ProtocolError
+from dpinfer.protocol.cache_report import CacheReport
 from dpinfer.protocol.kinds import MAX_HEADER_BYTES, Kind
 from dpinfer.protocol.messages import (
     Abort,
-    CacheReport,
     ClientBye,
     ClientHello,
     Control,

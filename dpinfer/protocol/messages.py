@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from dpinfer.protocol.kinds import NO_REQUEST, EngineState, Kind, Signal
+from dpinfer.protocol.route_info import RouteInfo
 
 # ---------------------------------------------------------------------------- entries
 
@@ -14,8 +15,7 @@ class SubmitEntry(NamedTuple):
     client_request_id: int
     rank: int  # NO_RANK: the routing policy picks; otherwise pin to this rank id
     stream: bool
-    prefix_keys: bytes = b""
-    """``protocol.prefix_keys`` of the body, packed (only ``cache_aware`` routing reads them)."""
+    prefix_keys: bytes = b""  # the body's ``protocol.prefix_keys``, packed (cache_aware reads them)
 
 
 class RequestEntry(NamedTuple):
@@ -29,31 +29,16 @@ class EngineOutputEntry(NamedTuple):
     num_tokens: int  # tokens generated so far; > 0 means the client has seen output
 
 
-class RouteInfo(NamedTuple):
-    """Why the hub sent a request where it did (``cache_aware`` routing; on the final output)."""
-
-    policy: str
-    matched_chars: int
-    """Length of the prompt prefix the chosen rank holds, as of its last cache report: in
-    characters of canonical content (``prefix_keys``; a token-id prompt's key blocks count
-    as many characters as a text block, 4 per token id)."""
-    reason: str
-    """``match`` (the best-matching rank), ``spread`` (the best match was loaded past the
-    anti-hotspot threshold), ``load`` (no rank holds a prefix), ``pinned``, or ``credit``
-    (the choice was full; the least-loaded rank with credit took it)."""
-
-
 class OutputEntry(NamedTuple):
     client_request_id: int
     final: bool
     rank: int
-    routing: RouteInfo | None = None
+    routing: RouteInfo | None = None  # cache_aware: why the request went to ``rank`` (finals)
 
 
 class RankAck(NamedTuple):
-    """One rank's answer to a control signal: made by its scheduler (or by the rank main when
-    the rank is stopping, or by the coordinator for a rank that died or never answered) and
-    carried whole to the caller inside ``ControlAcknowledgement``."""
+    """One rank's answer to a control signal (by its scheduler, its stopping rank main, or the hub
+    for a rank that died or never answered), carried whole inside ``ControlAcknowledgement``."""
 
     rank: int
     ok: bool
@@ -270,8 +255,7 @@ class HelloAck(Message):
     incarnation: int = 0
     known: bool = False
     client_timeout_s: float = 30.0
-    routing: str = ""
-    """The routing policy (``config.RoutingPolicyName``), for ``GenerationResult.routing``."""
+    routing: str = ""  # the routing policy, for ``GenerationResult.routing``
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +319,8 @@ class Register(Message):
     max_prompt_len: int
     kv_capacity_tokens: int
     max_in_flight: int = 0
-    """The rank's credit: most requests it takes at once (0: no limit). The coordinator keeps
-    the excess in its own bounded queue, where routing can still place it on any rank."""
+    """The rank's credit: most requests it takes at once (0: no limit). The coordinator keeps the
+    excess in its own bounded queue, where routing can still place it on any rank."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,22 +360,6 @@ class Deregister(Message):
     handoff: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class CacheReport(Message):
-    """What a rank's prefix cache started and stopped holding since its last report, as
-    packed ``protocol.prefix_keys``; ``reset``: forget all it reported before (sent after
-    a registration, then ``inserted`` is everything it holds). Sent only when asked
-    (``RegisterAck.cache_reports``), at most ``MAX_REPORT_KEYS`` keys per message."""
-
-    KIND = Kind.CACHE_REPORT
-    inserted: bytes
-    evicted: bytes
-    reset: bool = False
-
-
-MAX_REPORT_KEYS = 8192
-
-
 # coordinator -> engine rank
 
 
@@ -405,8 +373,7 @@ class RegisterAck(Message):
     state: EngineState
     heartbeat_interval_s: float
     incarnation: int = 0
-    cache_reports: bool = False
-    """Report prefix cache contents (``CacheReport``): the hub routes with ``cache_aware``."""
+    cache_reports: bool = False  # send ``CacheReport``s: the hub routes ``cache_aware``
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ ROLE_END = "\x1f"
 MESSAGE_END = "\x1e"
 IMAGE_MARK = "<image>"
 
+
 assert sys.byteorder == "little", "prefix keys are packed little-endian in native order"
 
 

@@ -18,7 +18,7 @@ import zmq
 from dpinfer import protocol
 from dpinfer.protocol import local as m
 from dpinfer.protocol import prefix_keys
-from dpinfer.protocol.messages import MAX_REPORT_KEYS
+from dpinfer.protocol.cache_report import MAX_REPORT_KEYS
 
 MAX_MIRRORED = 1 << 17
 
