@@ -258,3 +258,28 @@ def test_status_shows_each_ranks_cache_hit_rate() -> None:
 
     assert cache_hit({"metrics": {"prefix_cache_hits": 30, "prefix_cache_queries": 40}}) == "75%"
     assert cache_hit({"metrics": {"prefix_cache_hits": 0, "prefix_cache_queries": 0}}) == ""
+
+
+def test_new_prefixes_go_to_the_rank_caching_least_and_conversations_stay() -> None:
+    """Unit: with ties in load, a request whose prefix nobody holds goes to the rank whose
+    cache holds the fewest keys, so conversations started while the ranks idle spread."""
+    from dpinfer.coordinator.registry import RankPeer
+    from dpinfer.coordinator.routing import make_policy
+
+    def peer(rank: int) -> RankPeer:
+        msg = protocol.Register(protocol.PROTOCOL_VERSION, rank, 100 + rank, "h", "cpu", "m", 10, 10)
+        return RankPeer(f"r{rank}".encode(), msg, 0.0, protocol.EngineState.RUNNING)
+
+    policy = make_policy("cache_aware")
+    ranks = [peer(0), peer(1)]
+    placed: dict[int, int] = {}
+    for conv in range(4):  # one conversation after the other, ranks idle in between
+        for turn in range(6):  # each turn resends the conversation so far
+            prompt = "".join(f"conversation {conv} turn {t}. " * 8 for t in range(turn + 1))
+            keys = keys_of(prompt)
+            chosen, info = policy.pick_keyed(ranks, prefix_keys.pack(keys))
+            if turn:
+                assert (chosen.rank, info.reason) == (placed[conv], "match")
+            placed[conv] = chosen.rank
+            policy.on_report(chosen, protocol.CacheReport(prefix_keys.pack(keys), b""))
+    assert sorted(placed.values()) == [0, 0, 1, 1]

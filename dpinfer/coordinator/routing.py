@@ -162,31 +162,45 @@ class CacheAware(LeastLoaded):
         return self.index.held(peer)
 
     def pick_keyed(self, ranks: Sequence[RankPeer], keys: bytes) -> tuple[RankPeer, protocol.RouteInfo]:
+        index = self.index
         found = (
-            self.index.match(prefix_keys.unpack(keys[: prefix_keys.MAX_KEYS_BYTES]), len(ranks))
-            if keys
-            else None
+            index.match(prefix_keys.unpack(keys[: prefix_keys.MAX_KEYS_BYTES]), len(ranks)) if keys else None
         )
-        if not found:
-            return ranks[self._least_loaded(ranks)], _LOAD
-        block, load_chars = self._block, self.load_chars
         n = len(ranks)
         start = self._cursor % n
-        best = least = ranks[start]
-        best_score = found.get(best, 0) * block - load_chars * best.in_flight
+        if not found:
+            # Least loaded; among equally loaded ranks the one caching least (SGLang's smallest
+            # tree), so new prefixes spread over the caches; then rotation.
+            best_i = start
+            best_key = (ranks[start].in_flight, index.held(ranks[start]))
+            for offset in range(1, n):
+                i = (start + offset) % n
+                key = (ranks[i].in_flight, index.held(ranks[i]))
+                if key < best_key:
+                    best_i, best_key = i, key
+            self._cursor = best_i + 1
+            return ranks[best_i], _LOAD
+        block, load_chars = self._block, self.load_chars
+        best_i = least_i = start
+        peer = ranks[start]
+        best_score = found.get(peer, 0) * block - load_chars * peer.in_flight
         for offset in range(1, n):
-            peer = ranks[(start + offset) % n]
+            i = (start + offset) % n
+            peer = ranks[i]
             load = peer.in_flight
             score = found.get(peer, 0) * block - load_chars * load
-            if score > best_score or (score == best_score and load < best.in_flight):
-                best, best_score = peer, score
+            if score > best_score or (score == best_score and load < ranks[best_i].in_flight):
+                best_i, best_score = i, score
+            least = ranks[least_i]
             if load < least.in_flight or (
                 load == least.in_flight and found.get(peer, 0) > found.get(least, 0)
             ):
-                least = peer
-        self._cursor = start + 1
+                least_i = i
+        best, least = ranks[best_i], ranks[least_i]
         if best.in_flight - least.in_flight >= self.spread_threshold:
+            self._cursor = least_i + 1
             return least, protocol.RouteInfo(self.name, found.get(least, 0) * block, "spread")
+        self._cursor = best_i + 1
         matched = found.get(best, 0) * block
         return best, protocol.RouteInfo(self.name, matched, "match" if matched else "load")
 
