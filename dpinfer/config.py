@@ -73,6 +73,7 @@ def shm_name(deployment_id: str, rank: int, name: str) -> str:
 class RoutingPolicyName(enum.StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_LOADED = "least_loaded"
+    CACHE_AWARE = "cache_aware"
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,17 @@ class CoordinatorConfig:
     aborted on their ranks. The SDK sends keepalives well within it while it is connected."""
     curve_dir: str | None = None
     """With CURVE on: directory holding ``server.key_secret`` and ``authorized/*.key``."""
+    cache_load_chars: int = 256
+    """``cache_aware``: one more request in flight on a rank weighs as much as this many
+    characters of cached prompt prefix (see ``coordinator.routing``)."""
+    cache_spread_threshold: int = 4
+    """``cache_aware`` anti-hotspot rule: when the best-matching rank has this many more
+    requests in flight than the least-loaded one, the request goes to the least-loaded."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "routing", _choice(RoutingPolicyName, self.routing, "--routing"))
+        if self.cache_load_chars < 0 or self.cache_spread_threshold < 1:
+            raise ConfigError("--cache-load-chars must be >= 0 and --cache-spread-threshold >= 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         _positive(self.heartbeat_interval_s, "--heartbeat-interval-s")

@@ -11,6 +11,29 @@ likely first), then the sampled (or prompt) token if it is not among them (vLLM'
 
 
 @dataclass(frozen=True)
+class Routing:
+    """Why the request went to the rank that served it (``GenerationResult.routing``).
+
+    ``reason``: with ``cache_aware``, ``match`` (the rank holding the longest prefix, weighed
+    against load), ``spread`` (that rank was loaded past the anti-hotspot threshold; the
+    least-loaded took it), ``load`` (no rank held a prefix), ``credit`` (the choice was full)
+    or ``pinned``; with the other policies, the policy's own name.
+    """
+
+    policy: str
+    """``round_robin``, ``least_loaded`` or ``cache_aware``."""
+    rank: int
+    matched_chars: int = 0
+    """Characters of the prompt's prefix the chosen rank's cache held (``cache_aware``)."""
+    reason: str = ""
+
+    def header(self) -> str:
+        """The ``x-dpinfer-routing`` HTTP header value."""
+        matched = self.matched_chars
+        return f"policy={self.policy}; rank={self.rank}; matched_chars={matched}; reason={self.reason}"
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The final result of one request."""
 
@@ -43,6 +66,8 @@ class GenerationResult:
     token_texts: dict[int, str] | None = None
     """The text of each token id in ``logprobs``/``prompt_logprobs``, decoded alone by the
     rank's tokenizer (what OpenAI's ``token`` field shows)."""
+    routing: Routing | None = None
+    """Where the hub sent it and why (``None`` when no rank served it)."""
 
     @property
     def ok(self) -> bool:

@@ -50,3 +50,14 @@ def test_report_helpers() -> None:
     summary = latency_summary_us([0.001] * 99 + [0.1])
     assert summary["p50_us"] == 1000.0 and summary["p99_us"] > 1000.0
     assert process_cpu_s(os.getpid()) > 0
+
+
+def test_cache_aware_runs_beside_round_robin_on_the_same_keyed_load() -> None:
+    args = ["--ranks", "2", "--requests", "300", "--concurrency", "16", "--latency-requests", "20"]
+    args += ["--rounds", "1", "--routing", "cache_aware", "--json"]
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    hubs = [(c["ranks"], c["routing"]) for c in report["cases"] if c["case"] == "coordinator"]
+    assert hubs == [(2, "round_robin"), (2, "cache_aware")]
+    assert report["cache_aware_cpu_vs_round_robin"] > 0

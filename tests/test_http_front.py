@@ -78,6 +78,13 @@ def test_two_api_workers_share_one_port_and_both_serve(front: HttpProcess) -> No
     assert _worker_pids(front.proc.pid) == pids
 
 
+def test_a_completion_says_where_it_was_routed(front: HttpProcess) -> None:
+    with httpx.Client(headers=_auth()) as http:
+        reply = http.post(front.url + "/v1/completions", json={"prompt": "where", "max_tokens": 2})
+    assert reply.status_code == 200
+    assert reply.headers["x-dpinfer-routing"].startswith("policy=round_robin; rank=")
+
+
 def _worker_pids(parent: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
     return sorted(

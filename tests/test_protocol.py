@@ -39,6 +39,9 @@ SAMPLES: list[p.Message] = [
     p.Requests((p.RequestEntry(5, True),), (b"z",)),
     p.EngineAbort((5,)),
     p.EngineControl(7, "stop", {}),
+    p.CacheReport(b"\x01" * 16, b"\x02" * 8, True),
+    p.Outputs((p.OutputEntry(1, True, 0, p.RouteInfo("cache_aware", 256, "match")),), (b"x",)),
+    p.Submit((p.SubmitEntry(1, p.NO_RANK, False, b"\x03" * 8),), (b"a",)),
 ]
 
 

@@ -19,7 +19,7 @@ import msgpack
 import zmq
 
 from dpinfer import protocol
-from dpinfer.protocol import NO_RANK, EngineState, OutputBody
+from dpinfer.protocol import NO_RANK, EngineState, OutputBody, prefix_keys
 from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
 from dpinfer.rank.connection import registration
 
@@ -33,6 +33,7 @@ class Result:
     final: OutputBody | None = None
     rank: int = NO_RANK
     num_finals: int = 0
+    routing: protocol.RouteInfo | None = None
 
     @property
     def streamed_text(self) -> str:
@@ -115,11 +116,13 @@ class WireClient:
 
     def _sort(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Outputs):
-            for (crid, final, rank), body in zip(msg.entries, msg.bodies, strict=True):
+            for entry, body in zip(msg.entries, msg.bodies, strict=True):
+                crid, final = entry.client_request_id, entry.final
                 result = self.results.setdefault(crid, Result(crid))
                 out = OutputBody.from_bytes(body)
-                result.rank = rank
+                result.rank = entry.rank
                 if final:
+                    result.routing = entry.routing
                     result.final = out
                     result.num_finals += 1
                 else:
@@ -163,15 +166,21 @@ class WireClient:
         stream: bool = False,
         rank: int = NO_RANK,
         sampling: dict[str, Any] | None = None,
+        keys: bool = False,
     ) -> list[int]:
-        """Send one ``Submit`` batch; the client request ids, in prompt order."""
+        """Send one ``Submit`` batch; the client request ids, in prompt order. ``keys``: with
+        each prompt's prefix keys, as the SDK sends them."""
         entries, bodies, ids = [], [], []
         for prompt in prompts:
             crid = next(self._ids)
             body: dict[str, Any] = {"prompt": prompt}
             if sampling:
                 body["sampling"] = sampling
-            entries.append(protocol.SubmitEntry(crid, rank, stream))
+            packed = b""
+            if keys:
+                request = protocol.RequestBody.from_builtins(body)
+                packed = prefix_keys.pack(prefix_keys.body_keys(request))
+            entries.append(protocol.SubmitEntry(crid, rank, stream, packed))
             bodies.append(protocol.pack_body(body))
             ids.append(crid)
         self.send(protocol.Submit(tuple(entries), tuple(bodies)))

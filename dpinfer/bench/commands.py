@@ -13,6 +13,7 @@ BENCHES = {
     "serve": "dpinfer.bench.serve:command",
     "http": "dpinfer.bench.http:command",
     "gpu-check": "dpinfer.bench.gpu_check:command",
+    "routing": "dpinfer.bench.routing:command",
 }
 
 

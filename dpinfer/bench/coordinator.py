@@ -48,6 +48,8 @@ class Case(TargetStats):
 
     case: str
     ranks: int
+    routing: NotRequired[str]
+    """Coordinator cases: the hub's routing policy."""
     ratio_vs_direct: NotRequired[float]
     added_p50_us: NotRequired[float]
     """Added p50 latency over the direct case (not on the direct case itself)."""
@@ -83,6 +85,9 @@ class CoordinatorReport(TypedDict):
     targets: dict[str, float]
     settings: Settings
     machine: MachineInfo
+    cache_aware_cpu_vs_round_robin: NotRequired[float]
+    """Hub CPU per request, cache_aware over round_robin, same ranks, same keyed load (worst
+    over rank counts; the issue's target: at most 2)."""
 
 
 def wait_for_ranks(
@@ -107,16 +112,22 @@ def wait_for_ranks(
 
 
 @contextlib.contextmanager
-def null_deployment(num_ranks: int) -> Iterator[tuple[str, int]]:
-    """A coordinator with ``num_ranks`` live null ranks: ``(address, coordinator pid)``; all ended after."""
-    from dpinfer.config import CoordinatorConfig
+def null_deployment(num_ranks: int, routing: str = "round_robin") -> Iterator[tuple[str, int]]:
+    """A coordinator with ``num_ranks`` live null ranks: ``(address, coordinator pid)``; all ended after.
+
+    Under ``cache_aware`` the null ranks report a simulated cache of 512 keys (LRU), smaller
+    than the keyed load's 1,088 keys, so insert and evict reports flow all the time.
+    """
+    from dpinfer.config import CoordinatorConfig, RoutingPolicyName
     from dpinfer.coordinator.process import start_coordinator
     from dpinfer.testing.null_rank import start_null_engines
 
-    handle = start_coordinator(CoordinatorConfig(port=0))
+    handle = start_coordinator(CoordinatorConfig(port=0, routing=RoutingPolicyName(routing)))
     procs: list[BaseProcess] = []
     try:
-        procs = start_null_engines(handle.address, ranks=list(range(num_ranks)), stream_chunks=0)
+        procs = start_null_engines(
+            handle.address, ranks=list(range(num_ranks)), stream_chunks=0, cache_keys=512
+        )
         wait_for_ranks(handle.address, num_ranks)
         yield handle.address, handle.pid
     finally:
@@ -161,12 +172,39 @@ def _measure_sdk(address: str, requests: int, window: int, latency_requests: int
     return {"sync_p50_us": sync["p50_us"], "sync_p99_us": sync["p99_us"], "async_req_per_s": async_req_per_s}
 
 
+def _hub_case(
+    num_ranks: int,
+    routing: str,
+    keyed: bool,
+    direct: Target,
+    relay: Target,
+    requests: int,
+    concurrency: int,
+    latency_requests: int,
+    rounds: int,
+) -> Case:
+    with null_deployment(num_ranks, routing) as (address, pid):
+        hub = Target(RawLoad(address, via_coordinator=True, keyed=keyed), pid)
+        # The bare relay runs beside the first case only: it is the floor, not a system.
+        others = [relay] if not relay.round_s else []
+        try:
+            interleave([direct, *others, hub], requests, concurrency, latency_requests, rounds)
+        finally:
+            hub.load.close()
+    # Paired with the direct rounds run just before each of its own: robust to drifting load.
+    paired = [d / h for d, h in zip(direct.round_s[-rounds:], hub.round_s, strict=True)]
+    case: Case = {"case": "coordinator", "ranks": num_ranks, "routing": routing, **hub.stats(requests)}
+    case["ratio_vs_direct"] = round(statistics.median(paired), 3)
+    return case
+
+
 def run_benchmark(
     ranks: Sequence[int] = (1, 2, 4),
     requests: int = 10000,
     concurrency: int = 128,
     latency_requests: int = 2000,
     rounds: int = 3,
+    routings: Sequence[str] = ("round_robin",),
 ) -> CoordinatorReport:
     """Every case in one run; the report dict that ``--json`` prints.
 
@@ -179,29 +217,22 @@ def run_benchmark(
         raise click.BadParameter("ranks, requests, concurrency, latency requests and rounds must be >= 1")
     from dpinfer.testing.null_direct import start_direct_null_engine
 
+    keyed = "cache_aware" in routings  # then every target gets the same keyed, shared-prefix load
     proc, direct_address = start_direct_null_engine(stream_chunks=0)
     relay_proc, relay_address = start_bare_relay(direct_address)
-    direct = Target(RawLoad(direct_address, via_coordinator=False), None)
-    relay = Target(RawLoad(relay_address, via_coordinator=False), relay_proc.pid)
+    direct = Target(RawLoad(direct_address, via_coordinator=False, keyed=keyed), None)
+    relay = Target(RawLoad(relay_address, via_coordinator=False, keyed=keyed), relay_proc.pid)
     cases: list[Case] = []
     sdk: SdkStats | None = None
     try:
         for num_ranks in sorted(set(ranks)):
-            with null_deployment(num_ranks) as (address, pid):
-                hub = Target(RawLoad(address, via_coordinator=True), pid)
-                # The bare relay runs beside the first case only: it is the floor, not a system.
-                others = [relay] if not relay.round_s else []
-                try:
-                    interleave([direct, *others, hub], requests, concurrency, latency_requests, rounds)
-                finally:
-                    hub.load.close()
-                # Paired with the direct rounds run just before each of its own: robust to drifting load.
-                paired = [d / h for d, h in zip(direct.round_s[-rounds:], hub.round_s, strict=True)]
-                case: Case = {"case": "coordinator", "ranks": num_ranks, **hub.stats(requests)}
-                case["ratio_vs_direct"] = round(statistics.median(paired), 3)
+            for routing in dict.fromkeys(routings):
+                case = _hub_case(num_ranks, routing, keyed, direct, relay, requests, concurrency,
+                                 latency_requests, rounds)  # fmt: skip
                 cases.append(case)
                 if sdk is None:
-                    sdk = _measure_sdk(address, requests, concurrency, latency_requests)
+                    with null_deployment(num_ranks, routing) as (address, _):
+                        sdk = _measure_sdk(address, requests, concurrency, latency_requests)
     finally:
         direct.load.close()
         relay.load.close()
@@ -225,7 +256,7 @@ def run_benchmark(
     settings = Settings(
         requests=requests, concurrency=concurrency, latency_requests=latency_requests, rounds=rounds
     )
-    return {
+    report: CoordinatorReport = {
         "benchmark": "coordinator",
         "ratio_vs_direct": one_rank["ratio_vs_direct"],
         "ratio_ranks": one_rank["ranks"],
@@ -235,11 +266,18 @@ def run_benchmark(
         "settings": settings,
         "machine": machine_info(),
     }
+    cpu = {(c["ranks"], c.get("routing")): c["coordinator_cpu_us_per_req"] or 0.0 for c in hubs}
+    ratios = [cpu[(n, "cache_aware")] / cpu[(n, "round_robin")] for n, r in cpu if r == "cache_aware"
+              if cpu.get((n, "round_robin"))]  # fmt: skip
+    if ratios:
+        report["cache_aware_cpu_vs_round_robin"] = round(max(ratios), 2)
+    return report
 
 
 _COLUMNS = [
     Column("case", "case", justify="left"),
     Column("ranks", "ranks", "{:d}"),
+    Column("routing", "routing", "{}", justify="left"),
     Column("req_per_s", "req/s", "{:,.0f}"),
     Column("ratio_vs_direct", "vs direct", "{:.2f}"),
     Column("p50_us", "p50 µs"),
@@ -279,6 +317,9 @@ def _notes(report: CoordinatorReport) -> list[str]:
         f"coordinator CPU {worst_cpu:.1f} µs/req (target <= {TARGETS['coordinator_cpu_us_per_req_max']:g})",
         f"added p50 {worst_added:.0f} µs (target <= {TARGETS['added_p50_us_max']:g})",
     ]
+    if "cache_aware_cpu_vs_round_robin" in report:
+        ratio = report["cache_aware_cpu_vs_round_robin"]
+        checks.append(f"cache_aware hub CPU {ratio:.2f}x round_robin's (target <= 2)")
     machine = report["machine"]
     return [
         "targets: " + "; ".join(checks),
@@ -302,10 +343,27 @@ _INT = click.IntRange(min=1)
 @click.option(
     "--rounds", type=_INT, default=3, help="Alternating direct/coordinator rounds; best one counts."
 )
+@click.option(
+    "--routing",
+    "routings",
+    multiple=True,
+    type=click.Choice(["round_robin", "least_loaded", "cache_aware"]),
+    help="Hub routing per coordinator case (repeatable) [round_robin]. With cache_aware, round_robin "
+    "runs too and every target gets a keyed load of shared prefixes (null ranks report a simulated cache).",
+)
 @json_option
 def command(
-    ranks: tuple[int, ...], requests: int, concurrency: int, latency_requests: int, rounds: int, as_json: bool
+    ranks: tuple[int, ...],
+    requests: int,
+    concurrency: int,
+    latency_requests: int,
+    rounds: int,
+    routings: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Coordinator overhead vs a direct client<->rank baseline (null ranks, loopback)."""
-    report = run_benchmark(ranks or (1, 2, 4), requests, concurrency, latency_requests, rounds)
+    routings = routings or ("round_robin",)
+    if "cache_aware" in routings and "round_robin" not in routings:
+        routings = ("round_robin", *routings)
+    report = run_benchmark(ranks or (1, 2, 4), requests, concurrency, latency_requests, rounds, routings)
     emit(report, as_json, _tables, _notes(report))

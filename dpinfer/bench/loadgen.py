@@ -17,6 +17,23 @@ from dpinfer.protocol import codec
 BODY = protocol.pack_body({"prompt": "x", "sampling": {"max_new_tokens": 1}})
 
 
+def keyed_bodies(groups: int = 16, variants: int = 16) -> list[tuple[bytes, bytes]]:
+    """``(body, packed prefix keys)`` of ``groups x variants`` prompts: a 512-character group
+    prefix then a 512-character variant (8 keys each), for ``cache_aware`` routing's load."""
+    from dpinfer.protocol import prefix_keys
+
+    out = []
+    for g in range(groups):
+        prefix = f"group {g:04d} " * 47  # 517 characters
+        for v in range(variants):
+            prompt = prefix[:512] + (f"variant {g:04d}-{v:04d} " * 24)[:512]
+            request = protocol.RequestBody.from_builtins(
+                {"prompt": prompt, "sampling": {"max_new_tokens": 1}}
+            )
+            out.append((request.to_bytes(), prefix_keys.pack(prefix_keys.body_keys(request))))
+    return out
+
+
 class RawLoad:
     """The load generator: one DEALER speaking the protocol with no SDK in between.
 
@@ -25,8 +42,12 @@ class RawLoad:
     Everything else (batching, window refill, timing) is the same code for both.
     """
 
-    def __init__(self, address: str, via_coordinator: bool, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, address: str, via_coordinator: bool, timeout_s: float = 10.0, keyed: bool = False
+    ) -> None:
         self.via_coordinator = via_coordinator
+        self._keyed = keyed_bodies() if keyed else None
+        """Bodies with shared prefixes and their keys, sent in turn (``cache_aware`` cases)."""
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -57,17 +78,31 @@ class RawLoad:
         first = self._next_id
         self._next_id += count
         ids = range(first, first + count)
+        if self._keyed is not None:
+            self._send_keyed(ids)
+            return
         if self.via_coordinator:
             header = codec.pack_batch(codec.KIND_SUBMIT, [(i, protocol.NO_RANK, False) for i in ids])
         else:
             header = codec.pack_batch(codec.KIND_REQUESTS, [(i, False) for i in ids])
         self._sock.send_multipart([header, *([BODY] * count)])
 
+    def _send_keyed(self, ids: range) -> None:
+        assert self._keyed is not None
+        n = len(self._keyed)
+        picked = [self._keyed[i % n] for i in ids]
+        if self.via_coordinator:
+            entries = [(i, protocol.NO_RANK, False, keys) for i, (_, keys) in zip(ids, picked, strict=True)]
+            header = codec.pack_batch(codec.KIND_SUBMIT, entries)
+        else:
+            header = codec.pack_batch(codec.KIND_REQUESTS, [(i, False) for i in ids])
+        self._sock.send_multipart([header, *(body for body, _ in picked)])
+
     def _finals(self, frames: list[bytes]) -> int:
         # The hot kinds' own decoders (one C call each): the load generator must stay cheap.
         kind = codec.peek_kind(frames[0])
         if kind == codec.KIND_OUTPUTS:
-            entries: tuple[tuple[int, bool, int], ...] = codec.output_entries(frames[0], len(frames) - 1)
+            entries: tuple[tuple[object, ...], ...] = codec.output_entries(frames[0], len(frames) - 1)
         elif kind == codec.KIND_ENGINE_OUTPUTS:
             entries = codec.engine_output_entries(frames[0], len(frames) - 1)
         else:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard, cast
 
 from dpinfer.errors import InvalidRequestError
+from dpinfer.protocol import prefix_keys
 from dpinfer.protocol.bodies import DEFAULT_SAMPLING, ImageItem, RawImage, RequestBody
 from dpinfer.sampling import SamplingParams
 
@@ -98,11 +99,22 @@ def build_request(
     return RequestBody.from_builtins(fields)
 
 
+class KeyedBody(bytes):
+    """A packed request body that carries its prefix keys (``protocol.prefix_keys``), which
+    the session puts in the request's ``SubmitEntry`` for the hub's ``cache_aware`` routing:
+    computed here, off the hub, over the body's canonical content."""
+
+    prefix_keys: bytes = b""
+
+
 def request_body(
     prompt: Prompt, sampling_params: SamplingInput = None, images: Sequence[ImageInput] | None = None
 ) -> bytes:
-    """The packed request body of one prompt (see ``build_request``)."""
-    return build_request(prompt, sampling_params, images).to_bytes()
+    """The packed request body of one prompt (see ``build_request``): a ``KeyedBody``."""
+    request = build_request(prompt, sampling_params, images)
+    body = KeyedBody(request.to_bytes())
+    body.prefix_keys = prefix_keys.pack(prefix_keys.body_keys(request))
+    return body
 
 
 def _prompt_fields(prompt: Prompt) -> tuple[dict[str, object], list[ImageItem]]:

@@ -23,7 +23,7 @@ _RANK_COLUMNS = (
     ("host", "host", 12), ("pid", "pid", 11), ("model", "model", 8), ("in flight", "in_flight", 4),
     ("done", "completed", 5), ("waiting", "num_waiting", 3), ("running", "num_running", 2),
     ("KV use", "kv_use", 6), ("KV used", "kv_used_tokens", 13), ("KV free", "kv_free_tokens", 14),
-    ("heartbeat s", "heartbeat_age_s", 10),
+    ("heartbeat s", "heartbeat_age_s", 10), ("cache hit", "cache_hit", 6), ("prefix keys", "prefix_keys", 15),
 )  # fmt: skip
 _LEFT = frozenset({"state", "device", "host", "model"})
 _STATUS_SCALARS = ("address", "routing", "uptime_s", "cpu_s")
@@ -45,12 +45,28 @@ def kv_use(rank: dict[str, Any]) -> str:
     return f"{100 * used / capacity:.0f}%"
 
 
+def cache_hit(rank: dict[str, Any]) -> str:
+    """Prompt tokens served from the rank's prefix cache over those looked up ("" if none yet)."""
+    metrics = rank.get("metrics")
+    if not isinstance(metrics, dict):
+        return ""
+    hits, queries = metrics.get("prefix_cache_hits"), metrics.get("prefix_cache_queries")
+    if not isinstance(hits, int) or not isinstance(queries, int) or queries <= 0:
+        return ""
+    return f"{100 * hits / queries:.0f}%"
+
+
+_DERIVED: dict[str, Callable[[dict[str, Any]], str]] = {"kv_use": kv_use, "cache_hit": cache_hit}
+_NEEDS = {"kv_use": "kv_capacity_tokens", "cache_hit": "metrics"}
+
+
 def _cell(rank: dict[str, Any], key: str) -> str:
-    return kv_use(rank) if key == "kv_use" else _fmt(rank.get(key, ""))
+    derive = _DERIVED.get(key)
+    return derive(rank) if derive is not None else _fmt(rank.get(key, ""))
 
 
 def _has(rank: dict[str, Any], key: str) -> bool:
-    return "kv_capacity_tokens" in rank if key == "kv_use" else key in rank
+    return _NEEDS.get(key, key) in rank
 
 
 def _rank_table(title: str, ranks: list[dict[str, Any]], keys: set[str]) -> Table:

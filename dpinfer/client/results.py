@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dpinfer import protocol as p
-from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.outputs import GenerationResult, Routing, StreamDelta
 
 
-def result_of(request_id: int, rank: int, body: p.OutputBody, latency_s: float) -> GenerationResult:
+def result_of(
+    request_id: int, rank: int, body: p.OutputBody, latency_s: float, routing: Routing | None = None
+) -> GenerationResult:
     return GenerationResult(
         request_id=request_id,
         text=body.text,
@@ -25,6 +27,7 @@ def result_of(request_id: int, rank: int, body: p.OutputBody, latency_s: float) 
         if body.prompt_logprobs is None
         else [None, *(e.as_dict() for e in body.prompt_logprobs)],
         token_texts=body.token_texts,
+        routing=routing,
     )
 
 

@@ -39,7 +39,7 @@ from dpinfer.client.results import result_of as _result
 from dpinfer.client.results import tail_of as _tail
 from dpinfer.errors import ConnectionLostError, InvalidRequestError, ProtocolError, ReconnectTimeoutError
 from dpinfer.log import get_logger
-from dpinfer.outputs import GenerationResult, StreamDelta
+from dpinfer.outputs import GenerationResult, Routing, StreamDelta
 from dpinfer.protocol import ControlAcknowledgement
 from dpinfer.protocol.codec import Frame
 
@@ -112,7 +112,12 @@ class ClientSession:
         return p.SubmitEntry(request_id, wire_rank, stream)
 
     def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
-        return p.encode(p.Submit(tuple(entries), tuple(bodies)))
+        # A body from ``inputs.request_body`` carries its prefix keys for the hub's routing.
+        keyed = tuple(
+            e._replace(prefix_keys=getattr(b, "prefix_keys", b""))
+            for e, b in zip(entries, bodies, strict=True)
+        )
+        return p.encode(p.Submit(keyed, tuple(bodies)))
 
     def abort_frames(self, request_ids: Sequence[int]) -> list[Frame]:
         for request_id in request_ids:
@@ -268,8 +273,17 @@ class ClientSession:
                     self.on_delta(_delta(request_id, body))
                 continue
             del self._inflight[request_id]
-            result = _result(request_id, entry.rank, body, now - record.submitted_at)
+            result = _result(request_id, entry.rank, body, now - record.submitted_at, self._routing(entry))
             self.on_result(result, _tail(result, body) if record.stream else None)
+
+    def _routing(self, entry: p.OutputEntry) -> Routing | None:
+        if entry.rank == p.NO_RANK:
+            return None
+        if entry.routing is not None:
+            info = entry.routing
+            return Routing(info.policy, entry.rank, info.matched_chars, info.reason)
+        policy = self.hello.routing if self.hello is not None else ""
+        return Routing(policy, entry.rank, 0, policy)
 
     def _handle_error(self, msg: p.Error) -> None:
         if msg.code == "duplicate_request":

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 import zmq
 
 from dpinfer.config import ConfigError, CoordinatorConfig, RoutingPolicyName
 
 _DEFAULTS = CoordinatorConfig()
+
+
+def cache_routing_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``--cache-load-chars`` and ``--cache-spread-threshold``: the knobs of ``cache_aware``."""
+    fn = click.option(
+        "--cache-spread-threshold",
+        default=_DEFAULTS.cache_spread_threshold,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="cache_aware anti-hotspot rule: when the best-matching rank has this many more requests "
+        "in flight than the least-loaded one, the request goes to the least-loaded.",
+    )(fn)
+    return click.option(
+        "--cache-load-chars",
+        default=_DEFAULTS.cache_load_chars,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="cache_aware cost model: one more request in flight on a rank weighs as much as this "
+        "many characters of cached prompt prefix.",
+    )(fn)
 
 
 @click.command()
@@ -108,6 +130,7 @@ _DEFAULTS = CoordinatorConfig()
     help="Listen beyond loopback without --curve (anyone who can reach the port can use it).",
 )
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default) or ERROR.")
+@cache_routing_options
 def coordinator(
     host: str,
     port: int,
@@ -125,6 +148,8 @@ def coordinator(
     curve_dir: str | None,
     insecure: bool,
     log_level: str | None,
+    cache_load_chars: int,
+    cache_spread_threshold: int,
 ) -> None:
     """Run the coordinator: the one address clients and engine ranks connect to.
 
@@ -148,6 +173,8 @@ def coordinator(
             max_frame_bytes=max_frame_bytes,
             max_queued_requests=max_queued_requests,
             max_client_requests=max_client_requests,
+            cache_load_chars=cache_load_chars,
+            cache_spread_threshold=cache_spread_threshold,
             migration_limit=migration_limit,
             client_timeout_s=client_timeout_s,
             curve_dir=curve_dir,

@@ -26,7 +26,7 @@ from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.migration import Streamed, continuation
 from dpinfer.coordinator.outbox import Counters, Outbox
 from dpinfer.coordinator.registry import ClientPeer, PendingQueue, RankPeer, RankRegistry, Req
-from dpinfer.coordinator.routing import make_policy
+from dpinfer.coordinator.routing import PINNED, make_policy
 from dpinfer.errors import InvalidRequestError, ProtocolError
 from dpinfer.protocol import NO_RANK, EngineState, ErrorCode, FinishReason, error_body
 
@@ -46,7 +46,7 @@ class Forwarder:
     ) -> None:
         self.requests: dict[int, Req] = {}
         self.pending = PendingQueue()
-        self.policy = make_policy(config.routing)
+        self.policy = make_policy(config.routing, config)
         self.no_rank_timeout_s = config.no_rank_timeout_s
         self.max_requests = config.max_queued_requests
         self.max_client_requests = config.max_client_requests
@@ -60,21 +60,22 @@ class Forwarder:
     # ------------------------------------------------------------------ hot path
 
     def submit(
-        self, client: ClientPeer, entries: Sequence[tuple[int, int, bool]], bodies: list[Any], now: float
+        self, client: ClientPeer, entries: Sequence[protocol.SubmitEntry], bodies: list[Any], now: float
     ) -> None:
-        """Route each ``(client_request_id, rank, stream)`` entry with its body."""
+        """Route each ``(client_request_id, rank, stream, prefix_keys)`` entry with its body."""
         self._counters.submitted += len(entries)
         if self._lifecycle.state is EngineState.STOPPED:
-            for (client_request_id, _, _), _body in zip(entries, bodies, strict=True):
-                self._reply_error(client, client_request_id, STOPPED_MESSAGE, ErrorCode.UNAVAILABLE)
+            for entry in entries:
+                self._reply_error(client, entry[0], STOPPED_MESSAGE, ErrorCode.UNAVAILABLE)
             return
         live = self._registry.live
         pick = self.policy.pick
+        keyed = self.policy.keyed
         requests = self.requests
         client_requests = client.requests
         to_ranks = self._outbox.to_ranks
         request_id = self._next_request_id
-        for (client_request_id, pinned, stream), body in zip(entries, bodies, strict=True):
+        for (client_request_id, pinned, stream, keys), body in zip(entries, bodies, strict=True):
             if client_request_id in client_requests:
                 self._outbox.send(
                     client.identity,
@@ -96,10 +97,16 @@ class Forwarder:
                         client, client_request_id, self._no_such_rank(pinned), ErrorCode.UNAVAILABLE
                     )
                     continue
+                if keyed:
+                    req.route = PINNED
             else:
-                peer = pick(live) if live else None
-                if peer is not None and peer.in_flight >= peer.credit:
-                    peer = with_room(live)  # the pick is full: any rank with credit left
+                if keyed:
+                    req.keys = keys
+                    peer = self._pick_keyed(req, live)
+                else:
+                    peer = pick(live) if live else None
+                    if peer is not None and peer.in_flight >= peer.credit:
+                        peer = with_room(live)  # the pick is full: any rank with credit left
                 if peer is None:  # no live rank, or none with credit: wait in the hub's queue
                     requests[request_id] = req
                     client_requests[client_request_id] = req
@@ -117,6 +124,19 @@ class Forwarder:
             batch[0].append((req.request_id, stream))
             batch[1].append(body)
         self._next_request_id = request_id
+
+    def _pick_keyed(self, req: Req, live: Sequence[RankPeer]) -> RankPeer | None:
+        """The keyed policy's rank for ``req`` (its explanation kept for the final output)."""
+        if not live:
+            return None
+        peer, route = self.policy.pick_keyed(live, req.keys)
+        req.route = route
+        if peer.in_flight < peer.credit:
+            return peer
+        room = with_room(live)
+        if room is not None:
+            req.route = route._replace(matched_chars=0, reason="credit")
+        return room
 
     def engine_outputs(
         self, peer: RankPeer, entries: Sequence[tuple[int, bool, int]], bodies: list[Any]
@@ -149,7 +169,10 @@ class Forwarder:
             batch = to_clients.get(client.identity)
             if batch is None:
                 batch = to_clients[client.identity] = ([], [])
-            batch[0].append((req.client_request_id, final, rank))
+            if final and req.route is not None:
+                batch[0].append((req.client_request_id, final, rank, req.route))
+            else:
+                batch[0].append((req.client_request_id, final, rank))
             batch[1].append(body)
         if num_final:
             peer.in_flight -= num_final
@@ -195,6 +218,7 @@ class Forwarder:
         final reply that says why.
         """
         self._outbox.discard_rank(peer.identity)
+        self.policy.forget(peer)
         owned = [req for req in self.requests.values() if req.rank is peer]
         peer.in_flight = 0
         stopped = self._lifecycle.state is EngineState.STOPPED
@@ -240,9 +264,12 @@ class Forwarder:
 
     def _route(self, req: Req, now: float) -> None:
         live = self._registry.live
-        peer = self.policy.pick(live) if live else None
-        if peer is not None and peer.in_flight >= peer.credit:
-            peer = with_room(live)
+        if self.policy.keyed:
+            peer = self._pick_keyed(req, live)
+        else:
+            peer = self.policy.pick(live) if live else None
+            if peer is not None and peer.in_flight >= peer.credit:
+                peer = with_room(live)
         if peer is None:
             self.pending.push(req, now + self.no_rank_timeout_s)
             return
@@ -271,6 +298,8 @@ class Forwarder:
         while pending and peer.in_flight < peer.credit and peer.alive:
             req = pending.pop_oldest()
             if self.requests.get(req.request_id) is req:
+                if req.route is not None:
+                    req.route = req.route._replace(matched_chars=0, reason="credit")
                 self._send_to(req, peer)
 
     def expire_pending(self, now: float) -> None:

@@ -163,7 +163,8 @@ class PeerHandlers:
         client.admin = role in (Role.ADMIN, Role.ANY)
         version, state, num_ranks = protocol.PROTOCOL_VERSION, self.lifecycle.state, len(self.registry.live)
         timeout_s = self.config.client_timeout_s
-        ack = protocol.HelloAck(version, state, num_ranks, self.incarnation, known, timeout_s)
+        routing = self.config.routing.value
+        ack = protocol.HelloAck(version, state, num_ranks, self.incarnation, known, timeout_s, routing)
         self.outbox.send(identity, ack)
 
     def _on_abort(self, client: ClientPeer, msg: protocol.Abort, now: float) -> None:
@@ -241,7 +242,8 @@ class PeerHandlers:
         }
 
     def _describe_rank(self, peer: RankPeer, now: float) -> dict[str, Any]:
-        return {**peer.describe(now), "routed": self.outbox.routed.get(peer.identity, 0)}
+        routed = self.outbox.routed.get(peer.identity, 0)
+        return {**peer.describe(now), "routed": routed, "prefix_keys": self.forwarder.policy.held(peer)}
 
     # ------------------------------------------------------------------ ranks
 
@@ -302,7 +304,13 @@ class PeerHandlers:
         state = EngineState.RUNNING if self.lifecycle.stopping else self.lifecycle.state
         self.outbox.send(
             peer.identity,
-            protocol.RegisterAck(peer.rank, state, self.config.heartbeat_interval_s, self.incarnation),
+            protocol.RegisterAck(
+                peer.rank,
+                state,
+                self.config.heartbeat_interval_s,
+                self.incarnation,
+                self.forwarder.policy.keyed,
+            ),
         )
 
     def _on_heartbeat(self, peer: RankPeer, msg: protocol.Heartbeat, now: float) -> None:

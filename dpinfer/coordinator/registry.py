@@ -182,8 +182,8 @@ class Req:
     """
 
     __slots__ = (
-        "aborted", "body", "client", "client_request_id", "deadline", "migrations", "pinned", "rank",
-        "request_id", "stream", "streamed",
+        "aborted", "body", "client", "client_request_id", "deadline", "keys", "migrations", "pinned",
+        "rank", "request_id", "route", "stream", "streamed",
     )  # fmt: skip
 
     def __init__(
@@ -208,6 +208,10 @@ class Req:
         self.streamed: Streamed | None = None
         self.migrations = 0
         """Times it moved to another rank after streaming output (``--migration-limit``)."""
+        self.keys = b""
+        """Its packed prefix keys (``cache_aware`` only): a re-dispatch is routed on them again."""
+        self.route: protocol.RouteInfo | None = None
+        """Why it went to its rank (``cache_aware`` only), sent with its final output."""
 
 
 class PendingQueue:

@@ -1,8 +1,29 @@
 """Routing policies: which live rank gets the next request.
 
 Add a policy by subclassing ``RoutingPolicy`` and decorating it with ``@register_policy``;
-``make_policy(name)`` builds one by name (a bad name lists the valid ones). The names match
-``config.RoutingPolicyName``.
+``make_policy(name, config)`` builds one by name (a bad name lists the valid ones). The names
+match ``config.RoutingPolicyName``.
+
+``cache_aware`` (SGLang's name) routes on the prompt's prefix keys (``protocol.prefix_keys``,
+computed by the client, carried in ``SubmitEntry.prefix_keys``) against a ``PrefixIndex`` fed
+by the ranks' cache reports. Its cost model, per live rank ``r``:
+
+- ``match_r``: characters of the prompt's leading blocks that rank ``r`` reported holding
+  (0 when none); ``load_r``: the hub's exact in-flight count of ``r``;
+- ``score_r = match_r - cache_load_chars * load_r``: one more request in flight costs as
+  much as recomputing ``--cache-load-chars`` characters of prompt (default 256);
+- the best score wins (ties: the lower load, then rotation). No rank holding any block:
+  the least-loaded rank with rotating tie-breaks, exactly ``least_loaded`` (reason ``load``);
+- **anti-hotspot**: when the winner's load exceeds the least-loaded rank's by
+  ``--cache-spread-threshold`` requests or more (default 4), the request goes to the
+  least-loaded rank instead (the longest match among those; reason ``spread``). Its prefill
+  caches the prefix there, that rank reports it, and later requests of a hot prefix then
+  see equal matches on both ranks and split by load.
+
+Each choice is explained (``protocol.RouteInfo``: policy, matched characters, reason) and the
+hub sends the explanation with the request's final output (``GenerationResult.routing``).
+The hub never hashes or tokenizes a body: a request without keys (a client that sends none,
+``model_inputs``) goes by load.
 """
 
 from __future__ import annotations
@@ -10,8 +31,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from dpinfer.config import ConfigError
+from dpinfer import protocol
+from dpinfer.config import ConfigError, CoordinatorConfig
+from dpinfer.coordinator.prefix_index import PrefixIndex
 from dpinfer.coordinator.registry import RankPeer
+from dpinfer.protocol import prefix_keys
+from dpinfer.protocol.cache_report import MAX_REPORT_KEYS
 
 
 class RoutingPolicy:
@@ -30,9 +55,28 @@ class RoutingPolicy:
     """
 
     name: ClassVar[str]
+    keyed: ClassVar[bool] = False
+    """Routes on prefix keys: the hub calls ``pick_keyed`` and passes it cache reports."""
+
+    def __init__(self, config: CoordinatorConfig | None = None) -> None:
+        self._cursor = 0
 
     def pick(self, ranks: Sequence[RankPeer]) -> RankPeer:
         raise NotImplementedError
+
+    def pick_keyed(self, ranks: Sequence[RankPeer], keys: bytes) -> tuple[RankPeer, protocol.RouteInfo]:
+        """The rank for a request with packed prefix ``keys``, and why (``keyed`` policies)."""
+        raise NotImplementedError
+
+    def on_report(self, peer: RankPeer, msg: protocol.CacheReport) -> None:
+        """A rank's cache report (``keyed`` policies)."""
+
+    def forget(self, peer: RankPeer) -> None:
+        """``peer`` went away or registered again: forget what it reported."""
+
+    def held(self, peer: RankPeer) -> int:
+        """Prefix keys ``peer`` reported holding (``status``)."""
+        return 0
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {}
@@ -43,12 +87,12 @@ def register_policy(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
     return cls
 
 
-def make_policy(name: str) -> RoutingPolicy:
+def make_policy(name: str, config: CoordinatorConfig | None = None) -> RoutingPolicy:
     """A new policy instance; ``ConfigError`` naming the valid policies for an unknown name."""
     cls = POLICIES.get(str(name))
     if cls is None:
         raise ConfigError(f"--routing: {name!r} is not one of: {', '.join(sorted(POLICIES))}")
-    return cls()
+    return cls(config)
 
 
 @register_policy
@@ -56,9 +100,6 @@ class RoundRobin(RoutingPolicy):
     """Each request to the next rank in order (the default)."""
 
     name = "round_robin"
-
-    def __init__(self) -> None:
-        self._cursor = 0
 
     def pick(self, ranks: Sequence[RankPeer]) -> RankPeer:
         cursor = self._cursor
@@ -77,10 +118,10 @@ class LeastLoaded(RoutingPolicy):
 
     name = "least_loaded"
 
-    def __init__(self) -> None:
-        self._cursor = 0
-
     def pick(self, ranks: Sequence[RankPeer]) -> RankPeer:
+        return ranks[self._least_loaded(ranks)]
+
+    def _least_loaded(self, ranks: Sequence[RankPeer]) -> int:
         n = len(ranks)
         start = self._cursor % n
         best_index = start
@@ -91,4 +132,78 @@ class LeastLoaded(RoutingPolicy):
             if load < best_load:
                 best_index, best_load = i, load
         self._cursor = best_index + 1
-        return ranks[best_index]
+        return best_index
+
+
+@register_policy
+class CacheAware(LeastLoaded):
+    """The rank whose prefix cache holds the longest match, weighed against load (see the module)."""
+
+    name = "cache_aware"
+    keyed = True
+
+    def __init__(self, config: CoordinatorConfig | None = None) -> None:
+        super().__init__(config)
+        config = config or CoordinatorConfig()
+        self.index = PrefixIndex()
+        self.load_chars = config.cache_load_chars
+        self.spread_threshold = config.cache_spread_threshold
+        self._block = prefix_keys.BLOCK_CHARS
+
+    def on_report(self, peer: RankPeer, msg: protocol.CacheReport) -> None:
+        inserted = prefix_keys.unpack(msg.inserted[: MAX_REPORT_KEYS * prefix_keys.KEY_BYTES])
+        evicted = prefix_keys.unpack(msg.evicted[: MAX_REPORT_KEYS * prefix_keys.KEY_BYTES])
+        self.index.report(peer, inserted, evicted, msg.reset)
+
+    def forget(self, peer: RankPeer) -> None:
+        self.index.forget(peer)
+
+    def held(self, peer: RankPeer) -> int:
+        return self.index.held(peer)
+
+    def pick_keyed(self, ranks: Sequence[RankPeer], keys: bytes) -> tuple[RankPeer, protocol.RouteInfo]:
+        index = self.index
+        found = (
+            index.match(prefix_keys.unpack(keys[: prefix_keys.MAX_KEYS_BYTES]), len(ranks)) if keys else None
+        )
+        n = len(ranks)
+        start = self._cursor % n
+        if not found:
+            # Least loaded; among equally loaded ranks the one caching least (SGLang's smallest
+            # tree), so new prefixes spread over the caches; then rotation.
+            best_i = start
+            best_key = (ranks[start].in_flight, index.held(ranks[start]))
+            for offset in range(1, n):
+                i = (start + offset) % n
+                key = (ranks[i].in_flight, index.held(ranks[i]))
+                if key < best_key:
+                    best_i, best_key = i, key
+            self._cursor = best_i + 1
+            return ranks[best_i], _LOAD
+        block, load_chars = self._block, self.load_chars
+        best_i = least_i = start
+        peer = ranks[start]
+        best_score = found.get(peer, 0) * block - load_chars * peer.in_flight
+        for offset in range(1, n):
+            i = (start + offset) % n
+            peer = ranks[i]
+            load = peer.in_flight
+            score = found.get(peer, 0) * block - load_chars * load
+            if score > best_score or (score == best_score and load < ranks[best_i].in_flight):
+                best_i, best_score = i, score
+            least = ranks[least_i]
+            if load < least.in_flight or (
+                load == least.in_flight and found.get(peer, 0) > found.get(least, 0)
+            ):
+                least_i = i
+        best, least = ranks[best_i], ranks[least_i]
+        if best.in_flight - least.in_flight >= self.spread_threshold:
+            self._cursor = least_i + 1
+            return least, protocol.RouteInfo(self.name, found.get(least, 0) * block, "spread")
+        self._cursor = best_i + 1
+        matched = found.get(best, 0) * block
+        return best, protocol.RouteInfo(self.name, matched, "match" if matched else "load")
+
+
+_LOAD = protocol.RouteInfo(CacheAware.name, 0, "load")
+PINNED = protocol.RouteInfo(CacheAware.name, 0, "pinned")

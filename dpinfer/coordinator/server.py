@@ -30,7 +30,7 @@ from dpinfer.coordinator.forwarding import Forwarder
 from dpinfer.coordinator.lifecycle import Lifecycle
 from dpinfer.coordinator.outbox import Counters, Outbox
 from dpinfer.coordinator.peers import PeerHandlers
-from dpinfer.coordinator.registry import RankRegistry
+from dpinfer.coordinator.registry import RankPeer, RankRegistry
 from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger
 from dpinfer.protocol import codec
@@ -121,6 +121,7 @@ class Coordinator(PeerHandlers):
             k.HEARTBEAT: self._rank_kind(self._on_heartbeat),
             k.CONTROL_ACK: self._rank_kind(self._on_control_ack),
             k.DEREGISTER: self._rank_kind(self._on_deregister),
+            k.CACHE_REPORT: self._rank_kind(self._on_cache_report),
         }
         for kind in k:
             table.setdefault(kind, self._on_wrong_direction)
@@ -279,6 +280,9 @@ class Coordinator(PeerHandlers):
             return
         peer.last_seen = now
         self.forwarder.engine_outputs(peer, codec.engine_output_entries(header.buffer, len(bodies)), bodies)
+
+    def _on_cache_report(self, peer: RankPeer, msg: protocol.CacheReport, now: float) -> None:
+        self.forwarder.policy.on_report(peer, msg)
 
     # ------------------------------------------------------------------ shutdown
 

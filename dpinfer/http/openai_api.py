@@ -86,11 +86,11 @@ class OpenAIRoutes:
         if isinstance(results, GenerationResult):
             if not results.ok:
                 raise result_error(results)
-            return Response(reply.response((results,), 1), media_type=JSON)
+            return Response(reply.response((results,), 1), media_type=JSON, headers=_routing((results,)))
         for result in results:
             if not result.ok:
                 raise result_error(result)
-        return Response(reply.response(results, n), media_type=JSON)
+        return Response(reply.response(results, n), media_type=JSON, headers=_routing(results))
 
     async def _stream(
         self, request: Request, client: AsyncInferenceClient, reply: Reply, streams: list[RequestStream],
@@ -117,6 +117,13 @@ class OpenAIRoutes:
 
 
 H = TypeVar("H", RequestFuture, RequestStream)
+ROUTING_HEADER = "x-dpinfer-routing"
+"""Where the hub sent each choice and why (``GenerationResult.routing``), comma-separated."""
+
+
+def _routing(results: Sequence[GenerationResult]) -> dict[str, str]:
+    values = [r.routing.header() for r in results if r.routing is not None]
+    return {ROUTING_HEADER: ", ".join(values)} if values else {}
 
 
 def _submit(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Unpack
 import click
 
 from dpinfer.config import CoordinatorConfig, RoutingPolicyName, default_address, new_deployment_id
+from dpinfer.coordinator.commands import cache_routing_options
 from dpinfer.http.commands import FrontOptions, front_options, http_config
 from dpinfer.http.config import DEFAULT_HTTP_PORT
 from dpinfer.launcher.options import (
@@ -69,13 +70,14 @@ _COORD = CoordinatorConfig()
 @click.option("--no-http", is_flag=True, help="Start no HTTP front (the SDK and CLI only).")
 @front_options
 @engine_options
+@cache_routing_options
 def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curve_dir: str | None,
           insecure: bool, max_restarts: int, threads_per_rank: int, max_queued_requests: int,
           max_client_requests: int, migration_limit: int, client_timeout_s: float,
           ready_file: str | None, log_file: str | None, http_host: str, http_port: int, no_http: bool,
           api_workers: int, api_key: str | None, admin_api_key: str | None, served_model_name: str | None,
-          allowed_local_media_path: str | None, max_body_bytes: int,
-          **engine: Unpack[EngineOptions]) -> None:  # fmt: skip
+          allowed_local_media_path: str | None, max_body_bytes: int, cache_load_chars: int,
+          cache_spread_threshold: int, **engine: Unpack[EngineOptions]) -> None:  # fmt: skip
     """Serve a model on DP ranks behind one coordinator and an OpenAI-compatible HTTP front,
     in the foreground (Ctrl-C stops)."""
     from dpinfer.coordinator.commands import check_exposure
@@ -92,7 +94,8 @@ def serve(dp: int, host: str, port: int, routing: str, deterministic: bool, curv
             host=host, port=port, routing=RoutingPolicyName(routing), deterministic=deterministic,
             curve_dir=curve_dir, max_queued_requests=max_queued_requests,
             max_client_requests=max_client_requests, migration_limit=migration_limit,
-            client_timeout_s=client_timeout_s,
+            client_timeout_s=client_timeout_s, cache_load_chars=cache_load_chars,
+            cache_spread_threshold=cache_spread_threshold,
         )  # fmt: skip
         config = _serve_config(dp, coordinator, max_restarts, threads_per_rank, log_file, engine)
         if not no_http:

@@ -45,6 +45,7 @@ from dpinfer.protocol.bodies import (
     pack_body,
     unpack_body,
 )
+from dpinfer.protocol.cache_report import CacheReport
 from dpinfer.protocol.codec import MESSAGE_TYPES, decode, encode, encode_header
 from dpinfer.protocol.kinds import (
     MAX_HEADER_BYTES,
@@ -91,6 +92,7 @@ from dpinfer.protocol.messages import (
     Submit,
     SubmitEntry,
 )
+from dpinfer.protocol.route_info import RouteInfo
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -101,6 +103,7 @@ __all__ = [
     "REQUEST_BODY_FIELDS",
     "TRANSITIONS",
     "Abort",
+    "CacheReport",
     "ClientBye",
     "ClientHello",
     "Control",
@@ -135,6 +138,7 @@ __all__ = [
     "RequestBody",
     "RequestEntry",
     "Requests",
+    "RouteInfo",
     "Signal",
     "StatusQuery",
     "StatusReply",

@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from dpinfer.errors import ProtocolError
+from dpinfer.protocol.cache_report import CacheReport
 from dpinfer.protocol.kinds import MAX_HEADER_BYTES, Kind
 from dpinfer.protocol.messages import (
     Abort,
@@ -61,7 +62,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ClientHello, Submit, Abort, Control, StatusQuery, ClientBye,
     HelloAck, Outputs, ControlReply, StatusReply, Error, Notice,
     Register, Heartbeat, EngineOutputs, ControlAck, Deregister,
-    RegisterAck, Requests, EngineAbort, EngineControl,
+    RegisterAck, Requests, EngineAbort, EngineControl, CacheReport,
 )  # fmt: skip
 
 

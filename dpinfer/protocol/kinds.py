@@ -36,6 +36,7 @@ class Kind(enum.IntEnum):
     ENGINE_OUTPUTS = 42
     CONTROL_ACK = 43
     DEREGISTER = 44
+    CACHE_REPORT = 45
     # coordinator -> engine rank
     REGISTER_ACK = 60
     REQUESTS = 61

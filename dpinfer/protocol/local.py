@@ -26,6 +26,9 @@ from dpinfer.protocol.kinds import EngineState
 from dpinfer.protocol.messages import ControlAck, EngineOutputEntry, LoadStats, RankMetrics
 from dpinfer.sampling import SamplingParams
 
+CacheEvents = tuple[tuple[int, ...], tuple[int, ...], bool]
+"""``(inserted, evicted, reset)`` routing keys of a rank's prefix cache."""
+
 INTERNAL_CONTROL_ID = -1
 """``control_id`` of control commands the rank main issues itself (never acknowledged upstream)."""
 
@@ -87,6 +90,13 @@ class AbortRequests:
 
 
 @dataclass(frozen=True, slots=True)
+class SetCacheKeys:
+    """Compute routing keys for each request (the coordinator asked for cache reports)."""
+
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SetLimits:
     """Limits known only once the scheduler is up; sent before any request."""
 
@@ -116,6 +126,9 @@ class TokenizedRequest:
     scheduler prefills prompt + these and counts them as output (limits, stop checks)."""
     resume_chars: int = 0
     """Characters of their text the client has received already."""
+    cache_keys: tuple[tuple[int, int], ...] = ()
+    """Routing keys (``protocol.prefix_keys``) with the number of prompt tokens each covers,
+    in increasing order; only when the hub routes ``cache_aware`` (``SetCacheKeys``)."""
 
 
 # ---------------------------------------------------------------------------- rank main -> scheduler
@@ -202,6 +215,8 @@ class SchedulerBatch:
     load: LoadStats | None = None
     metrics: RankMetrics | None = None
     """Sent with ``load`` (both or neither), when either changed."""
+    cache_events: CacheEvents | None = None
+    """Routing keys the prefix cache started and stopped holding (``scheduler.cache_keys``)."""
 
 
 # ---------------------------------------------------------------------------- -> rank main
@@ -216,3 +231,4 @@ class RankOutputs:
     control_acks: tuple[ControlAck, ...] = ()
     load: LoadStats | None = None
     metrics: RankMetrics | None = None
+    cache_events: CacheEvents | None = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from dpinfer.protocol.kinds import NO_REQUEST, EngineState, Kind, Signal
+from dpinfer.protocol.route_info import RouteInfo
 
 # ---------------------------------------------------------------------------- entries
 
@@ -14,6 +15,7 @@ class SubmitEntry(NamedTuple):
     client_request_id: int
     rank: int  # NO_RANK: the routing policy picks; otherwise pin to this rank id
     stream: bool
+    prefix_keys: bytes = b""  # the body's ``protocol.prefix_keys``, packed (cache_aware reads them)
 
 
 class RequestEntry(NamedTuple):
@@ -31,12 +33,12 @@ class OutputEntry(NamedTuple):
     client_request_id: int
     final: bool
     rank: int
+    routing: RouteInfo | None = None  # cache_aware: why the request went to ``rank`` (finals)
 
 
 class RankAck(NamedTuple):
-    """One rank's answer to a control signal: made by its scheduler (or by the rank main when
-    the rank is stopping, or by the coordinator for a rank that died or never answered) and
-    carried whole to the caller inside ``ControlAcknowledgement``."""
+    """One rank's answer to a control signal (by its scheduler, its stopping rank main, or the hub
+    for a rank that died or never answered), carried whole inside ``ControlAcknowledgement``."""
 
     rank: int
     ok: bool
@@ -253,6 +255,7 @@ class HelloAck(Message):
     incarnation: int = 0
     known: bool = False
     client_timeout_s: float = 30.0
+    routing: str = ""  # the routing policy, for ``GenerationResult.routing``
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,8 +319,8 @@ class Register(Message):
     max_prompt_len: int
     kv_capacity_tokens: int
     max_in_flight: int = 0
-    """The rank's credit: most requests it takes at once (0: no limit). The coordinator keeps
-    the excess in its own bounded queue, where routing can still place it on any rank."""
+    """The rank's credit: most requests it takes at once (0: no limit). The coordinator keeps the
+    excess in its own bounded queue, where routing can still place it on any rank."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +373,7 @@ class RegisterAck(Message):
     state: EngineState
     heartbeat_interval_s: float
     incarnation: int = 0
+    cache_reports: bool = False  # send ``CacheReport``s: the hub routes ``cache_aware``
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,8 @@ class EngineConnection:
         self.address = address
         self.info = info
         self.heartbeat_interval_s = 0.5
+        self.cache_reports = False
+        """The coordinator asked for ``CacheReport``s (its last ``RegisterAck``)."""
         self.num_dropped_sends = 0
         self._next_heartbeat = 0.0
         self._reregistering = False
@@ -132,6 +134,7 @@ class EngineConnection:
                 )
 
     def _on_register_ack(self, ack: protocol.RegisterAck) -> None:
+        self.cache_reports = ack.cache_reports
         self.heartbeat_interval_s = ack.heartbeat_interval_s
         self._next_heartbeat = time.monotonic() + ack.heartbeat_interval_s
         if self.incarnation is not None and ack.incarnation != self.incarnation:
@@ -213,6 +216,9 @@ class EngineConnection:
             raise ValueError(f"{len(entries)} entries but {len(bodies)} bodies")
         if entries:
             self._send([pack_batch(KIND_ENGINE_OUTPUTS, entries), *bodies])
+
+    def send_cache_report(self, report: protocol.CacheReport) -> None:
+        self._send(protocol.encode(report))
 
     def send_control_ack(self, ack: protocol.ControlAck) -> None:
         self._send(protocol.encode(ack))

@@ -27,6 +27,7 @@ from dpinfer.protocol import EngineState, FinishReason, Signal
 from dpinfer.protocol import local as m
 from dpinfer.protocol.codec import Frame
 from dpinfer.protocol.messages import NO_METRICS
+from dpinfer.rank.cache_report import CacheReporter
 from dpinfer.rank.connection import EngineConnection
 from dpinfer.rank.inflight import DEFAULT_STOP_DEADLINE_S, InFlight, StopPlan
 from dpinfer.rank.signal_wakeup import SignalWakeup
@@ -61,6 +62,8 @@ class RankMain:
         """The scheduler's latest request figures, sent whole in every heartbeat."""
         self.stop: StopPlan | None = None
         self.exit_code: int | None = None
+        self.cache = CacheReporter(conn.send_cache_report, self.send_to_tokenizer)
+        self.cache.registered(conn.cache_reports)
         self._sentinels = supervisor.sentinels()
         self._wakeup = SignalWakeup()
         self.poller = zmq.Poller()
@@ -169,6 +172,7 @@ class RankMain:
         if len(self.inflight):
             self.send_to_tokenizer.send_pyobj(m.AbortRequests(self.inflight.ids(), "re-registered"))
             self.inflight.clear()
+        self.cache.registered(ack.cache_reports)
         self.apply_state(ack.state)
 
     def apply_state(self, target: EngineState) -> None:
@@ -202,7 +206,7 @@ class RankMain:
             try:
                 msg = self.recv_outputs.recv_pyobj(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if not isinstance(msg, m.RankOutputs):
                 logger.error("unexpected %s on the outputs socket; dropped", type(msg).__name__)
                 continue
@@ -214,6 +218,9 @@ class RankMain:
                 self.load = msg.load
             if msg.metrics is not None:
                 self.metrics = msg.metrics
+            if msg.cache_events is not None:
+                self.cache.add(msg.cache_events)
+        self.cache.flush()
 
     def on_control_ack(self, msg: protocol.ControlAck) -> None:
         """The scheduler's acknowledgement, passed upstream whole."""

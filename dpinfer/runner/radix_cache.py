@@ -10,13 +10,18 @@ content hash of a prompt's images). Each namespace has its own root, so requests
 namespaces differ never share KV at all, not even a common text prefix before an image.
 That is deliberately conservative: an image changes the KV of every token after it, and a
 shared text prefix before the image is rare enough not to be worth a special case.
+
+Tags (cache-aware routing): ``tag`` attaches a routing key to the node that holds a given
+token position of a cached path (``tags`` maps key -> offset inside the node; a split hands
+each tag to the half holding its position). Eviction removes whole leaves, so a key stays
+held exactly while its node does; the keys of every evicted node go to ``on_untag``.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -26,7 +31,7 @@ Namespace = bytes | None
 class TreeNode:
     """One edge of the tree: a run of tokens (``key``) and their KV slots (``value``)."""
 
-    __slots__ = ("children", "key", "last_access", "lock_ref", "namespace", "parent", "value")
+    __slots__ = ("children", "key", "last_access", "lock_ref", "namespace", "parent", "tags", "value")
 
     def __init__(self, namespace: Namespace, parent: TreeNode | None = None) -> None:
         self.children: dict[int, TreeNode] = {}
@@ -36,6 +41,8 @@ class TreeNode:
         self.lock_ref = 0
         self.last_access = 0
         self.namespace = namespace
+        self.tags: dict[int, int] | None = None
+        """Routing keys held by this node -> the 1-based offset of their last token in it."""
 
     @property
     def is_root(self) -> bool:
@@ -59,8 +66,13 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 class RadixCache:
     """Prefix cache over KV slots. ``free_slots`` receives the slots of evicted nodes."""
 
-    def __init__(self, free_slots: Callable[[torch.Tensor], None]) -> None:
+    def __init__(
+        self,
+        free_slots: Callable[[torch.Tensor], None],
+        on_untag: Callable[[Iterable[int]], None] | None = None,
+    ) -> None:
         self._free_slots = free_slots
+        self._on_untag = on_untag
         self._clock = itertools.count(1)
         self.reset()
 
@@ -120,6 +132,10 @@ class RadixCache:
         upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
         upper.children = {node.key[n]: node}
         node.key, node.value, node.parent = node.key[n:], node.value[n:], upper
+        if node.tags:
+            tags = node.tags
+            upper.tags = {k: o for k, o in tags.items() if o <= n} or None
+            node.tags = {k: o - n for k, o in tags.items() if o > n} or None
         parent.children[upper.key[0]] = upper
         return upper
 
@@ -200,6 +216,8 @@ class RadixCache:
             parent = leaf.parent
             assert parent is not None
             self._free_slots(leaf.value)
+            if leaf.tags and self._on_untag is not None:
+                self._on_untag(leaf.tags)
             freed += len(leaf.key)
             self.evictable_size -= len(leaf.key)
             del parent.children[leaf.key[0]]
@@ -210,6 +228,37 @@ class RadixCache:
             elif parent.is_root and parent.namespace is not None:
                 del self._roots[parent.namespace]  # one root per image hash must not pile up
         return freed
+
+    # ------------------------------------------------------------------ routing tags
+
+    def tag(
+        self, key: Sequence[int], tags: Sequence[tuple[int, int]], namespace: Namespace = None
+    ) -> list[int]:
+        """Attach each ``(routing_key, num_tokens)`` to the node holding token ``num_tokens - 1``
+        of the cached path ``key`` (just inserted, so present whole); return the routing keys
+        that were not already on their node. ``tags`` are in increasing ``num_tokens`` order."""
+        root = self._root(namespace, create=False)
+        added: list[int] = []
+        if root is None:
+            return added
+        node, start, i = root, 0, 0
+        while i < len(tags) and start < len(key):
+            child = node.children.get(key[start])
+            if child is None:
+                break
+            end = start + len(child.key)
+            while i < len(tags) and tags[i][1] <= end:
+                routing_key, num_tokens = tags[i]
+                i += 1
+                if num_tokens <= start:
+                    continue
+                if child.tags is None:
+                    child.tags = {}
+                if routing_key not in child.tags:
+                    child.tags[routing_key] = num_tokens - start
+                    added.append(routing_key)
+            node, start = child, end
+        return added
 
     def all_slots(self) -> torch.Tensor:
         """Every slot the tree owns, on the CPU (for invariant checks in tests)."""

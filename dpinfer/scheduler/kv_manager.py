@@ -11,6 +11,7 @@ import torch
 
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.runner.radix_cache import RadixCache
+from dpinfer.scheduler.cache_keys import CacheKeyTracker
 from dpinfer.scheduler.req import Req
 
 
@@ -22,7 +23,11 @@ class KVManager:
         self.rows = runner.req_to_token_pool
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.num_slots = runner.num_slots
-        self.tree: RadixCache | None = RadixCache(self.allocator.free) if enable_radix_cache else None
+        self.cache_keys = CacheKeyTracker()
+        """The routing keys the tree holds (cache-aware routing's reports)."""
+        self.tree: RadixCache | None = (
+            RadixCache(self.allocator.free, self.cache_keys.untag) if enable_radix_cache else None
+        )
         # A new manager owns every slot of the runner (a runner may outlive a scheduler).
         self.allocator.clear()
         self.rows.clear()
@@ -93,6 +98,21 @@ class KVManager:
         self.tree.inc_lock_ref(node)
         self.tree.dec_lock_ref(req.last_node)
         req.last_node, req.locked_len = node, kv_len
+        if req.cache_keys:
+            self._tag(req, key)
+
+    def _tag(self, req: Req, key: list[int]) -> None:
+        """Tag the routing keys whose tokens ``key`` (now in the tree) covers."""
+        assert self.tree is not None
+        done, n = req.cache_keys_done, len(key)
+        todo = req.cache_keys
+        stop = done
+        while stop < len(todo) and todo[stop][1] <= n:
+            stop += 1
+        if stop == done or self.cache_keys.full:
+            return
+        self.cache_keys.tagged(self.tree.tag(key, todo[done:stop], req.mm_hash))
+        req.cache_keys_done = stop
 
     def release(self, req: Req) -> None:
         """Take every slot back from ``req`` (finish, abort, retraction).
@@ -106,9 +126,13 @@ class KVManager:
         slots = self.req_to_token[row, : req.kv_len].clone()
         if self.tree is not None:
             assert req.last_node is not None
-            cached = self.tree.insert(req.fill_ids[: req.kv_len], slots, req.mm_hash)
+            key = req.fill_ids[: req.kv_len]
+            cached = self.tree.insert(key, slots, req.mm_hash)
             if cached > req.locked_len:
                 self.allocator.free(slots[req.locked_len : cached])
+            if req.cache_keys:
+                self._tag(req, key)
+                req.cache_keys_done = 0  # re-admitted after a retraction: tag again (deduplicated)
             self.tree.dec_lock_ref(req.last_node)
         else:
             self.allocator.free(slots)
@@ -120,6 +144,7 @@ class KVManager:
         if self.tree is not None:
             assert self.tree.protected_size == 0, "reset while requests hold cached prefixes"
             self.tree.reset()
+            self.cache_keys.reset()
         self.allocator.clear()
         self.rows.clear()
 

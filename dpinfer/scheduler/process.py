@@ -136,10 +136,13 @@ class SchedulerProcess:
     def flush(self, idle: bool) -> None:
         """Send what this iteration produced as one batch (plus the load and metrics when due)."""
         report = self._due_report(idle)
-        if not (self._metas or self._outputs or self._acks or report):
+        events = self.scheduler.kv.cache_keys.take()
+        if not (self._metas or self._outputs or self._acks or report or events):
             return
         load, metrics = report or (None, None)
-        batch = m.SchedulerBatch(tuple(self._metas), tuple(self._outputs), tuple(self._acks), load, metrics)
+        batch = m.SchedulerBatch(
+            tuple(self._metas), tuple(self._outputs), tuple(self._acks), load, metrics, events
+        )
         self._metas, self._outputs, self._acks = [], [], []
         self.send_to_detokenizer.send_pyobj(batch)
 

@@ -74,6 +74,10 @@ class Req:
         self.cached_len = 0
         self.num_retractions = 0
         self.admitted_once = False
+        self.cache_keys = request.cache_keys
+        """Routing keys and the prompt tokens each covers (cache-aware routing)."""
+        self.cache_keys_done = 0
+        """How many of them are tagged in the radix tree (``KVManager``)."""
         self.reset_kv()
 
     def reset_kv(self) -> None:

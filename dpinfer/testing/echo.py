@@ -16,7 +16,7 @@ import msgpack
 
 from dpinfer import protocol
 from dpinfer.errors import InvalidRequestError
-from dpinfer.protocol import EngineOutputEntry
+from dpinfer.protocol import EngineOutputEntry, prefix_keys
 from dpinfer.protocol.bodies import RequestBody
 from dpinfer.tokenizer.multimodal import content_text
 
@@ -28,11 +28,11 @@ class EchoRequest:
     """One request: its echo text, and (on a slow rank) its planned outputs and progress."""
 
     __slots__ = (
-        "error", "next_output", "plan", "prompt_tokens", "request_id", "resumed_chars", "step_s", "stream",
-        "text",
+        "error", "keys", "next_output", "plan", "prompt_tokens", "request_id", "resumed_chars", "step_s",
+        "stream", "text",
     )  # fmt: skip
 
-    def __init__(self, request_id: int, stream: bool, body: bytes) -> None:
+    def __init__(self, request_id: int, stream: bool, body: bytes, with_keys: bool = False) -> None:
         self.request_id = request_id
         self.stream = stream
         self.plan: tuple[list[EngineOutputEntry], list[bytes]] = ([], [])
@@ -42,6 +42,7 @@ class EchoRequest:
         self.text = ""
         self.prompt_tokens = 0
         self.resumed_chars = 0
+        self.keys: list[int] = []
         try:
             request = RequestBody.from_bytes(body)
         except InvalidRequestError as e:
@@ -53,6 +54,8 @@ class EchoRequest:
             prompt = request.prompt
         else:
             prompt = " ".join(str(t) for t in request.prompt or ())
+        if with_keys:
+            self.keys = prefix_keys.body_keys(request)
         self.text = ECHO_PREFIX + prompt
         self.prompt_tokens = len(prompt.encode())
         if request.resume is not None:
@@ -92,3 +95,37 @@ class EchoRequest:
         entries.append(EngineOutputEntry(rid, True, len(token_ids)))
         bodies.append(_packb(final))
         return entries, bodies
+
+
+class SimulatedCache:
+    """A null rank's stand-in for a prefix cache: the routing keys of the last ``capacity``
+    blocks it served, least recently used evicted first, with the events a real rank reports."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self.keys: dict[int, None] = {}
+        self.inserted: list[int] = []
+        self.evicted: list[int] = []
+
+    def serve(self, keys: list[int]) -> None:
+        cache = self.keys
+        for key in keys:
+            if key in cache:
+                del cache[key]  # most recently used goes last
+            else:
+                self.inserted.append(key)
+            cache[key] = None
+        while len(cache) > self.capacity:
+            old = next(iter(cache))
+            del cache[old]
+            self.evicted.append(old)
+
+    def take(self) -> tuple[bytes, bytes] | None:
+        if not (self.inserted or self.evicted):
+            return None
+        cache = self.keys
+        inserted = [k for k in dict.fromkeys(self.inserted) if k in cache]
+        evicted = [k for k in dict.fromkeys(self.evicted) if k not in cache]
+        out = prefix_keys.pack(inserted), prefix_keys.pack(evicted)
+        self.inserted, self.evicted = [], []
+        return out

@@ -32,7 +32,7 @@ from dpinfer.errors import ProtocolError
 from dpinfer.log import get_logger, set_role
 from dpinfer.protocol import EngineOutputEntry, EngineState, Signal
 from dpinfer.rank.connection import EngineConnection, registration
-from dpinfer.testing.echo import EchoRequest
+from dpinfer.testing.echo import EchoRequest, SimulatedCache
 
 logger = get_logger(__name__)
 
@@ -58,6 +58,7 @@ class NullEngine:
         curve_dir: str | None = None,
         model: str = "null",
         context: zmq.Context | None = None,
+        cache_keys: int = 4096,
     ) -> None:
         self.rank = rank
         self.delay_s = delay_s
@@ -66,6 +67,8 @@ class NullEngine:
         info = registration(rank, "cpu", model, 1 << 20, 0)
         self.conn = EngineConnection(address, info, curve_dir=curve_dir, context=context)
         self._reqs: dict[int, EchoRequest] = {}
+        self.cache = SimulatedCache(cache_keys)
+        """Routing keys of what it served, reported when the hub routes ``cache_aware``."""
         self._queued: list[int] = []  # arrived while paused, not started
         self._due: list[tuple[float, int]] = []  # (when, request_id) of each started request's next output
         self._out_entries: list[EngineOutputEntry] = []
@@ -104,7 +107,9 @@ class NullEngine:
     def _handle(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Requests):
             for (request_id, stream), body in zip(msg.entries, msg.bodies, strict=True):
-                req = EchoRequest(request_id, stream, body)
+                req = EchoRequest(request_id, stream, body, self.conn.cache_reports)
+                if req.keys:
+                    self.cache.serve(req.keys)
                 self._reqs[request_id] = req
                 if self._serving or req.error:
                     self._start(req)
@@ -125,6 +130,9 @@ class NullEngine:
             self._queued.clear()
             self._due.clear()
             self.state = EngineState(msg.state)
+            if msg.cache_reports:  # a new registration starts empty at the hub: say what is held
+                self.cache.inserted = list(self.cache.keys)
+                self._report(reset=True)
         elif isinstance(msg, protocol.Error):
             logger.warning("coordinator error %s: %s", msg.code, msg.message)
             if msg.code == "rank_taken":
@@ -165,6 +173,12 @@ class NullEngine:
         if self._out_entries:
             self.conn.send_outputs(self._out_entries, self._out_bodies)
             self._out_entries, self._out_bodies = [], []
+        if self.cache.inserted or self.cache.evicted:
+            self._report(reset=False)
+
+    def _report(self, reset: bool) -> None:
+        inserted, evicted = self.cache.take() or (b"", b"")
+        self.conn.send_cache_report(protocol.CacheReport(inserted, evicted, reset))
 
     def _control(self, msg: protocol.EngineControl) -> None:
         signal = msg.signal
@@ -215,10 +229,18 @@ def run_null_engine(
     stream_chunks: int = 2,
     curve_dir: str | None = None,
     connect_timeout_s: float = 30.0,
+    cache_keys: int = 4096,
 ) -> None:
     """Entry point of one null rank process; exits non-zero if it was refused or unreachable."""
     set_role("null-rank", rank)
-    engine = NullEngine(address, rank, delay_s=delay_s, stream_chunks=stream_chunks, curve_dir=curve_dir)
+    engine = NullEngine(
+        address,
+        rank,
+        delay_s=delay_s,
+        stream_chunks=stream_chunks,
+        curve_dir=curve_dir,
+        cache_keys=cache_keys,
+    )
     code = engine.run(connect_timeout_s)
     if code:
         raise SystemExit(code)

@@ -54,7 +54,7 @@ class DetokenizerProcess:
         except Exception:
             logger.exception("detokenization failed for a batch")
             out = _failed_batch(self.builder, batch)
-        if out.entries or out.control_acks or out.load is not None:
+        if out.entries or out.control_acks or out.load is not None or out.cache_events is not None:
             self.send_to_rank.send_pyobj(out)
 
     def close(self) -> None:
@@ -71,7 +71,7 @@ def _failed_batch(builder: OutputBuilder, batch: m.SchedulerBatch) -> m.RankOutp
         builder.drop(o.request_id)
     entries = tuple(EngineOutputEntry(o.request_id, True, 0) for o in finished)
     bodies = tuple(error_body("detokenization failed", code=ErrorCode.INTERNAL) for _ in finished)
-    return m.RankOutputs(entries, bodies, batch.control_acks, batch.load, batch.metrics)
+    return m.RankOutputs(entries, bodies, batch.control_acks, batch.load, batch.metrics, batch.cache_events)
 
 
 def run_detokenizer_process(config: RankConfig, report_ready: Any) -> None:

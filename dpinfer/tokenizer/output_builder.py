@@ -61,7 +61,9 @@ class OutputBuilder:
             if built is not None:
                 entries.append(built[0])
                 bodies.append(built[1])
-        return RankOutputs(tuple(entries), tuple(bodies), batch.control_acks, batch.load, batch.metrics)
+        return RankOutputs(
+            tuple(entries), tuple(bodies), batch.control_acks, batch.load, batch.metrics, batch.cache_events
+        )
 
     def _track(self, meta: RequestMeta) -> _Tracked:
         detok = RequestDetokenizer(

@@ -27,6 +27,7 @@ from dpinfer.errors import InvalidRequestError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineOutputEntry, ErrorCode, error_body
 from dpinfer.protocol import local as m
+from dpinfer.tokenizer.prefix_positions import PositionMapper
 from dpinfer.tokenizer.request_parsing import MultimodalProcessor, RequestParser, appends_eos, max_token_bytes
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class TokenizerProcess:
             m.TokenizeRequests: self.on_tokenize,
             m.AbortRequests: self.on_abort,
             m.SetLimits: self.on_limits,
+            m.SetCacheKeys: self.on_cache_keys,
             m.Shutdown: self.on_shutdown,
         }
 
@@ -113,6 +115,13 @@ class TokenizerProcess:
 
     def on_limits(self, msg: m.SetLimits) -> None:
         self.parser.max_prompt_len = msg.max_prompt_len
+
+    def on_cache_keys(self, msg: m.SetCacheKeys) -> None:
+        parser = self.parser
+        if not msg.enabled:
+            parser.positions = None
+        elif parser.positions is None:
+            parser.positions = PositionMapper(parser.tokenizer, parser.add_special_tokens)
 
     def on_shutdown(self, msg: m.Shutdown) -> None:
         self.running = False

@@ -23,6 +23,7 @@ from dpinfer.errors import InvalidRequestError
 from dpinfer.protocol.bodies import ChatMessage, ImageItem, RequestBody
 from dpinfer.protocol.local import RawRequest, TokenizedRequest
 from dpinfer.tokenizer.multimodal import PreparedPrompt
+from dpinfer.tokenizer.prefix_positions import PositionMapper
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -92,6 +93,8 @@ class RequestParser:
     max_token_bytes: int = 64
     max_body_bytes: int = MAX_BODY_BYTES
     """The most UTF-8 bytes one token of this tokenizer stands for (``max_token_bytes``)."""
+    positions: PositionMapper | None = None
+    """Set while the hub routes ``cache_aware``: each request gets its routing keys."""
 
     def parse(self, raw: RawRequest) -> TokenizedRequest:
         if len(raw.body) > self.max_body_bytes:
@@ -123,6 +126,7 @@ class RequestParser:
             mm_hash=prepared.mm_hash,
             resume_ids=resume.token_ids if resume is not None else (),
             resume_chars=resume.text_chars if resume is not None else 0,
+            cache_keys=self.positions.cache_keys(body, prepared.input_ids) if self.positions else (),
         )
 
     # ------------------------------------------------------------------ pieces
