@@ -283,3 +283,29 @@ def test_new_prefixes_go_to_the_rank_caching_least_and_conversations_stay() -> N
             placed[conv] = chosen.rank
             policy.on_report(chosen, protocol.CacheReport(prefix_keys.pack(keys), b""))
     assert sorted(placed.values()) == [0, 0, 1, 1]
+
+
+def test_the_rank_main_relays_cache_events_and_resends_them_after_registering() -> None:
+    from dpinfer.protocol.local import SetCacheKeys
+    from dpinfer.rank.cache_report import CacheReporter
+
+    sent: list[protocol.CacheReport] = []
+    told: list[object] = []
+
+    class Tokenizer:
+        def send_pyobj(self, obj: object) -> None:
+            told.append(obj)
+
+    reporter = CacheReporter(sent.append, Tokenizer())  # type: ignore[arg-type]
+    reporter.registered(True)
+    assert told == [SetCacheKeys(True)]
+    reporter.add(((1, 2, 3), (), False))
+    reporter.flush()
+    assert [(prefix_keys.unpack(m.inserted), m.reset) for m in sent] == [([1, 2, 3], True)]
+    reporter.add(((4,), (2,), False))
+    reporter.add(((), (4,), False))  # inserted and evicted before any report: nothing to say
+    reporter.flush()
+    assert (prefix_keys.unpack(sent[-1].inserted), prefix_keys.unpack(sent[-1].evicted)) == ([], [2])
+    reporter.registered(True)  # a new registration: the hub starts empty, gets all that is held
+    reporter.flush()
+    assert (prefix_keys.unpack(sent[-1].inserted), sent[-1].reset) == ([1, 3], True)

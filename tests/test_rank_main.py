@@ -43,6 +43,11 @@ class FakeConn:
         self.heartbeat_metrics: list[RankMetrics] = []
         self.deregistered: list[str] = []
         self._next_heartbeat = 0.0
+        self.cache_reports = False
+        self.cache_report_msgs: list[protocol.CacheReport] = []
+
+    def send_cache_report(self, report: protocol.CacheReport) -> None:
+        self.cache_report_msgs.append(report)
 
     def inject(self, msg: protocol.Message) -> None:
         msg = protocol.decode(protocol.encode(msg))  # as the real connection delivers it: decoded

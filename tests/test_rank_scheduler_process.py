@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from dpinfer.protocol import local as m
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.protocol.messages import RankMetrics
 from dpinfer.sampling import SamplingParams
+from dpinfer.scheduler.cache_keys import CacheKeyTracker
 from dpinfer.scheduler.process import IdleSleeper, SchedulerProcess
 from dpinfer.transport.channel import make_receiver, make_sender
 
@@ -32,6 +34,7 @@ class FakeScheduler:
         self.state = EngineState.RUNNING
         self.calls: list[str] = []
         self.num_steps = 0
+        self.kv = SimpleNamespace(cache_keys=CacheKeyTracker())  # what cache reports read
 
     @property
     def paused(self) -> bool:
