@@ -26,8 +26,9 @@ class Scale:
     weighs more in TTFT p90 (at 0.5 it is 1 in 8: the p90 lands on one)."""
     prefix_chars: int = 1000
     output_tokens: int = 8
-    rate: float = 6.0
-    """Arrivals per second of new sessions (hot_prefix: twice this)."""
+    rate: float = 12.0
+    """Arrivals per second of new sessions (hot_prefix: twice this). The default loads
+    round_robin on two tiny-llama ranks with one thread each past what they keep up with."""
     seed: int = 0
 
 
