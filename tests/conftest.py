@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +162,28 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     yield start
     for served in started:
         served.stop()
+
+
+# ---------------------------------------------------------------------------- a byte tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    """ByT5's tokenizer (one token per UTF-8 byte, no download): the detokenizer tests' model."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def decode(tok: Any) -> Callable[[Sequence[int]], str]:
+    def fn(ids: Sequence[int]) -> str:
+        text: str = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text
+
+    return fn
+
+
+def ids_of(tok: Any, text: str) -> list[int]:
+    ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+    return ids

@@ -7,41 +7,10 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterable
-from pathlib import Path
 
+from dpinfer.chaos.proc import alive, descendants
 
-def _stat_fields(pid: int | str) -> list[str]:
-    """The fields of ``/proc/PID/stat`` after the command name (state first, then ppid)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (torchrun starts each worker in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int(_stat_fields(entry.name)[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    try:
-        return _stat_fields(pid)[0] != "Z"
-    except (OSError, IndexError):
-        return False
+__all__ = ["alive", "descendants", "kill_tree"]
 
 
 def kill_tree(proc: subprocess.Popen[bytes], known: Iterable[int] = ()) -> None:

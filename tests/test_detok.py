@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from transformers import ByT5Tokenizer
+from conftest import ids_of
 
 from dpinfer.protocol import OutputBody
 from dpinfer.protocol.local import RequestMeta, SchedulerBatch, SchedulerOutput
@@ -17,24 +17,6 @@ from dpinfer.tokenizer.incremental_detok import (
     StopStringBuffer,
 )
 from dpinfer.tokenizer.output_builder import OutputBuilder
-
-
-@pytest.fixture(scope="module")
-def tok() -> ByT5Tokenizer:
-    return ByT5Tokenizer()
-
-
-@pytest.fixture(scope="module")
-def decode(tok: ByT5Tokenizer) -> Callable[[Sequence[int]], str]:
-    def fn(ids: Sequence[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    return fn
-
-
-def ids_of(tok: ByT5Tokenizer, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
 
 TEXTS = ["héllo wörld", "price: 5€ 😀 done", "日本語のテキスト", "plain ascii"]
 

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from transformers import ByT5Tokenizer
+from conftest import ids_of
 
 from dpinfer import protocol
 from dpinfer.client.session import ClientSession
@@ -17,23 +17,6 @@ from dpinfer.protocol import OutputBody, PositionLogprobs
 from dpinfer.protocol.local import RequestMeta, SchedulerBatch, SchedulerOutput
 from dpinfer.tokenizer.incremental_detok import RequestDetokenizer, StopStringBuffer
 from dpinfer.tokenizer.output_builder import OutputBuilder
-
-
-@pytest.fixture(scope="module")
-def tok() -> ByT5Tokenizer:
-    return ByT5Tokenizer()
-
-
-@pytest.fixture(scope="module")
-def decode(tok: ByT5Tokenizer) -> Callable[[Sequence[int]], str]:
-    def fn(ids: Sequence[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    return fn
-
-
-def ids_of(tok: ByT5Tokenizer, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
