@@ -7,15 +7,11 @@ abort finals for the old copies; a coordinator restart while a rank still holds 
 
 from __future__ import annotations
 
-from wire import ScriptedRank, WireClient, live_ranks
+from wire import ScriptedRank, WireClient, final_body, live_ranks
 
 from dpinfer import protocol
-from dpinfer.protocol import OutputBody, error_body
+from dpinfer.protocol import error_body
 from dpinfer.protocol.kinds import FinishReason
-
-
-def _done(text: str) -> bytes:
-    return OutputBody(text=text, token_ids=(1,), finish_reason="stop", completion_tokens=1).to_bytes()
 
 
 def test_a_falsely_dead_rank_cannot_end_the_re_dispatched_copies(coordinator_factory) -> None:
@@ -36,7 +32,7 @@ def test_a_falsely_dead_rank_cannot_end_the_re_dispatched_copies(coordinator_fac
         assert not set(new) & set(old), "a re-dispatched request must be a new attempt with a new id"
         aborted = error_body("re-registered", FinishReason.ABORT)
         rank.finals(old, [aborted] * 8)  # what a rank that drops its old copies sends
-        rank.finals(new, [_done(f"result {i}") for i in range(8)])
+        rank.finals(new, [final_body(f"result {i}") for i in range(8)])
         results = client.wait_results(ids)
         client.pump_for(0.3)  # nothing more may arrive
         assert [r.final.finish_reason for r in results] == ["stop"] * 8
@@ -90,8 +86,8 @@ def test_a_restarted_coordinator_never_reuses_the_ids_a_rank_still_holds(coordin
             (cid,) = new_client.submit(["new request"])
             (fresh,) = rank.requests(1, after=1)
             assert fresh != held
-            rank.finals([held], [_done("old client's text")])  # a rank that did not drop it
-            rank.finals([fresh], [_done("new client's text")])
+            rank.finals([held], [final_body("old client's text")])  # a rank that did not drop it
+            rank.finals([fresh], [final_body("new client's text")])
             (result,) = new_client.wait_results([cid])
             new_client.pump_for(0.3)
             assert result.final.text == "new client's text" and result.num_finals == 1

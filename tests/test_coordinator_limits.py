@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import FAST_TIMINGS
-from wire import Deployment, ScriptedRank, WireClient, rank_info
+from wire import Deployment, ScriptedRank, WireClient, final_body, rank_info
 
 from dpinfer import AsyncInferenceClient, SamplingParams, protocol
 from dpinfer.protocol import ErrorCode
@@ -123,13 +123,13 @@ def test_ranks_take_work_by_credit_and_the_excess_waits_in_the_hub(coordinator_f
         assert len(small.requests(2)) == 2 and sum(len(m.entries) for m in small._of(protocol.Requests)) == 2
         status = client.status()
         assert status["totals"]["pending"] == 4 and rank_info(status, 0)["credit"] == 2
-        small.finals(first[:1], [_stop("a")])  # one slot frees: the oldest waiting request takes it
+        small.finals(first[:1], [final_body("a")])  # one slot frees: the oldest waiting request takes it
         (third,) = small.requests(1, after=2)
         big = ScriptedRank(handle.address, rank=1)  # a rank with no limit of its own takes the rest
         big.register()
         rest = big.requests(3)
-        small.finals([first[1], third], [_stop("b"), _stop("c")])
-        big.finals(rest, [_stop(x) for x in "def"])
+        small.finals([first[1], third], [final_body("b"), final_body("c")])
+        big.finals(rest, [final_body(x) for x in "def"])
         results = client.wait_results(ids)
         assert sorted(r.final.text for r in results) == list("abcdef")
         assert all(r.num_finals == 1 for r in results)
@@ -138,7 +138,3 @@ def test_ranks_take_work_by_credit_and_the_excess_waits_in_the_hub(coordinator_f
         small.close()
         if big is not None:
             big.close()
-
-
-def _stop(text: str) -> bytes:
-    return protocol.OutputBody(text=text, finish_reason="stop").to_bytes()

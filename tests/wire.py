@@ -355,3 +355,8 @@ class ScriptedRank:
 
     def close(self) -> None:
         self.wire.close()
+
+
+def final_body(text: str) -> bytes:
+    """A rank's final output body for a request that ended with ``stop`` after one token."""
+    return OutputBody(text=text, token_ids=(1,), finish_reason="stop", completion_tokens=1).to_bytes()
