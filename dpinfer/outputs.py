@@ -68,6 +68,8 @@ class GenerationResult:
     rank's tokenizer (what OpenAI's ``token`` field shows)."""
     routing: Routing | None = None
     """Where the hub sent it and why (``None`` when no rank served it)."""
+    index: int = 0
+    """Which of its prompt's ``SamplingParams.n`` completions this is (0..n-1)."""
 
     @property
     def ok(self) -> bool:
@@ -88,3 +90,5 @@ class StreamDelta:
     """With ``SamplingParams.logprobs``: one map per token of ``token_ids``."""
     token_texts: dict[int, str] | None = None
     """The text of each token id in ``logprobs`` (see ``GenerationResult.token_texts``)."""
+    index: int = 0
+    """Which of its prompt's ``n`` completions it belongs to (``GenerationResult.index``)."""

@@ -22,6 +22,8 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 """Most alternatives per token for ``logprobs``/``prompt_logprobs`` (OpenAI's ``top_logprobs`` limit)."""
+MAX_N = 128
+"""Most completions of one prompt (``n``; OpenAI's limit)."""
 MAX_PENALTY = 2.0
 """``presence_penalty``/``frequency_penalty`` lie in [-2, 2] (OpenAI's range)."""
 
@@ -76,6 +78,13 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     tokens from the ``min_tokens``-th on (as in vLLM)."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text (what follows it is still cut)."""
+    n: int = 1
+    """Completions of the prompt (1..``MAX_N``), each its own request with its own result
+    (``GenerationResult.index`` 0..n-1), sent together to one rank, which prefills the prompt
+    once for all of them. With ``seed``, completion ``j`` samples with ``seed + j`` (as vLLM
+    does), so the n results are reproducible and differ from each other. How the SDK returns
+    them: ``InferenceClient.generate`` gives n consecutive results per prompt;
+    ``AsyncInferenceClient.add_parallel_requests`` one future each."""
 
     def __post_init__(self) -> None:
         stop: object = self.stop
@@ -132,6 +141,11 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
             _check_float(name, value)
             if not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise InvalidRequestError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+        _check_int("n", self.n, minimum=1)
+        if self.n > MAX_N:
+            raise InvalidRequestError(f"n must be <= {MAX_N}, got {self.n}")
+        if self.seed is not None and self.seed + self.n > 1 << 64:
+            raise InvalidRequestError("seed + n must be at most 2**64 (completion j samples with seed + j)")
         _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_new_tokens:
             raise InvalidRequestError(
@@ -143,6 +157,14 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
         """Decoding picks the most likely token: temperature 0, top_k 1, or a temperature or
         top_p so small that sampling with it would only underflow (float32) to the same choice."""
         return self.temperature < SAMPLING_EPS or self.top_k == 1 or self.top_p < SAMPLING_EPS
+
+    def completions(self) -> list[SamplingParams]:
+        """The ``n`` one-completion params the completions are sent with: ``n=1``, and
+        ``seed + j`` for completion ``j`` when seeded."""
+        if self.n == 1:
+            return [self]
+        seeds = [None] * self.n if self.seed is None else [self.seed + j for j in range(self.n)]
+        return [msgspec.structs.replace(self, n=1, seed=seed) for seed in seeds]
 
     @property
     def has_penalties(self) -> bool:

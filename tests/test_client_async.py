@@ -11,7 +11,7 @@ from wire import Deployment
 
 from dpinfer import protocol as p
 from dpinfer.client.async_client import AsyncInferenceClient
-from dpinfer.errors import ConnectionLostError, RequestTimeoutError, ServiceError
+from dpinfer.errors import ConnectionLostError, InvalidRequestError, RequestTimeoutError, ServiceError
 from dpinfer.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,6 +43,26 @@ def test_async_streaming_and_images(deployment: Deployment) -> None:
                 deltas = [d async for d in stream]
                 assert deltas[-1].finished and deltas[-1].result is not None
                 assert "".join(d.text for d in deltas) == deltas[-1].result.text == f"echo: stream {i}"
+
+    run(go())
+
+
+def test_parallel_requests_give_one_handle_per_completion_on_one_rank(deployment: Deployment) -> None:
+    async def go() -> None:
+        async with AsyncInferenceClient(deployment.address, timeout_s=10) as client:
+            params = SamplingParams(n=3, seed=1, max_new_tokens=2)
+            with pytest.raises(InvalidRequestError, match="use add_parallel_requests "):
+                client.add_request("p", params)
+            with pytest.raises(InvalidRequestError, match="add_parallel_requests_streaming"):
+                client.add_request_streaming("p", params)
+            results = await asyncio.gather(*client.add_parallel_requests("three", params))
+            assert [r.index for r in results] == [0, 1, 2] and len({r.rank for r in results}) == 1
+            assert [r.text for r in results] == ["echo: three"] * 3
+            streams = client.add_parallel_requests_streaming("two", SamplingParams(n=2))
+            for index, stream in enumerate(streams):
+                deltas = [d async for d in stream]
+                assert {d.index for d in deltas} == {index} and deltas[-1].result is not None
+                assert deltas[-1].result.index == index
 
     run(go())
 

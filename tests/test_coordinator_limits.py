@@ -138,3 +138,26 @@ def test_ranks_take_work_by_credit_and_the_excess_waits_in_the_hub(coordinator_f
         small.close()
         if big is not None:
             big.close()
+
+
+def test_a_group_overflows_to_another_rank_when_its_rank_is_full(coordinator_factory) -> None:
+    handle = coordinator_factory(routing="least_loaded")
+    small = ScriptedRank(handle.address, rank=0, max_in_flight=2)
+    big = ScriptedRank(handle.address, rank=1)
+    client = WireClient(handle.address)
+    try:
+        small.register()
+        big.register()
+        first = client.submit(["x"], rank=1)  # rank 1 busier: the group's first goes to rank 0
+        big.requests(1)
+        ids = client.submit(["p"] * 4, group=7)
+        on_small, on_big = small.requests(2), big.requests(3)[1:]
+        small.finals(on_small, [final_body("a"), final_body("b")])
+        big.finals(big.requests(1) + on_big, [final_body(x) for x in "xcd"])
+        results = client.wait_results(first + ids)
+        assert [r.rank for r in results] == [1, 0, 0, 1, 1], "two fit on rank 0, the rest follow the credit"
+        assert all(r.num_finals == 1 for r in results)
+    finally:
+        client.close()
+        small.close()
+        big.close()

@@ -47,6 +47,13 @@ def test_round_robin_spreads_within_one(dep: Deployment) -> None:
     assert all(r.final.text == f"echo: req {i}" and r.num_finals == 1 for i, r in enumerate(results))
 
 
+def test_the_completions_of_one_prompt_go_to_one_rank(dep: Deployment) -> None:
+    grouped = dep.client.wait_results(dep.client.submit(["same"] * 4, group=12345))
+    assert len({r.rank for r in grouped}) == 1, "one group: one rank prefills the prompt once"
+    spread = dep.client.wait_results(dep.client.submit(["same"] * 4))
+    assert len({r.rank for r in spread}) == 4, "without a group round robin spreads them"
+
+
 def test_pinned_requests_go_to_their_rank(dep: Deployment) -> None:
     results = dep.client.wait_results(dep.client.submit(["a", "b", "c"], rank=2))
     assert {r.rank for r in results} == {2}

@@ -102,6 +102,35 @@ def test_list_prompts_token_ids_and_n_give_every_choice_in_order(api: openai.Ope
     assert [c.text for c in sampled.choices] == [c.text for c in again.choices], "seeded choices differ"
 
 
+def test_n_completions_prefill_the_prompt_once_on_one_rank(served: ServeProcess, api: openai.OpenAI) -> None:
+    # The SDK: n consecutive results, index 0..n-1, one rank, the prompt computed once.
+    prompt = "Parallel sampling shares one prefill of this prompt. " * 3
+    params = SamplingParams(n=4, seed=5, temperature=1.0, max_new_tokens=8, ignore_eos=True)
+    with InferenceClient(served.address, timeout_s=30) as client:
+        results = client.generate(prompt, params)
+        again = client.generate(prompt, params)
+        deltas = list(client.generate_stream(prompt + "!", SamplingParams(n=2, seed=1, max_new_tokens=6)))
+    assert [r.index for r in results] == [0, 1, 2, 3] and all(r.ok for r in results)
+    assert len({r.rank for r in results}) == 1
+    assert [r.cached_tokens for r in results] == [0] + [results[0].prompt_tokens] * 3
+    assert [r.text for r in again] == [r.text for r in results], "seeded: the same four again"
+    assert len({r.text for r in results}) == 4, "completion j samples with seed + j"
+    finals = {d.index: d.result for d in deltas if d.finished}
+    assert sorted(finals) == [0, 1]
+    for index, result in finals.items():
+        assert result is not None and result.index == index
+        assert "".join(d.text for d in deltas if d.index == index) == result.text
+
+    # HTTP: n choices, index 0..n-1, the same texts for the same seed, one rank for all.
+    raw = api.completions.with_raw_response.create(
+        model=MODEL, prompt=prompt + "?", n=4, max_tokens=8, seed=5, temperature=1.0
+    )
+    response = raw.parse()
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    routes = raw.headers["x-dpinfer-routing"].split(", ")
+    assert len(routes) == 4 and len({r.split("; ")[1] for r in routes}) == 1, routes
+
+
 def test_stop_strings_end_the_text_before_the_match(api: openai.OpenAI) -> None:
     free = api.completions.create(model=MODEL, prompt="stop here", max_tokens=16, **GREEDY).choices[0].text
     assert len(free) >= 2, f"greedy output too short to cut: {free!r}"

@@ -167,9 +167,10 @@ class WireClient:
         rank: int = NO_RANK,
         sampling: dict[str, Any] | None = None,
         keys: bool = False,
+        group: int = 0,
     ) -> list[int]:
         """Send one ``Submit`` batch; the client request ids, in prompt order. ``keys``: with
-        each prompt's prefix keys, as the SDK sends them."""
+        each prompt's prefix keys, as the SDK sends them; ``group``: every entry's."""
         entries, bodies, ids = [], [], []
         for prompt in prompts:
             crid = next(self._ids)
@@ -180,7 +181,7 @@ class WireClient:
             if keys:
                 request = protocol.RequestBody.from_builtins(body)
                 packed = prefix_keys.pack(prefix_keys.body_keys(request))
-            entries.append(protocol.SubmitEntry(crid, rank, stream, packed))
+            entries.append(protocol.SubmitEntry(crid, rank, stream, packed, group))
             bodies.append(protocol.pack_body(body))
             ids.append(crid)
         self.send(protocol.Submit(tuple(entries), tuple(bodies)))

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dpinfer import protocol as p
-from dpinfer.client.async_client import AsyncInferenceClient, RequestStream
+from dpinfer.client.async_client import AsyncInferenceClient
+from dpinfer.client.handles import RequestStream
 from dpinfer.errors import ConnectionLostError, DpinferError, ProtocolError
 from dpinfer.log import get_logger
 from dpinfer.outputs import GenerationResult

@@ -11,7 +11,8 @@ May import: ``protocol``, ``config``, ``sampling``, ``outputs``, ``log``, ``erro
 transformers, the runner or the scheduler (an import-linter contract): the SDK stays light.
 """
 
-from dpinfer.client.async_client import AsyncInferenceClient, RequestFuture, RequestStream
+from dpinfer.client.async_client import AsyncInferenceClient
+from dpinfer.client.handles import RequestFuture, RequestStream
 from dpinfer.client.session import ControlAcknowledgement, ControlError
 from dpinfer.client.sync_client import InferenceClient
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -26,7 +26,8 @@ import zmq.asyncio
 
 from dpinfer import protocol as p
 from dpinfer.client.connection import MONITOR_EVENTS, connect_dealer, monitor_event, timeout_message
-from dpinfer.client.inputs import ImageInput, Prompt, SamplingInput, request_body
+from dpinfer.client.handles import RequestFuture, RequestStream
+from dpinfer.client.inputs import ImageInput, Prompt, SamplingInput, completion_bodies, request_body, single
 from dpinfer.client.session import ClientSession, ControlAcknowledgement, check_acknowledgement, service_error
 from dpinfer.config import default_address
 from dpinfer.errors import ConnectionLostError, RequestTimeoutError
@@ -35,34 +36,6 @@ from dpinfer.outputs import GenerationResult, StreamDelta
 from dpinfer.protocol.codec import Frame
 
 logger = get_logger(__name__)
-
-
-class RequestFuture(asyncio.Future[GenerationResult]):
-    """The future of one request; ``request_id`` is what ``abort_request`` takes."""
-
-    request_id: int
-
-
-class RequestStream(AsyncIterator[StreamDelta]):
-    """An async iterator of one streamed request's deltas; the last has ``finished=True``."""
-
-    def __init__(self, request_id: int) -> None:
-        self.request_id = request_id
-        self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
-        self._finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StreamDelta:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        self._finished = item.finished
-        return item
 
 
 class AsyncInferenceClient(ClientSession):
@@ -170,9 +143,23 @@ class AsyncInferenceClient(ClientSession):
         """Queue one request (sent with the others added in this loop tick); returns its future.
 
         The future resolves to a ``GenerationResult`` (``finish_reason="error"`` when the service
-        failed the request) or fails with ``ConnectionLostError``.
+        failed the request) or fails with ``ConnectionLostError``. For ``n > 1`` use
+        ``add_parallel_requests``.
         """
-        body = request_body(prompt, sampling_params, images)
+        return self._future(request_body(prompt, single(sampling_params, "add_request"), images), rank)
+
+    def add_parallel_requests(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingInput = None,
+        images: Sequence[ImageInput] | None = None,
+        rank: int | None = None,
+    ) -> list[RequestFuture]:
+        """Queue the ``SamplingParams.n`` completions of one prompt, sent together to one rank,
+        which prefills the prompt once; one future per completion, in ``index`` order."""
+        return [self._future(body, rank) for body in completion_bodies(prompt, sampling_params, images)]
+
+    def _future(self, body: bytes, rank: int | None) -> RequestFuture:
         entry = self._enqueue(body, stream=False, rank=rank)
         assert self._loop is not None
         future = RequestFuture(loop=self._loop)
@@ -187,8 +174,22 @@ class AsyncInferenceClient(ClientSession):
         images: Sequence[ImageInput] | None = None,
         rank: int | None = None,
     ) -> RequestStream:
-        """Queue one streamed request; iterate the returned stream with ``async for``."""
-        body = request_body(prompt, sampling_params, images)
+        """Queue one streamed request; iterate the returned stream with ``async for``. For
+        ``n > 1`` use ``add_parallel_requests_streaming``."""
+        sampling = single(sampling_params, "add_request_streaming")
+        return self._stream(request_body(prompt, sampling, images), rank)
+
+    def add_parallel_requests_streaming(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingInput = None,
+        images: Sequence[ImageInput] | None = None,
+        rank: int | None = None,
+    ) -> list[RequestStream]:
+        """``add_parallel_requests``, streamed: one stream per completion, in ``index`` order."""
+        return [self._stream(body, rank) for body in completion_bodies(prompt, sampling_params, images)]
+
+    def _stream(self, body: bytes, rank: int | None) -> RequestStream:
         entry = self._enqueue(body, stream=True, rank=rank)
         stream = RequestStream(entry.client_request_id)
         self._streams[entry.client_request_id] = stream

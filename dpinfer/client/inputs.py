@@ -12,9 +12,12 @@ run time; an object is recognised as an array or a PIL image only if its module 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard, cast
+
+import msgspec
 
 from dpinfer.errors import InvalidRequestError
 from dpinfer.protocol import prefix_keys
@@ -102,9 +105,12 @@ def build_request(
 class KeyedBody(bytes):
     """A packed request body that carries its prefix keys (``protocol.prefix_keys``), which
     the session puts in the request's ``SubmitEntry`` for the hub's ``cache_aware`` routing:
-    computed here, off the hub, over the body's canonical content."""
+    computed here, off the hub, over the body's canonical content. A completion of ``n``
+    carries its ``group`` (``SubmitEntry.group``) and ``completion_index`` (``GenerationResult.index``)."""
 
     prefix_keys: bytes = b""
+    group: int = 0
+    completion_index: int = 0
 
 
 def request_body(
@@ -115,6 +121,41 @@ def request_body(
     body = KeyedBody(request.to_bytes())
     body.prefix_keys = prefix_keys.pack(prefix_keys.body_keys(request))
     return body
+
+
+def single(sampling_params: SamplingInput, method: str) -> SamplingParams:
+    """``sampling_params`` for a method that sends one completion (``n`` must be 1)."""
+    sampling = to_sampling_params(sampling_params)
+    if sampling.n != 1:
+        parallel = method.replace("add_request", "add_parallel_requests")
+        raise InvalidRequestError(
+            f"n={sampling.n}: {method} sends one completion; use {parallel} (one handle per completion)"
+        )
+    return sampling
+
+
+def completion_bodies(
+    prompt: Prompt, sampling_params: SamplingInput = None, images: Sequence[ImageInput] | None = None
+) -> list[bytes]:
+    """The bodies of a prompt's ``SamplingParams.n`` completions, in ``index`` order.
+
+    ``n == 1``: one body, as ``request_body``. Otherwise ``n`` bodies of one new random group
+    id (``RequestBody.group``), each with ``n=1`` and completion ``j``'s seed
+    (``SamplingParams.completions``); the prompt and images are encoded once.
+    """
+    sampling = to_sampling_params(sampling_params)
+    if sampling.n == 1:
+        return [request_body(prompt, sampling, images)]
+    completions = sampling.completions()
+    request = build_request(prompt, completions[0], images)
+    keys = prefix_keys.pack(prefix_keys.body_keys(request))
+    group = secrets.randbits(63) or 1
+    bodies: list[bytes] = []
+    for index, one in enumerate(completions):
+        body = KeyedBody(msgspec.structs.replace(request, sampling=one, group=group).to_bytes())
+        body.prefix_keys, body.group, body.completion_index = keys, group, index
+        bodies.append(body)
+    return bodies
 
 
 def _prompt_fields(prompt: Prompt) -> tuple[dict[str, object], list[ImageItem]]:

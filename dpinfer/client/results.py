@@ -7,8 +7,9 @@ from dpinfer.outputs import GenerationResult, Routing, StreamDelta
 
 
 def result_of(
-    request_id: int, rank: int, body: p.OutputBody, latency_s: float, routing: Routing | None = None
-) -> GenerationResult:
+    request_id: int, rank: int, body: p.OutputBody, latency_s: float, routing: Routing | None = None,
+    index: int = 0,
+) -> GenerationResult:  # fmt: skip
     return GenerationResult(
         request_id=request_id,
         text=body.text,
@@ -28,14 +29,16 @@ def result_of(
         else [None, *(e.as_dict() for e in body.prompt_logprobs)],
         token_texts=body.token_texts,
         routing=routing,
+        index=index,
     )
 
 
-def delta_of(request_id: int, body: p.OutputBody) -> StreamDelta:
+def delta_of(request_id: int, body: p.OutputBody, index: int = 0) -> StreamDelta:
     logprobs = None if body.logprobs is None else [e.as_dict() for e in body.logprobs]
     return StreamDelta(
-        request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts
-    )
+        request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts,
+        index=index,
+    )  # fmt: skip
 
 
 def tail_of(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
@@ -46,5 +49,5 @@ def tail_of(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
         logprobs = result.logprobs[len(result.token_ids) - len(token_ids) :]
     return StreamDelta(
         result.request_id, text, token_ids, finished=True, result=result,
-        logprobs=logprobs, token_texts=result.token_texts,
+        logprobs=logprobs, token_texts=result.token_texts, index=result.index,
     )  # fmt: skip

@@ -60,6 +60,7 @@ class _Inflight:
     token_ids: list[int]
     text_chars: int = 0
     aborted: bool = False
+    index: int = 0  # which of its prompt's n completions (inputs.KeyedBody.completion_index)
 
 
 @dataclass(slots=True)
@@ -108,13 +109,14 @@ class ClientSession:
         """Register one new request as in flight and return its submit entry."""
         request_id = next(self._request_ids)
         wire_rank = p.NO_RANK if rank is None else rank
-        self._inflight[request_id] = _Inflight(time.perf_counter(), stream, body, wire_rank, [])
+        index = getattr(body, "completion_index", 0)
+        self._inflight[request_id] = _Inflight(time.perf_counter(), stream, body, wire_rank, [], index=index)
         return p.SubmitEntry(request_id, wire_rank, stream)
 
     def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
-        # A body from ``inputs.request_body`` carries its prefix keys for the hub's routing.
+        # A body from ``inputs.request_body`` carries its prefix keys and group for the hub.
         keyed = tuple(
-            e._replace(prefix_keys=getattr(b, "prefix_keys", b""))
+            e._replace(prefix_keys=getattr(b, "prefix_keys", b""), group=getattr(b, "group", 0))
             for e, b in zip(entries, bodies, strict=True)
         )
         return p.encode(p.Submit(keyed, tuple(bodies)))
@@ -270,10 +272,11 @@ class ClientSession:
                 if record.stream:
                     record.token_ids.extend(body.delta_token_ids)
                     record.text_chars += len(body.delta_text)
-                    self.on_delta(_delta(request_id, body))
+                    self.on_delta(_delta(request_id, body, record.index))
                 continue
             del self._inflight[request_id]
-            result = _result(request_id, entry.rank, body, now - record.submitted_at, self._routing(entry))
+            latency_s = now - record.submitted_at
+            result = _result(request_id, entry.rank, body, latency_s, self._routing(entry), record.index)
             self.on_result(result, _tail(result, body) if record.stream else None)
 
     def _routing(self, entry: p.OutputEntry) -> Routing | None:
@@ -305,7 +308,9 @@ class ClientSession:
     def _fail(self, request_id: int, finish_reason: str, error: str, error_code: str) -> None:
         record = self._inflight.pop(request_id)
         latency_s = time.perf_counter() - record.submitted_at
-        result = GenerationResult(request_id, "", (), finish_reason, error, error_code, latency_s=latency_s)
+        result = GenerationResult(
+            request_id, "", (), finish_reason, error, error_code, latency_s=latency_s, index=record.index
+        )
         self.on_result(result, _tail(result, None) if record.stream else None)
 
     def _handle_hello_ack(self, msg: p.HelloAck) -> None:

@@ -28,7 +28,7 @@ from dpinfer.client.inputs import (
     SamplingInput,
     as_prompt_list,
     as_sampling_list,
-    request_body,
+    completion_bodies,
 )
 from dpinfer.client.session import ClientSession, ControlAcknowledgement, check_acknowledgement, service_error
 from dpinfer.config import default_address
@@ -103,12 +103,14 @@ class InferenceClient(ClientSession):
 
         A prompt is a str, a list of token ids, or a map with ``prompt`` (or chat ``messages``)
         and optional ``images``. ``sampling_params`` is one value for all prompts or a list
-        with one per prompt. ``rank`` pins every request to one engine rank. ``timeout_s``
-        overrides ``request_timeout_s``; on timeout the requests are aborted.
+        with one per prompt. With ``SamplingParams(n=K)`` a prompt gives K consecutive results,
+        its completions (``GenerationResult.index`` 0..K-1; the rank prefills the prompt
+        once). ``rank`` pins every request to one engine rank. ``timeout_s`` overrides
+        ``request_timeout_s``; on timeout the requests are aborted.
         """
         prompt_list = as_prompt_list(prompts)
         sampling = as_sampling_list(sampling_params, len(prompt_list))
-        bodies = [request_body(pr, sp) for pr, sp in zip(prompt_list, sampling, strict=True)]
+        bodies = [b for pr, sp in zip(prompt_list, sampling, strict=True) for b in completion_bodies(pr, sp)]
         entries = self._submit(bodies, stream=False, rank=rank)
         ids = [e.client_request_id for e in entries]
         budget = self.request_timeout_s if timeout_s is None else timeout_s
@@ -134,27 +136,31 @@ class InferenceClient(ClientSession):
         """Stream one request: ``StreamDelta``s whose texts concatenate to the final text.
 
         The request is sent when iteration starts. The last delta has ``finished=True`` and
-        carries the ``GenerationResult``. Leaving the loop early aborts the request.
-        ``timeout_s`` bounds the wait for each delta.
+        carries the ``GenerationResult``. With ``SamplingParams(n=K)`` the K completions'
+        deltas interleave (``StreamDelta.index`` says whose; each ends with its own finished
+        delta) and the stream ends after the last. Leaving the loop early aborts what is
+        unfinished. ``timeout_s`` bounds the wait for each delta.
         """
-        body = request_body(prompt, sampling_params, images)
-        (entry,) = self._submit([body], stream=True, rank=rank)
-        request_id = entry.client_request_id
+        bodies = completion_bodies(prompt, sampling_params, images)
+        ids = [e.client_request_id for e in self._submit(bodies, stream=True, rank=rank)]
         queue: deque[StreamDelta] = deque()
-        self._deltas[request_id] = queue
+        for request_id in ids:
+            self._deltas[request_id] = queue
         budget = self.request_timeout_s if timeout_s is None else timeout_s
-        finished = False
+        unfinished = set(ids)
         try:
-            while not finished:
-                self._wait(lambda: bool(queue), budget, f"stream {request_id} sent nothing")
+            while unfinished:
+                self._wait(lambda: bool(queue), budget, f"stream {ids[0]} sent nothing")
                 while queue:
                     delta = queue.popleft()
-                    finished = delta.finished
+                    if delta.finished:
+                        unfinished.discard(delta.request_id)
                     yield delta
         finally:
-            self._deltas.pop(request_id, None)
-            if not finished:
-                self._abandon([request_id])
+            for request_id in ids:
+                self._deltas.pop(request_id, None)
+            if unfinished:
+                self._abandon(sorted(unfinished))
 
     # ------------------------------------------------------------------ control
 

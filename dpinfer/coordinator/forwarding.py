@@ -62,7 +62,9 @@ class Forwarder:
     def submit(
         self, client: ClientPeer, entries: Sequence[protocol.SubmitEntry], bodies: list[Any], now: float
     ) -> None:
-        """Route each ``(client_request_id, rank, stream, prefix_keys)`` entry with its body."""
+        """Route each ``(client_request_id, rank, stream, prefix_keys, group)`` entry with its
+        body. The completions of one prompt (a ``group`` != 0, consecutive) go where the first
+        went while it has credit: its rank prefills their prompt once."""
         self._counters.submitted += len(entries)
         if self._lifecycle.state is EngineState.STOPPED:
             for entry in entries:
@@ -75,7 +77,8 @@ class Forwarder:
         client_requests = client.requests
         to_ranks = self._outbox.to_ranks
         request_id = self._next_request_id
-        for (client_request_id, pinned, stream, keys), body in zip(entries, bodies, strict=True):
+        last_group, last_peer, last_route = 0, None, None
+        for (client_request_id, pinned, stream, keys, group), body in zip(entries, bodies, strict=True):
             if client_request_id in client_requests:
                 self._outbox.send(
                     client.identity,
@@ -99,6 +102,11 @@ class Forwarder:
                     continue
                 if keyed:
                     req.route = PINNED
+            elif group and group == last_group and last_peer and last_peer.in_flight < last_peer.credit:
+                peer = last_peer  # another completion of the prompt just sent there
+                if keyed:
+                    req.keys = keys
+                    req.route = last_route and last_route._replace(reason="group")
             else:
                 if keyed:
                     req.keys = keys
@@ -112,12 +120,14 @@ class Forwarder:
                     client_requests[client_request_id] = req
                     self.pending.push(req, now + self.no_rank_timeout_s)
                     request_id += 1
+                    last_group, last_peer = group, None
                     continue
             requests[request_id] = req
             client_requests[client_request_id] = req
             request_id += 1
             req.rank = peer
             peer.in_flight += 1
+            last_group, last_peer, last_route = group, peer, req.route
             batch = to_ranks.get(peer.identity)
             if batch is None:
                 batch = to_ranks[peer.identity] = ([], [])

@@ -42,7 +42,8 @@ Prompt = str | list[int] | Mapping[str, object]
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """One request to submit: choice ``index`` of the response."""
+    """One prompt to submit: its ``sampling.n`` completions are choices ``i * n .. i * n + n - 1``
+    of the response (prompt ``i``; OpenAI's order)."""
 
     prompt: Prompt
     sampling: SamplingParams
@@ -102,12 +103,12 @@ def _choices(prompts: list[Prompt], sampling: SamplingParams, n: int, max_choice
         raise invalid(f"n must be >= 1, got {n}", "n")
     if len(prompts) * n > max_choices:
         raise invalid(f"n times the number of prompts must be <= {max_choices}, got {len(prompts) * n}", "n")
-    if n == 1:
-        return [Choice(p, sampling) for p in prompts]
-    # A seeded request with n > 1 gives n different, reproducible samples.
-    seeded = [sampling if sampling.seed is None else msgspec.structs.replace(sampling, seed=sampling.seed + j)
-              for j in range(n)]  # fmt: skip
-    return [Choice(p, s) for p in prompts for s in seeded]
+    if n > 1:  # the SDK sends the n completions together; the rank prefills the prompt once
+        try:
+            sampling = msgspec.structs.replace(sampling, n=n)
+        except InvalidRequestError as e:
+            raise invalid(e, "seed" if "seed" in str(e) else "n") from None
+    return [Choice(p, sampling) for p in prompts]
 
 
 def _sampling(

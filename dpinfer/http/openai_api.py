@@ -1,7 +1,8 @@
 """``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``.
 
 One HTTP request becomes one engine request per choice (prompts times ``n``), submitted
-together through the worker's ``AsyncInferenceClient``. A non-streamed request answers when
+together through the worker's ``AsyncInferenceClient``; the ``n`` completions of a prompt
+go as one group, so their rank prefills the prompt once. A non-streamed request answers when
 every choice is done; a streamed one answers once its first output (or failure) arrives, so a
 request the rank refuses still gets its own status code, then streams SSE chunks.
 """
@@ -15,7 +16,8 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-from dpinfer.client.async_client import AsyncInferenceClient, RequestFuture, RequestStream
+from dpinfer.client.async_client import AsyncInferenceClient
+from dpinfer.client.handles import RequestFuture, RequestStream
 from dpinfer.errors import ConnectionLostError, InvalidRequestError
 from dpinfer.http.auth import Keys
 from dpinfer.http.config import HttpConfig
@@ -73,9 +75,9 @@ class OpenAIRoutes:
     ) -> Response:  # fmt: skip
         client = self.link.require()
         if req.stream:
-            streams = _submit(client, client.add_request_streaming, choices, prompt_param)
+            streams = _submit(client, client.add_parallel_requests_streaming, choices, prompt_param)
             return await self._stream(request, client, reply, streams, n, req)
-        futures = _submit(client, client.add_request, choices, prompt_param)
+        futures = _submit(client, client.add_parallel_requests, choices, prompt_param)
         watch = DisconnectWatch(request.receive, client, [f.request_id for f in futures])
         try:
             results = await futures[0] if len(futures) == 1 else await _gather(client, futures)
@@ -127,14 +129,15 @@ def _routing(results: Sequence[GenerationResult]) -> dict[str, str]:
 
 
 def _submit(
-    client: AsyncInferenceClient, add: Callable[[Prompt, SamplingParams], H], choices: Sequence[Choice],
+    client: AsyncInferenceClient, add: Callable[[Prompt, SamplingParams], list[H]], choices: Sequence[Choice],
     prompt_param: str,
 ) -> list[H]:  # fmt: skip
-    """Queue one engine request per choice; a prompt the SDK refuses is a 400 (nothing runs)."""
+    """Queue one engine request per choice (``n`` per prompt); a prompt the SDK refuses is a
+    400 (nothing runs)."""
     handles: list[H] = []
     try:
         for choice in choices:
-            handles.append(add(choice.prompt, choice.sampling))
+            handles.extend(add(choice.prompt, choice.sampling))
     except InvalidRequestError as e:
         _abort_all(client, handles)
         raise invalid(e, prompt_param) from None

@@ -16,7 +16,8 @@ from collections.abc import AsyncGenerator, Sequence
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from dpinfer.client.async_client import AsyncInferenceClient, RequestStream
+from dpinfer.client.async_client import AsyncInferenceClient
+from dpinfer.client.handles import RequestStream
 from dpinfer.errors import ConnectionLostError
 from dpinfer.http.connection import DisconnectWatch, abort_soon
 from dpinfer.http.errors import result_error, unavailable

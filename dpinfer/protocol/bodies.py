@@ -22,7 +22,10 @@ The request body on the wire is a map; a missing key takes the field's default:
 - ``model_inputs``: reserved for precomputed model inputs (no model accepts them yet);
 - ``resume``: ``{"token_ids": [...], "text_chars": int}``, a continuation: the request already
   generated these tokens (and streamed that much of their text) elsewhere and goes on from
-  there (``Resume``; the coordinator sets it when it migrates a request).
+  there (``Resume``; the coordinator sets it when it migrates a request);
+- ``group``: int in ``[0, 2**63)``, the same for the ``n`` completions of one prompt
+  (``SamplingParams.n``), each sent as its own body with ``sampling.n`` = 1: the rank
+  prefills their prompt once (``scheduler.parallel``). A hint, never trusted for sharing.
 
 ``OutputBody`` (rank -> client) is a frozen ``msgspec.Struct`` too, with ``to_bytes``/``from_bytes``.
 """
@@ -165,6 +168,7 @@ class RequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     sampling: SamplingParams = DEFAULT_SAMPLING
     model_inputs: dict[str, object] | None = None
     resume: Resume | None = None
+    group: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -183,6 +187,13 @@ class RequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
         for i, image in enumerate(self.images):
             if not isinstance(image, RawImage) and not image:
                 raise InvalidRequestError(f"images[{i}]: image bytes are empty")
+        if self.sampling.n != 1:
+            raise InvalidRequestError(
+                "sampling.n: a request body is one completion; send n bodies with one 'group' "
+                "(the SDK and the HTTP front do)"
+            )
+        if self.group is not None and not 0 <= self.group < 1 << 63:
+            raise InvalidRequestError(f"group must be in [0, 2**63), got {self.group}")
 
     def to_bytes(self) -> bytes:
         return _encoder.encode(self)

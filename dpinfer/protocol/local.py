@@ -129,6 +129,9 @@ class TokenizedRequest:
     cache_keys: tuple[tuple[int, int], ...] = ()
     """Routing keys (``protocol.prefix_keys``) with the number of prompt tokens each covers,
     in increasing order; only when the hub routes ``cache_aware`` (``SetCacheKeys``)."""
+    group: int | None = None
+    """Parallel sampling: the requests of one group are completions of one prompt
+    (``bodies.RequestBody.group``); the scheduler prefills it once for all of them."""
 
 
 # ---------------------------------------------------------------------------- rank main -> scheduler

@@ -16,6 +16,7 @@ class SubmitEntry(NamedTuple):
     rank: int  # NO_RANK: the routing policy picks; otherwise pin to this rank id
     stream: bool
     prefix_keys: bytes = b""  # the body's ``protocol.prefix_keys``, packed (cache_aware reads them)
+    group: int = 0  # not 0: one of the n completions of a prompt; the hub sends the group to one rank
 
 
 class RequestEntry(NamedTuple):
@@ -48,9 +49,8 @@ class RankAck(NamedTuple):
 
 
 class ControlAcknowledgement(NamedTuple):
-    """The service's answer to a control signal, in aggregate and per rank.
-
-    Public as ``dpinfer.ControlAcknowledgement``.
+    """The service's answer to a control signal, in aggregate and per rank (public as
+    ``dpinfer.ControlAcknowledgement``).
 
     ``signal`` is the name the caller sent; ``state`` the deployment's state afterwards (or its
     unchanged state if refused); ``ok`` is true when the transition was valid and every live

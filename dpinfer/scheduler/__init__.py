@@ -4,6 +4,8 @@
 - ``scheduler.py``      ``Scheduler``: waiting -> extend -> decode -> finished; retraction; the
                         owner of the rank's lifecycle state
 - ``admission.py``      token-budget admission and chunked prefill
+- ``output_processor.py`` logits -> tokens, outputs and batch membership (a ``Scheduler`` mixin)
+- ``parallel.py``       ``n`` completions of one prompt: one prefill, the others fork its KV
 - ``schedule_batch.py`` ``ScheduleBatch``: one forward pass's tensors
 - ``req.py``            ``Req``: one request's state
 - ``kv_manager.py``     who owns which KV slot

@@ -70,6 +70,23 @@ class KVManager:
             req.cached_len = min(req.kv_len, req.prompt_len)
         return True
 
+    def fork(self, req: Req, parent: Req) -> bool:
+        """Give ``req`` a table row holding ``parent``'s prompt KV, which the prefix cache holds
+        (``parent`` locks it; ``req`` locks it too). False if no row is free."""
+        assert self.tree is not None and parent.last_node is not None and parent.req_pool_idx is not None
+        assert parent.locked_len == parent.prompt_len, "the parent's prompt is in the tree"
+        row = self.rows.alloc()
+        if row is None:
+            return False
+        n = parent.prompt_len
+        self.req_to_token[row, :n] = self.req_to_token[parent.req_pool_idx, :n]
+        self.tree.inc_lock_ref(parent.last_node)
+        req.req_pool_idx, req.last_node = row, parent.last_node
+        req.kv_len = req.locked_len = n
+        req.cached_len = min(n, req.prompt_len)
+        req.admitted_once = True
+        return True
+
     def alloc_extend(self, req: Req, n: int) -> bool:
         """Slots for the next ``n`` tokens of ``req`` (written into its row)."""
         assert req.req_pool_idx is not None

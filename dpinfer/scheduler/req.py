@@ -78,6 +78,8 @@ class Req:
         """Routing keys and the prompt tokens each covers (cache-aware routing)."""
         self.cache_keys_done = 0
         """How many of them are tagged in the radix tree (``KVManager``)."""
+        self.group = request.group
+        """The ``n`` completions of one prompt share its prefill (``parallel.py``)."""
         self.reset_kv()
 
     def reset_kv(self) -> None:

@@ -37,7 +37,6 @@ from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.errors import ServiceError
 from dpinfer.log import get_logger
 from dpinfer.protocol import EngineState, FinishReason, LoadStats
-from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.protocol.messages import RankMetrics
 from dpinfer.runner.attention import ForwardMode, mixed_forward_batch
@@ -45,6 +44,8 @@ from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.scheduler.admission import AddResult, PrefillAdder
 from dpinfer.scheduler.kv_manager import KVManager
 from dpinfer.scheduler.metrics import MetricsRecorder
+from dpinfer.scheduler.output_processor import OutputProcessor
+from dpinfer.scheduler.parallel import ParallelGroups
 from dpinfer.scheduler.req import Req
 from dpinfer.scheduler.schedule_batch import ScheduleBatch
 from dpinfer.scheduler.validation import validate_request
@@ -52,19 +53,19 @@ from dpinfer.scheduler.validation import validate_request
 logger = get_logger(__name__)
 
 INIT_NEW_TOKEN_RATIO = 0.7
-MIN_NEW_TOKEN_RATIO = 0.15
-NEW_TOKEN_RATIO_DECAY = 0.001
-"""Per decode step: the estimate of how much of ``max_new_tokens`` requests really use
-relaxes from INIT toward MIN, and jumps back up after a retraction."""
+"""The first estimate of how much of ``max_new_tokens`` requests really use (admission's
+reservations); it relaxes each decode step (``output_processor``) and jumps after a retraction."""
 
 
-class Scheduler:
+class Scheduler(OutputProcessor):
     """Continuous batching of ``TokenizedRequest``s on ``runner``; see the module docstring."""
 
     def __init__(self, runner: ModelRunner, config: SchedulerConfig) -> None:
         self.runner = runner
         self.config = config
         self.kv = KVManager(runner, config.enable_radix_cache)
+        self.parallel = ParallelGroups(config.enable_radix_cache)
+        """``n > 1``: members of a group wait for their leader's prefill, then fork from it."""
         self.max_context_len: int = runner.max_context_len
         self.eos_token_ids = runner.spec.eos_token_ids
         self.waiting: deque[Req] = deque()
@@ -98,6 +99,7 @@ class Scheduler:
             req, self.eos_token_ids, self.max_context_len, self.runner.spec.image_token_id
         )
         self.waiting.append(r)
+        self.parallel.add(r)
         self.recorder.arrived(req.request_id, time.monotonic())
         return []
 
@@ -141,28 +143,9 @@ class Scheduler:
         else:
             self.waiting.remove(req)
 
-    def _accept_token(
-        self,
-        req: Req,
-        token: int,
-        outputs: list[SchedulerOutput],
-        now: float,
-        logprobs: PositionLogprobs | None = None,
-    ) -> bool:
-        """Append a sampled token (and its logprobs, if asked), collect the request's output;
-        True if it just finished."""
-        self.recorder.token(req.request_id, now)
-        req.append_token(token, self._decoder_for(req), logprobs)
-        out = req.take_output()
-        if out is not None:
-            outputs.append(out)
-        if req.finish is None:
-            return False
-        self._finish(req, req.finish.reason.value, now)
-        return True
-
     def _finish(self, req: Req, reason: str, now: float) -> None:
         self.kv.release(req)
+        self.parallel.discard(req)
         del self.reqs[req.request_id]
         self.recorder.finished_request(req.request_id, reason, now)
 
@@ -251,6 +234,11 @@ class Scheduler:
         """One forward pass; its composition is described in the module docstring."""
         if not self.has_work:
             return []
+        if self.parallel.late:  # group members that can fork from their running leader
+            return self._fork_late(time.monotonic()) + self._step()
+        return self._step()
+
+    def _step(self) -> list[SchedulerOutput]:
         budget = self.config.max_prefill_tokens
         if not self.config.mixed_steps:
             extend = self._schedule_prefill(budget)
@@ -280,12 +268,15 @@ class Scheduler:
             adder.add_chunked(self.chunked_req)
         deferred: list[Req] = []
         while self.waiting:
-            result = adder.add_one(self.waiting[0])
+            held = self.parallel.held(self.waiting[0])  # waits for its group's leader
+            result = AddResult.DEFERRED if held else adder.add_one(self.waiting[0])
             if result is AddResult.NO_ROOM:
                 break
             req = self.waiting.popleft()
             if result is AddResult.DEFERRED:
                 deferred.append(req)
+            else:
+                self.parallel.admitted(req)
         self.waiting.extendleft(reversed(deferred))
         if adder.new_chunked is not None:
             self.chunked_req = adder.new_chunked
@@ -328,52 +319,6 @@ class Scheduler:
         if extend is not None:
             self._finish_extend(extend, logits[num_decode:], outputs, now)
         return outputs
-
-    def _finish_decode(
-        self, running: ScheduleBatch, logits: torch.Tensor, outputs: list[SchedulerOutput], now: float
-    ) -> None:
-        assert running.sampling is not None
-        next_ids = self.runner.sample(logits, running.sampling)
-        logprobs = self.runner.logprobs(logits, running.sampling, next_ids)
-        running.input_ids = next_ids
-        keep: list[int] = []
-        for i, (req, token) in enumerate(zip(running.reqs, next_ids.tolist(), strict=True)):
-            req.kv_len += 1
-            if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
-                keep.append(i)
-        running.filter(keep)
-        if not running.reqs:
-            self.running = None
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-
-    def _finish_extend(
-        self, batch: ScheduleBatch, logits: torch.Tensor, outputs: list[SchedulerOutput], now: float
-    ) -> None:
-        logits = batch.take_prompt_logprobs(logits)
-        for req in batch.reqs:
-            req.kv_len += req.extend_len
-            req.extend_len = 0
-        if self.chunked_req is not None and self.chunked_req.prefill_done:
-            self.chunked_req = None
-        if self.chunked_req is not None:
-            self.kv.cache_unfinished(self.chunked_req)
-        if not batch.sampling_reqs:
-            return
-        assert batch.sampling is not None
-        next_ids = self.runner.sample(logits, batch.sampling)
-        logprobs = self.runner.logprobs(logits, batch.sampling, next_ids)
-        joining: list[int] = []
-        for i, (req, token) in enumerate(zip(batch.sampling_reqs, next_ids.tolist(), strict=True)):
-            if not self._accept_token(req, token, outputs, now, logprobs[i] if logprobs else None):
-                self.kv.cache_unfinished(req)
-                joining.append(i)
-        if joining:
-            reqs = [batch.sampling_reqs[i] for i in joining]
-            new = ScheduleBatch.start_decoding(reqs, next_ids[joining], self.runner)
-            if self.running is None:
-                self.running = new
-            else:
-                self.running.merge(new)
 
     def _make_room_for_decode(self) -> None:
         """Retract requests until the pool holds one more token for each running request.

@@ -127,6 +127,7 @@ class RequestParser:
             resume_ids=resume.token_ids if resume is not None else (),
             resume_chars=resume.text_chars if resume is not None else 0,
             cache_keys=self.positions.cache_keys(body, prepared.input_ids) if self.positions else (),
+            group=body.group,
         )
 
     # ------------------------------------------------------------------ pieces
