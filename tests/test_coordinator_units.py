@@ -154,7 +154,7 @@ def test_shutdown_is_sent_to_ranks_as_an_aborting_stop() -> None:
 def test_fast_codec_accepts_what_the_protocol_encodes() -> None:
     frames = protocol.encode(protocol.Submit((protocol.SubmitEntry(5, -1, True),), (b"body",)))
     assert codec.peek_kind(frames[0]) == codec.KIND_SUBMIT
-    assert codec.submit_entries(frames[0], 1) == ((5, -1, True, b""),)
+    assert codec.submit_entries(frames[0], 1) == ((5, -1, True, b"", 0),)
     frames = protocol.encode(protocol.EngineOutputs((protocol.EngineOutputEntry(9, False, 3),), (b"x",)))
     assert codec.peek_kind(frames[0]) == codec.KIND_ENGINE_OUTPUTS
     assert codec.engine_output_entries(frames[0], 1) == ((9, False, 3),)
