@@ -31,11 +31,12 @@ def result_of(
     )
 
 
-def delta_of(request_id: int, body: p.OutputBody) -> StreamDelta:
+def delta_of(request_id: int, body: p.OutputBody, routing: Routing | None = None) -> StreamDelta:
     logprobs = None if body.logprobs is None else [e.as_dict() for e in body.logprobs]
     return StreamDelta(
-        request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts
-    )
+        request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts,
+        routing=routing,
+    )  # fmt: skip
 
 
 def tail_of(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:

@@ -60,6 +60,7 @@ class _Inflight:
     token_ids: list[int]
     text_chars: int = 0
     aborted: bool = False
+    routed: bool = False  # a delta of this stream said where it went (``StreamDelta.routing``)
 
 
 @dataclass(slots=True)
@@ -270,7 +271,10 @@ class ClientSession:
                 if record.stream:
                     record.token_ids.extend(body.delta_token_ids)
                     record.text_chars += len(body.delta_text)
-                    self.on_delta(_delta(request_id, body))
+                    # The hub's explanation (a stream's first output), else the hello's policy, once.
+                    says = entry.routing is not None or (not record.routed and self.hello is not None)
+                    record.routed |= says
+                    self.on_delta(_delta(request_id, body, self._routing(entry) if says else None))
                 continue
             del self._inflight[request_id]
             result = _result(request_id, entry.rank, body, now - record.submitted_at, self._routing(entry))
