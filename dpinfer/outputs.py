@@ -15,16 +15,20 @@ class Routing:
     """Why the request went to the rank that served it (``GenerationResult.routing``).
 
     ``reason``: with ``cache_aware``, ``match`` (the rank holding the longest prefix, weighed
-    against load), ``spread`` (that rank was loaded past the anti-hotspot threshold; the
-    least-loaded took it), ``load`` (no rank held a prefix), ``credit`` (the choice was full)
-    or ``pinned``; with the other policies, the policy's own name.
+    against load), ``pending`` (the same, but the rank's match is a prefix the hub sent it
+    recently that it has not reported yet: it is still prefilling it), ``spread`` (that rank
+    was loaded past the anti-hotspot threshold; the least-loaded took it), ``load`` (no rank
+    held a prefix), ``credit`` (the choice was full), ``pinned``, or ``group`` (a completion of
+    ``SamplingParams.n`` sent where the first went); with the other policies, the policy's own
+    name.
     """
 
     policy: str
     """``round_robin``, ``least_loaded`` or ``cache_aware``."""
     rank: int
     matched_chars: int = 0
-    """Characters of the prompt's prefix the chosen rank's cache held (``cache_aware``)."""
+    """Characters of the prompt's prefix the chosen rank's cache held, or (``pending``) was
+    about to hold (``cache_aware``)."""
     reason: str = ""
 
     def header(self) -> str:
@@ -92,3 +96,7 @@ class StreamDelta:
     """The text of each token id in ``logprobs`` (see ``GenerationResult.token_texts``)."""
     index: int = 0
     """Which of its prompt's ``n`` completions it belongs to (``GenerationResult.index``)."""
+    routing: Routing | None = None
+    """Where the hub sent the request and why: set on a stream's first delta (again on the
+    first one from another rank after the request moved); the last delta's ``result`` has
+    the final word."""

@@ -85,6 +85,17 @@ def test_a_completion_says_where_it_was_routed(front: HttpProcess) -> None:
     assert reply.headers["x-dpinfer-routing"].startswith("policy=round_robin; rank=")
 
 
+def test_a_streamed_completion_says_where_it_was_routed_in_its_headers(front: HttpProcess) -> None:
+    body = {"prompt": "where", "max_tokens": 2, "stream": True}
+    with (
+        httpx.Client(headers=_auth()) as http,
+        http.stream("POST", front.url + "/v1/completions", json=body) as reply,
+    ):
+        assert reply.status_code == 200
+        assert reply.headers["x-dpinfer-routing"].startswith("policy=round_robin; rank=")
+        assert reply.read().endswith(b"data: [DONE]\n\n")
+
+
 def _worker_pids(parent: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
     return sorted(

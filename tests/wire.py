@@ -34,6 +34,8 @@ class Result:
     rank: int = NO_RANK
     num_finals: int = 0
     routing: protocol.RouteInfo | None = None
+    partial_routes: list[protocol.RouteInfo | None] = field(default_factory=list)
+    """The ``routing`` of each partial output's entry (the hub names a stream's first)."""
 
     @property
     def streamed_text(self) -> str:
@@ -127,6 +129,7 @@ class WireClient:
                     result.num_finals += 1
                 else:
                     result.partials.append(out)
+                    result.partial_routes.append(entry.routing)
         elif isinstance(msg, protocol.ControlReply):
             self.control_replies[msg.control_id] = msg
         elif isinstance(msg, protocol.StatusReply):

@@ -33,11 +33,13 @@ def result_of(
     )
 
 
-def delta_of(request_id: int, body: p.OutputBody, index: int = 0) -> StreamDelta:
+def delta_of(
+    request_id: int, body: p.OutputBody, routing: Routing | None = None, index: int = 0
+) -> StreamDelta:
     logprobs = None if body.logprobs is None else [e.as_dict() for e in body.logprobs]
     return StreamDelta(
         request_id, body.delta_text, body.delta_token_ids, logprobs=logprobs, token_texts=body.token_texts,
-        index=index,
+        routing=routing, index=index,
     )  # fmt: skip
 
 
@@ -51,3 +53,14 @@ def tail_of(result: GenerationResult, body: p.OutputBody | None) -> StreamDelta:
         result.request_id, text, token_ids, finished=True, result=result,
         logprobs=logprobs, token_texts=result.token_texts, index=result.index,
     )  # fmt: skip
+
+
+def routing_of(entry: p.OutputEntry, policy: str) -> Routing | None:
+    """Where an output's request went and why: the hub's ``RouteInfo``, else the hello's
+    ``policy``; ``None`` when no rank served it."""
+    if entry.rank == p.NO_RANK:
+        return None
+    if entry.routing is not None:
+        info = entry.routing
+        return Routing(info.policy, entry.rank, info.matched_chars, info.reason)
+    return Routing(policy, entry.rank, 0, policy)

@@ -36,6 +36,7 @@ from dpinfer.client.connection import resumed_body
 from dpinfer.client.connection import service_error as service_error
 from dpinfer.client.results import delta_of as _delta
 from dpinfer.client.results import result_of as _result
+from dpinfer.client.results import routing_of
 from dpinfer.client.results import tail_of as _tail
 from dpinfer.errors import ConnectionLostError, InvalidRequestError, ProtocolError, ReconnectTimeoutError
 from dpinfer.log import get_logger
@@ -61,6 +62,7 @@ class _Inflight:
     text_chars: int = 0
     aborted: bool = False
     index: int = 0  # which of its prompt's n completions (inputs.KeyedBody.completion_index)
+    routed: bool = False  # a delta of this stream said where it went (``StreamDelta.routing``)
 
 
 @dataclass(slots=True)
@@ -272,7 +274,11 @@ class ClientSession:
                 if record.stream:
                     record.token_ids.extend(body.delta_token_ids)
                     record.text_chars += len(body.delta_text)
-                    self.on_delta(_delta(request_id, body, record.index))
+                    # The hub's explanation (a stream's first output), else the hello's policy, once.
+                    says = entry.routing is not None or (not record.routed and self.hello is not None)
+                    record.routed |= says
+                    routing = self._routing(entry) if says else None
+                    self.on_delta(_delta(request_id, body, routing, record.index))
                 continue
             del self._inflight[request_id]
             latency_s = now - record.submitted_at
@@ -280,13 +286,7 @@ class ClientSession:
             self.on_result(result, _tail(result, body) if record.stream else None)
 
     def _routing(self, entry: p.OutputEntry) -> Routing | None:
-        if entry.rank == p.NO_RANK:
-            return None
-        if entry.routing is not None:
-            info = entry.routing
-            return Routing(info.policy, entry.rank, info.matched_chars, info.reason)
-        policy = self.hello.routing if self.hello is not None else ""
-        return Routing(policy, entry.rank, 0, policy)
+        return routing_of(entry, self.hello.routing if self.hello is not None else "")
 
     def _handle_error(self, msg: p.Error) -> None:
         if msg.code == "duplicate_request":

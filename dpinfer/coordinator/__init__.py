@@ -7,7 +7,9 @@ Files, by concept:
 - ``forwarding.py``  the request path: routing, outputs, aborts, re-dispatch, failures
 - ``outbox.py``      per-turn batching and non-blocking sends; the STATUS counters
 - ``registry.py``    ranks (liveness, load), clients, the in-flight record, the pending queue
-- ``routing.py``     routing policies (``round_robin``, ``least_loaded``) behind one base class
+- ``routing.py``     routing policies (``round_robin``, ``least_loaded``, ``cache_aware``) behind
+  one base class; ``prefix_index.py`` (what ranks reported holding) and ``pending_prefixes.py``
+  (what was sent to them and not reported yet) feed ``cache_aware``
 - ``lifecycle.py``   the control state machine and acknowledgement aggregation
 - ``process.py``     ``run_coordinator``, ``start_coordinator`` and ``CoordinatorHandle``
 - ``commands.py``    ``dpinfer coordinator`` and ``dpinfer keys``

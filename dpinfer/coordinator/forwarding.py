@@ -151,9 +151,14 @@ class Forwarder:
     def engine_outputs(
         self, peer: RankPeer, entries: Sequence[tuple[int, bool, int]], bodies: list[Any]
     ) -> None:
-        """Forward a rank's outputs to their clients; finals retire their requests."""
+        """Forward a rank's outputs to their clients; finals retire their requests.
+
+        The routing explanation (keyed policies) goes with a request's final output and with
+        the first output of each attempt of a stream (what the HTTP front's header needs).
+        """
         requests = self.requests
         to_clients = self._outbox.to_clients
+        finished = self.policy.finished
         rank = peer.rank
         stale: list[int] = []
         num_final = 0
@@ -165,21 +170,25 @@ class Forwarder:
                     stale.append(request_id)
                 continue
             client = req.client
+            first = False
             if final:
                 del requests[request_id]
                 client.requests.pop(req.client_request_id, None)
                 num_final += 1
+                if req.keys:
+                    finished(peer, req.keys)  # ends what is still pending from it (not reported)
             elif req.stream:
                 streamed = req.streamed
                 if streamed is None:
                     streamed = req.streamed = Streamed()
+                    first = True
                 streamed.add(body)  # what a migration continues from
             if client.closed:
                 continue
             batch = to_clients.get(client.identity)
             if batch is None:
                 batch = to_clients[client.identity] = ([], [])
-            if final and req.route is not None:
+            if (final or first) and req.route is not None:
                 batch[0].append((req.client_request_id, final, rank, req.route))
             else:
                 batch[0].append((req.client_request_id, final, rank))

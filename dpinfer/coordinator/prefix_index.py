@@ -80,24 +80,31 @@ class PrefixIndex:
         self.size -= len(keys)
 
     def match(self, keys: Sequence[int], num_live: int) -> dict[RankPeer, int]:
-        """rank -> how many leading keys of ``keys`` it holds (ranks holding none are absent).
-
-        Scans from the deepest key; a rank's match is the deepest key it holds (keys are a
-        chain, so holding ``keys[j]`` means holding that whole prefix).
-        """
-        found: dict[RankPeer, int] = {}
-        holders = self.holders
-        for j in range(len(keys) - 1, -1, -1):
-            ranks = holders.get(keys[j])
-            if ranks is None:
-                continue
-            for peer in ranks:
-                if peer not in found:
-                    found[peer] = j + 1
-            if len(found) >= num_live:
-                break
-        return found
+        """rank -> how many leading keys of ``keys`` it holds (ranks holding none are absent)."""
+        return deepest_matches(self.holders, keys, num_live)
 
     def held(self, peer: RankPeer) -> int:
         keys = self.by_rank.get(peer)
         return len(keys) if keys else 0
+
+
+def deepest_matches(
+    holders: dict[int, list[RankPeer]], keys: Sequence[int], num_live: int
+) -> dict[RankPeer, int]:
+    """rank -> how many leading keys of ``keys`` it has in ``holders`` (ranks with none absent).
+
+    Scans from the deepest key; a rank's match is the deepest key it has (keys are a chain,
+    so having ``keys[j]`` means having that whole prefix); stops once ``num_live`` ranks are
+    placed.
+    """
+    found: dict[RankPeer, int] = {}
+    for j in range(len(keys) - 1, -1, -1):
+        ranks = holders.get(keys[j])
+        if ranks is None:
+            continue
+        for peer in ranks:
+            if peer not in found:
+                found[peer] = j + 1
+        if len(found) >= num_live:
+            break
+    return found

@@ -29,7 +29,7 @@ from dpinfer.http.link import CoordinatorLink
 from dpinfer.http.render import Reply, encode_json
 from dpinfer.http.schemas import ChatCompletionRequest, CompletionRequest
 from dpinfer.http.sse import EventStream, first_event
-from dpinfer.outputs import GenerationResult
+from dpinfer.outputs import GenerationResult, Routing
 from dpinfer.sampling import SamplingParams
 
 JSON = "application/json"
@@ -115,16 +115,26 @@ class OpenAIRoutes:
             _abort_all(client, streams)
             raise result_error(delta.result)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(reply, include_usage, n, len(streams), first, events, watch, client, streams)
+        routing = delta.routing or (delta.result.routing if delta.result is not None else None)
+        headers = _routing_header([routing])
+        return EventStream(
+            reply, include_usage, n, len(streams), first, events, watch, client, streams, headers
+        )
 
 
 H = TypeVar("H", RequestFuture, RequestStream)
 ROUTING_HEADER = "x-dpinfer-routing"
-"""Where the hub sent each choice and why (``GenerationResult.routing``), comma-separated."""
+"""Where the hub sent each choice and why (``GenerationResult.routing``), comma-separated. A
+streamed response sends its headers with its first chunk: there it names the choice whose
+output came first (``StreamDelta.routing``; with ``n`` > 1 the others had not started yet)."""
 
 
 def _routing(results: Sequence[GenerationResult]) -> dict[str, str]:
-    values = [r.routing.header() for r in results if r.routing is not None]
+    return _routing_header([r.routing for r in results])
+
+
+def _routing_header(routings: Sequence[Routing | None]) -> dict[str, str]:
+    values = [r.header() for r in routings if r is not None]
     return {ROUTING_HEADER: ", ".join(values)} if values else {}
 
 

@@ -68,12 +68,14 @@ class EventStream(Response):
     def __init__(
         self, reply: Reply, include_usage: bool, n: int, num_choices: int, first: Event,
         events: AsyncGenerator[Event, None], watch: DisconnectWatch, client: AsyncInferenceClient,
-        streams: Sequence[RequestStream],
+        streams: Sequence[RequestStream], headers: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         # Response.__init__ would add a content-length; an event stream has none.
         self.status_code = 200
         self.background = None
         self.raw_headers = list(_HEADERS)
+        for name, value in (headers or {}).items():
+            self.raw_headers.append((name.encode("latin-1"), value.encode("latin-1")))
         self._reply = reply
         self._include_usage = include_usage
         self._n = n

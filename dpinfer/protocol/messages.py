@@ -34,7 +34,7 @@ class OutputEntry(NamedTuple):
     client_request_id: int
     final: bool
     rank: int
-    routing: RouteInfo | None = None  # cache_aware: why the request went to ``rank`` (finals)
+    routing: RouteInfo | None = None  # cache_aware: why it went to ``rank`` (finals, a stream's first)
 
 
 class RankAck(NamedTuple):
