@@ -14,6 +14,10 @@ import string
 from dataclasses import dataclass
 
 WORKLOADS = ("shared_prefix", "multi_turn", "uniform", "hot_prefix")
+HOT_RATE_FACTOR = 8
+"""hot_prefix must saturate one rank (arrive faster than the rank holding the prefix serves
+them alone, so its in-flight count climbs): 96 requests/s at the default rate, where one
+tiny-llama rank serves a cached 1,000-token prefix plus 8 tokens in about 50 ms."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,9 @@ class Scale:
     prefix_chars: int = 1000
     output_tokens: int = 8
     rate: float = 12.0
-    """Arrivals per second of new sessions (hot_prefix: twice this). The default loads
-    round_robin on two tiny-llama ranks with one thread each past what they keep up with."""
+    """Arrivals per second of new sessions (hot_prefix: ``HOT_RATE_FACTOR`` times this). The
+    default loads round_robin on two tiny-llama ranks with one thread each past what they keep
+    up with."""
     seed: int = 0
 
 
@@ -80,5 +85,5 @@ def build(name: str, scale: Scale) -> list[Session]:
         count = max(4, round(64 * scale.scale))
         prefix = _text(rng, scale.prefix_chars)
         sessions = [Session(0.0, [prefix + " Q: " + _text(rng, 24)]) for _ in range(count)]
-        return _spaced(sessions, scale.rate * 2)
+        return _spaced(sessions, scale.rate * HOT_RATE_FACTOR)
     raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
