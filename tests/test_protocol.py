@@ -178,3 +178,25 @@ def test_ipv6_hosts_get_brackets_in_the_bind_address() -> None:
 
     assert CoordinatorConfig(host="::1", port=5).bind_address == "tcp://[::1]:5"
     assert CoordinatorConfig(host="127.0.0.1", port=5).bind_address == "tcp://127.0.0.1:5"
+
+
+def test_a_submit_batch_of_any_size_splits_under_the_header_limit_and_never_splits_a_group() -> None:
+    from dpinfer.protocol import codec
+    from dpinfer.protocol.kinds import MAX_HEADER_BYTES
+
+    keys = b"\x07" * 256  # a long prompt's full prefix keys
+    entries = [p.SubmitEntry(i + 1, p.NO_RANK, False, keys) for i in range(5000)]
+    for i in range(1020, 1030):  # a group of completions straddling the first boundary
+        entries[i] = entries[i]._replace(group=99)
+    bodies = [b"body %d" % i for i in range(5000)]
+    assert len(p.encode(p.Submit(tuple(entries), tuple(bodies)))[0]) > MAX_HEADER_BYTES, "one would not do"
+    messages = p.encode_submits(entries, bodies)
+    assert len(messages) == 5
+    decoded = []
+    for frames in messages:
+        assert len(frames[0]) < MAX_HEADER_BYTES // 2
+        decoded.extend(codec.submit_entries(frames[0], len(frames) - 1))
+        assert [e.group for e in codec.submit_entries(frames[0], len(frames) - 1)].count(99) in (0, 10)
+    assert decoded == entries
+    assert [f for frames in messages for f in frames[1:]] == bodies
+    assert p.encode_submits([], []) == []

@@ -282,9 +282,10 @@ class AsyncInferenceClient(ClientSession):
         if not self.connected:  # each is in flight: the resubmission at the reconnect sends it
             self._outbox_entries, self._outbox_bodies = [], []
             return
-        frames = self.submit_frames(self._outbox_entries, self._outbox_bodies)
+        messages = self.submit_messages(self._outbox_entries, self._outbox_bodies)
         self._outbox_entries, self._outbox_bodies = [], []
-        self._sock.send_multipart(frames)
+        for frames in messages:
+            self._sock.send_multipart(frames)
 
     async def _receive_loop(self) -> None:
         sock = self._sock

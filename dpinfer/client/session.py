@@ -115,13 +115,13 @@ class ClientSession:
         self._inflight[request_id] = _Inflight(time.perf_counter(), stream, body, wire_rank, [], index=index)
         return p.SubmitEntry(request_id, wire_rank, stream)
 
-    def submit_frames(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[Frame]:
+    def submit_messages(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[list[Frame]]:
         # A body from ``inputs.request_body`` carries its prefix keys and group for the hub.
         keyed = tuple(
             e._replace(prefix_keys=getattr(b, "prefix_keys", b""), group=getattr(b, "group", 0))
             for e, b in zip(entries, bodies, strict=True)
         )
-        return p.encode(p.Submit(keyed, tuple(bodies)))
+        return p.encode_submits(keyed, bodies)
 
     def abort_frames(self, request_ids: Sequence[int]) -> list[Frame]:
         for request_id in request_ids:
@@ -230,7 +230,7 @@ class ClientSession:
                 bodies.append(resumed_body(record.body, record.token_ids, record.text_chars))
         for request_id in aborted:  # the abort may never have arrived: end them here
             self._fail(request_id, p.FinishReason.ABORT.value, "aborted", p.ErrorCode.ABORTED.value)
-        messages = [self.submit_frames(entries, bodies)] if entries else []
+        messages = self.submit_messages(entries, bodies)
         self.num_resubmitted += len(entries)
         for call in self._open_calls.values():
             if not call.sent:

@@ -257,7 +257,8 @@ class InferenceClient(ClientSession):
         entries = [self.add(stream, rank, body) for body in bodies]
         with self._lock:
             if self.connected:  # else the resubmission at the reconnect sends them
-                self._sock.send_multipart(self.submit_frames(entries, bodies))
+                for frames in self.submit_messages(entries, bodies):
+                    self._sock.send_multipart(frames)
         return entries
 
     def _send(self, frames: list[Frame]) -> None:

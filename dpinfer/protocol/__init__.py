@@ -46,7 +46,7 @@ from dpinfer.protocol.bodies import (
     unpack_body,
 )
 from dpinfer.protocol.cache_report import CacheReport
-from dpinfer.protocol.codec import MESSAGE_TYPES, decode, encode, encode_header
+from dpinfer.protocol.codec import MESSAGE_TYPES, decode, encode, encode_header, encode_submits
 from dpinfer.protocol.kinds import (
     MAX_HEADER_BYTES,
     NO_RANK,
@@ -147,6 +147,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_header",
+    "encode_submits",
     "error_body",
     "next_state",
     "pack_body",

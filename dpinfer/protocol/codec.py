@@ -6,7 +6,8 @@ Headers are encoded and decoded with ``msgspec``: each kind has a typed decoder 
 message's type hints, so one C call both parses and validates a header (types, lengths,
 enum values, nested entries), strictly (a bool is not an int, a list of three is not a pair).
 
-- ``encode``/``decode``: messages <-> ZMQ frames.
+- ``encode``/``decode``: messages <-> ZMQ frames; ``encode_submits``: a batch of any size as
+  ``Submit`` messages whose headers stay well under ``MAX_HEADER_BYTES``.
 - The hot path, for the coordinator's loop and the ranks' output path: ``peek_kind`` (the kind
   of a header, without decoding it), ``submit_entries``/``engine_output_entries`` (the checked
   entries of the two kinds that carry every request and output, without building message
@@ -119,6 +120,25 @@ def encode(msg: Message) -> list[Frame]:
     if msg.HAS_BODIES:
         return [header, *msg.bodies]  # type: ignore[attr-defined]
     return [header]
+
+
+MAX_SUBMIT_ENTRIES = 1024
+"""Entries per ``Submit``: with full prefix keys (256 bytes) a header of about 300 KB."""
+
+
+def encode_submits(entries: Sequence[SubmitEntry], bodies: Sequence[Frame]) -> list[list[Frame]]:
+    """``Submit`` messages for any number of entries, ``MAX_SUBMIT_ENTRIES`` each at most; the
+    completions of one group (consecutive entries) are never split, since the hub sends a
+    group to one rank only within one ``Submit``."""
+    messages: list[list[Frame]] = []
+    start, count = 0, len(entries)
+    while start < count:
+        end = min(start + MAX_SUBMIT_ENTRIES, count)
+        while end < count and entries[end].group and entries[end].group == entries[end - 1].group:
+            end += 1
+        messages.append(encode(Submit(tuple(entries[start:end]), tuple(bodies[start:end]))))
+        start = end
+    return messages
 
 
 def decode(frames: Sequence[Frame]) -> Message:
