@@ -39,7 +39,8 @@ def test_a_tick_of_long_prompts_past_the_header_limit_goes_as_several_submits(de
     async def go() -> None:
         async with AsyncInferenceClient(deployment.address, timeout_s=10) as client:
             prompt = "x" * 4096  # 32 prefix keys each: 4,100 of them overflow one 1 MiB header
-            futures = [client.add_request(f"{i} {prompt}", SamplingParams(max_new_tokens=1)) for i in range(4100)]
+            one = SamplingParams(max_new_tokens=1)
+            futures = [client.add_request(f"{i} {prompt}", one) for i in range(4100)]
             results = await asyncio.gather(*futures)
             assert all(r.text == f"echo: {i} {prompt}" for i, r in enumerate(results))
 

@@ -269,7 +269,7 @@ def test_a_body_is_one_completion_and_its_group_is_bounded() -> None:
     from dpinfer.errors import InvalidRequestError
     from dpinfer.protocol.bodies import RequestBody
 
-    with pytest.raises(InvalidRequestError, match="sampling.n: a request body is one completion"):
+    with pytest.raises(InvalidRequestError, match=r"sampling\.n: a request body is one completion"):
         RequestBody.from_builtins({"prompt": "x", "sampling": {"n": 2}})
     with pytest.raises(InvalidRequestError, match="group must be in"):
         RequestBody.from_builtins({"prompt": "x", "group": 1 << 63})
