@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
+from test_cache_routing import FINAL, PREFIX, Hub, keys_of, route
+from test_cache_routing import hub as hub  # the same scripted hub fixture
+from wire import rank_info
 
 from dpinfer import protocol
 from dpinfer.coordinator.pending_prefixes import PENDING_TTL_S, PendingPrefixes
-from dpinfer.coordinator.process import CoordinatorHandle
 from dpinfer.coordinator.registry import RankPeer
 from dpinfer.coordinator.routing import CacheAware, make_policy
 from dpinfer.protocol import prefix_keys
 from dpinfer.protocol.codec import KIND_ENGINE_OUTPUTS, pack_batch
-from tests.test_cache_routing import FINAL, PREFIX, Hub, keys_of, route
-from tests.wire import rank_info
 
 GROUP = "".join(f"group prefix sentence {i:03d}. " for i in range(40))[:1000]  # as bench routing's
 SHARED = 7  # the 8 keys of GROUP + " Q: " + 24 characters: 7 shared, the 8th holds the question
@@ -157,21 +156,6 @@ def test_the_pending_table_is_bounded_and_drops_its_oldest_entries() -> None:
 
 
 # ---------------------------------------------------------------------- through the hub
-
-
-@pytest.fixture
-def hub(coordinator_factory: Callable[..., CoordinatorHandle]) -> Iterator[Hub]:
-    h = Hub(
-        coordinator_factory(
-            routing="cache_aware",
-            deterministic=True,
-            cache_spread_threshold=2,
-            heartbeat_interval_s=5.0,
-            heartbeat_timeout_s=60.0,  # scripted ranks send no heartbeats
-        )
-    )
-    yield h
-    h.close()
 
 
 def test_a_burst_through_the_hub_stays_on_one_rank_and_each_stream_hears_its_route_first(hub: Hub) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from test_scheduler import Collector
 
 from dpinfer.config import ModelConfig, SchedulerConfig
-from dpinfer.protocol.local import SchedulerOutput, TokenizedRequest
 from dpinfer.runner.attention import ForwardBatch
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.sampling import SamplingParams
@@ -32,12 +32,12 @@ def runner() -> Iterator[ModelRunner]:
     yield ModelRunner(ModelConfig(), SchedulerConfig(max_kv_tokens=4096, max_running_requests=16))
 
 
-class Run:
+class Run(Collector):
     """A scheduler on ``runner`` that counts the prompt tokens each forward pass computes."""
 
     def __init__(self, runner: ModelRunner, **config: object) -> None:
         settings: dict[str, object] = {"max_kv_tokens": 4096, "max_running_requests": 16, **config}
-        self.s = Scheduler(runner, SchedulerConfig(**settings))  # type: ignore[arg-type]
+        super().__init__(Scheduler(runner, SchedulerConfig(**settings)))  # type: ignore[arg-type]
         self.prefilled = 0
         forward = runner.forward
 
@@ -46,12 +46,6 @@ class Run:
             return forward(batch)
 
         self.s.runner = _Counting(runner, counting)  # type: ignore[assignment]
-        self.tokens: dict[int, list[int]] = {}
-        self.final: dict[int, SchedulerOutput] = {}
-
-    def add(self, rid: int, prompt: list[int], params: SamplingParams, **kwargs: object) -> None:
-        req = TokenizedRequest(rid, prompt, params, stream=True, **kwargs)  # type: ignore[arg-type]
-        self.feed(self.s.add_request(req))
 
     def group(self, first_id: int, prompt: list[int], params: SamplingParams, group: int = 1) -> list[int]:
         ids = []
@@ -60,20 +54,9 @@ class Run:
             ids.append(first_id + j)
         return ids
 
-    def feed(self, outputs: list[SchedulerOutput]) -> None:
-        for out in outputs:
-            assert out.request_id not in self.final, "no output after the final one"
-            self.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-            if out.finished:
-                self.final[out.request_id] = out
-
-    def run(self, until: Callable[[], bool] | None = None) -> Run:
-        for _ in range(MAX_STEPS):
-            if until() if until else not self.s.has_work:
-                return self
-            self.feed(self.s.step())
-            self.s.kv.check_invariants(list(self.s.reqs.values()))
-        raise AssertionError("the scheduler did not finish")
+    def run(self, until: Callable[[], bool] | None = None, check: bool = True) -> Run:
+        super().run(until, check)
+        return self
 
     def done(self) -> None:
         """Every slot is back (free or in the tree, unlocked), and no group is left behind."""
