@@ -56,6 +56,13 @@ def test_generate_plain_json_and_stream(deployment: Deployment) -> None:
     assert chat.exit_code == 0 and "echo: yo" in chat.output
     bad = invoke("generate", "x", "--address", address, "--top-p", "2")
     assert bad.exit_code != 0 and "top_p" in bad.output
+    three = invoke("generate", "n", "--address", address, "-n", "3")
+    assert three.exit_code == 0 and three.stdout.count("echo: n") == 3, three.output
+    assert "--- completion 2 ---" in three.stdout
+    listed = json.loads(invoke("generate", "n", "--address", address, "-n", "2", "--json").stdout)
+    assert [r["index"] for r in listed] == [0, 1] and len({r["rank"] for r in listed}) == 1
+    refused = invoke("generate", "n", "--address", address, "-n", "2", "--stream")
+    assert refused.exit_code != 0 and "drop --stream" in refused.output
 
 
 def test_unreachable_coordinator_exits_non_zero_with_a_hint() -> None:

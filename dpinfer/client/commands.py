@@ -21,6 +21,7 @@ from dpinfer.client.session import ControlAcknowledgement
 from dpinfer.client.sync_client import InferenceClient
 from dpinfer.config import DEFAULT_ADDRESS
 from dpinfer.errors import DpinferError
+from dpinfer.outputs import GenerationResult
 from dpinfer.sampling import SamplingParams
 
 DEFAULT_CLI_TIMEOUT_S = 10.0
@@ -186,6 +187,7 @@ def update_weights(address: str, timeout_s: float, curve_dir: str | None, path: 
     "--chat", is_flag=True, help="Send PROMPT as a user chat message (the rank applies the template)."
 )
 @click.option("--rank", type=int, default=None, help="Pin the request to this engine rank.")
+@click.option("-n", "--n", "n", type=int, default=1, help="Completions of PROMPT (prefilled once).")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @json_flag
 def generate(
@@ -202,10 +204,13 @@ def generate(
     images: tuple[str, ...],
     chat: bool,
     rank: int | None,
+    n: int,
     stream: bool,
     as_json: bool,
 ) -> None:
-    """Generate a completion for PROMPT."""
+    """Generate a completion for PROMPT (with -n, several: each with seed + j when seeded)."""
+    if stream and n > 1:
+        raise click.UsageError("--stream prints one completion: drop --stream to get -n completions")
     request: dict[str, Any] = {"prompt": prompt}
     if chat:
         request = {"messages": [{"role": "user", "content": prompt}]}
@@ -220,23 +225,36 @@ def generate(
                 top_k=top_k,
                 seed=seed,
                 stop=stop_strings,
+                n=n,
             )
         except DpinferError as e:
             raise click.UsageError(str(e)) from None
         if stream:
-            result = _stream(c, request, sampling, rank, as_json)
+            results = [_stream(c, request, sampling, rank, as_json)]
         else:
-            (result,) = c.generate(request, sampling, rank=rank)
-            if as_json:
-                click.echo(json.dumps(result_json(result), indent=2))
-            elif result.finish_reason != "error":
-                click.echo(result.text)
-    if result.finish_reason == "error":
-        raise click.ClickException(f"request failed: {result.error}")
+            results = c.generate(request, sampling, rank=rank)
+            _print_results(results, as_json)
+    failed = [r for r in results if r.finish_reason == "error"]
+    if failed:
+        raise click.ClickException(f"request failed: {failed[0].error}")
     if not as_json:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[dim]{result_footer(result)}[/dim]")
+        for result in results:
+            Console(stderr=True).print(f"[dim]{result_footer(result)}[/dim]")
+
+
+def _print_results(results: list[GenerationResult], as_json: bool) -> None:
+    """One result as before; several (``-n``) as a JSON list, or each text under its index."""
+    if as_json:
+        shown = [result_json(r) for r in results]
+        click.echo(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
+        return
+    for result in results:
+        if len(results) > 1:
+            click.secho(f"--- completion {result.index} ---", dim=True)
+        if result.finish_reason != "error":
+            click.echo(result.text)
 
 
 def _stream(
