@@ -193,3 +193,19 @@ def test_per_prompt_sampling_params_reach_the_rank() -> None:
         rank.stop_event.set()
         rank.join(5)
         handle.stop()
+
+
+def test_a_moved_streams_final_logprobs_cover_every_token() -> None:
+    # A continuation's final output holds every token id but the logprobs of its own tokens;
+    # the SDK puts the ones the stream's deltas carried in front.
+    from dpinfer.client.results import result_of
+
+    def lp(token: int) -> p.PositionLogprobs:
+        return p.PositionLogprobs((token,), (-0.5 * token,))
+
+    body = p.OutputBody(text="abcd", token_ids=(1, 2, 3, 4), finish_reason="length", logprobs=(lp(3), lp(4)))
+    streamed = [lp(1), lp(2), lp(3)]  # before the move: 1, 2; after it: 3 (its tail is in the final)
+    result = result_of(7, 0, body, 0.1, streamed=streamed)
+    assert result.logprobs == [{1: -0.5}, {2: -1.0}, {3: -1.5}, {4: -2.0}]
+    whole = p.OutputBody(text="ab", token_ids=(1, 2), finish_reason="length", logprobs=(lp(1), lp(2)))
+    assert result_of(8, 0, whole, 0.1, streamed=[lp(1)]).logprobs == [{1: -0.5}, {2: -1.0}]

@@ -239,3 +239,26 @@ def test_stop_reason_names_the_stop_token_or_string(runner: ModelRunner) -> None
 def test_new_fields_are_validated(field: str, value: object, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message.replace("[", r"\[")):
         SamplingParams.from_dict({field: value})
+
+
+def test_a_continuation_reports_the_logprobs_of_its_own_tokens(runner: ModelRunner) -> None:
+    # A moved request's resumed tokens had their logprobs streamed already: the continuation
+    # gives one per token it generates, aligned with them, on every output and the final one.
+    params = greedy(12, logprobs=2)
+    whole = Run(runner)
+    whole.add(0, PROMPTS[1], params)
+    whole.run()
+    for stream in (True, False):
+        moved = Run(runner)
+        req = TokenizedRequest(1, PROMPTS[1], params, stream=stream, resume_ids=tuple(whole.tokens[0][:5]))
+        moved._feed(moved.s.add_request(req))
+        moved.run()
+        assert moved.tokens[1] == whole.tokens[0][5:]
+        final = moved.final[1].logprobs
+        got = moved.logprobs[1] if stream else final
+        assert got is not None and len(got) == 7
+        for a, b in zip(got, whole.logprobs[0][5:], strict=True):
+            assert (
+                a.ids == b.ids
+                and max(abs(x - y) for x, y in zip(a.values, b.values, strict=True)) < TOLERANCE
+            )

@@ -123,8 +123,8 @@ def test_pause_with_requests_in_flight_completes_each_exactly_once_after_unpause
 
 def test_a_stream_cut_off_by_a_killed_rank_ends_with_the_undisturbed_greedy_text(served: Served) -> None:
     # Mid-stream migration: the stream on the killed rank goes on on the other rank from its
-    # prompt plus the tokens it streamed; the caller sees one uninterrupted result.
-    params = SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True)
+    # prompt plus the tokens it streamed; the caller sees one uninterrupted result, logprobs too.
+    params = SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True, logprobs=1)
     prompts = ["migrate me, first", "migrate me, second"]
     with InferenceClient(served.address, timeout_s=60) as client:
         reference = client.generate(prompts, params)
@@ -159,6 +159,9 @@ def test_a_stream_cut_off_by_a_killed_rank_ends_with_the_undisturbed_greedy_text
     for (text, token_ids, result), ref in zip(outcomes, reference, strict=True):
         assert result.ok, result
         assert result.token_ids == ref.token_ids and result.text == ref.text
+        assert result.logprobs is not None and len(result.logprobs) == len(ref.token_ids)
+        for got, want in zip(result.logprobs, ref.logprobs, strict=True):
+            assert got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-3 for t in got)
         assert token_ids == ref.token_ids, "the streamed tokens: none lost, none repeated"
         assert text == ref.text, "the streamed text: no character lost or repeated"
     assert _status(served.address)["counters"]["migrated"] >= 1

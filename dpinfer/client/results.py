@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dpinfer import protocol as p
 from dpinfer.outputs import GenerationResult, Routing, StreamDelta
 
 
 def result_of(
     request_id: int, rank: int, body: p.OutputBody, latency_s: float, routing: Routing | None = None,
-    index: int = 0,
+    index: int = 0, streamed: Sequence[p.PositionLogprobs] = (),
 ) -> GenerationResult:  # fmt: skip
+    """The result of a final ``body``. ``streamed``: the logprobs the stream's deltas carried,
+    which give those of the tokens a continuation did not generate itself (a final output of a
+    moved request holds every token id, but the logprobs of the tokens made after the move)."""
+    logprobs = body.logprobs
+    if logprobs is not None and len(logprobs) < len(body.token_ids) <= len(logprobs) + len(streamed):
+        logprobs = (*streamed[: len(body.token_ids) - len(logprobs)], *logprobs)
     return GenerationResult(
         request_id=request_id,
         text=body.text,
@@ -23,7 +31,7 @@ def result_of(
         cached_tokens=body.cached_tokens,
         latency_s=latency_s,
         stop_reason=body.stop_reason,
-        logprobs=None if body.logprobs is None else [e.as_dict() for e in body.logprobs],
+        logprobs=None if logprobs is None else [e.as_dict() for e in logprobs],
         prompt_logprobs=None
         if body.prompt_logprobs is None
         else [None, *(e.as_dict() for e in body.prompt_logprobs)],

@@ -2,9 +2,8 @@
 
 ``ClientSession`` owns request and control ids, remembers which requests are in flight (and
 when they were submitted), builds outgoing frames and turns incoming frames into results,
-stream deltas, control acknowledgements and status maps, which it hands to the hooks a
-client overrides. It never blocks and never touches a socket, so both clients share one
-interpretation of the wire.
+stream deltas, control acknowledgements and status maps, which it hands to the hooks a client
+overrides. It never blocks or touches a socket: both clients share one reading of the wire.
 
 Conventions: a request-level failure reported by the service (an ``Error`` naming a request,
 or a final output with ``finish_reason="error"``) becomes a ``GenerationResult`` with
@@ -26,7 +25,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dpinfer import protocol as p
@@ -62,6 +61,7 @@ class _Inflight:
     text_chars: int = 0
     aborted: bool = False
     index: int = 0  # which of its prompt's n completions (inputs.KeyedBody.completion_index)
+    logprobs: list[p.PositionLogprobs] = field(default_factory=list)  # what the deltas carried
     routed: bool = False  # a delta of this stream said where it went (``StreamDelta.routing``)
 
 
@@ -116,8 +116,7 @@ class ClientSession:
         return p.SubmitEntry(request_id, wire_rank, stream)
 
     def submit_messages(self, entries: Sequence[p.SubmitEntry], bodies: Sequence[bytes]) -> list[list[Frame]]:
-        # A body from ``inputs.request_body`` carries its prefix keys and group for the hub.
-        keyed = tuple(
+        keyed = tuple(  # a body from ``inputs`` carries its prefix keys and group (``KeyedBody``)
             e._replace(prefix_keys=getattr(b, "prefix_keys", b""), group=getattr(b, "group", 0))
             for e, b in zip(entries, bodies, strict=True)
         )
@@ -274,6 +273,7 @@ class ClientSession:
                 if record.stream:
                     record.token_ids.extend(body.delta_token_ids)
                     record.text_chars += len(body.delta_text)
+                    record.logprobs.extend(body.logprobs or ())
                     # The hub's explanation (a stream's first output), else the hello's policy, once.
                     says = entry.routing is not None or (not record.routed and self.hello is not None)
                     record.routed |= says
@@ -281,8 +281,8 @@ class ClientSession:
                     self.on_delta(_delta(request_id, body, routing, record.index))
                 continue
             del self._inflight[request_id]
-            latency_s = now - record.submitted_at
-            result = _result(request_id, entry.rank, body, latency_s, self._routing(entry), record.index)
+            latency_s, routing = now - record.submitted_at, self._routing(entry)
+            result = _result(request_id, entry.rank, body, latency_s, routing, record.index, record.logprobs)
             self.on_result(result, _tail(result, body) if record.stream else None)
 
     def _routing(self, entry: p.OutputEntry) -> Routing | None:

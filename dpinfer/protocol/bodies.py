@@ -318,8 +318,9 @@ class OutputBody(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
 
     Logprobs (only when the request asked): ``logprobs`` has one entry per token of
     ``delta_token_ids`` (partial) or of ``token_ids`` (final; a streamed request's last delta
-    is its tail); ``prompt_logprobs`` (final only) one per prompt token after the first;
-    ``token_texts`` the text of every id they name.
+    is its tail; a continuation's final, of the tokens it generated itself: the last ones,
+    the SDK puts the streamed ones in front); ``prompt_logprobs`` (final only) one per prompt
+    token after the first; ``token_texts`` the text of every id they name.
     """
 
     text: str = ""

@@ -22,7 +22,8 @@ class Req:
     prefix cache (locked through ``last_node``); the rest are owned by this request.
     A retracted request loses all of it and is prefilled again from ``prompt + output``.
 
-    Logprobs: ``output_logprobs`` (one per output token) and ``prompt_logprobs`` (one per prompt
+    Logprobs: ``output_logprobs`` (one per output token generated here: a continuation's start
+    at its first new token, ``output_ids[num_resumed]``) and ``prompt_logprobs`` (one per prompt
     token after the first, filled by the prefill chunks) exist only when the request asks;
     both survive a retraction. While prompt logprobs are missing the prefix cache is not read.
 
@@ -54,6 +55,7 @@ class Req:
         self.output_ids: list[int] = list(request.resume_ids)
         """Output tokens; a continuation starts with the ones generated before it moved here
         (their logprobs, if asked for, stayed with the stream that delivered them)."""
+        self.num_resumed = len(request.resume_ids)
         self.output_logprobs: list[PositionLogprobs] | None = (
             [] if request.sampling.logprobs is not None else None
         )
@@ -155,7 +157,7 @@ class Req:
             prompt_len=self.prompt_len,
             cached_len=self.cached_len,
             stop_reason=self.finish.stop_reason if self.finish else None,
-            logprobs=None if self.output_logprobs is None else self.output_logprobs[start:end],
+            logprobs=self._logprobs(start, end),
             prompt_logprobs=self.prompt_logprobs if finished else None,
         )
 
@@ -172,9 +174,16 @@ class Req:
             error=error,
             prompt_len=self.prompt_len,
             cached_len=self.cached_len,
-            logprobs=None if self.output_logprobs is None else self.output_logprobs[start:],
+            logprobs=self._logprobs(start, len(self.output_ids)),
             prompt_logprobs=self.prompt_logprobs,
         )
+
+    def _logprobs(self, start: int, end: int) -> list[PositionLogprobs] | None:
+        """The logprobs of ``output_ids[start:end]`` (none exist for resumed tokens)."""
+        if self.output_logprobs is None:
+            return None
+        resumed = self.num_resumed
+        return self.output_logprobs[max(0, start - resumed) : max(0, end - resumed)]
 
     def __repr__(self) -> str:
         return (
