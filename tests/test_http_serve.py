@@ -121,12 +121,21 @@ def test_n_completions_prefill_the_prompt_once_on_one_rank(served: ServeProcess,
         assert result is not None and result.index == index
         assert "".join(d.text for d in deltas if d.index == index) == result.text
 
-    # HTTP: n choices, index 0..n-1, the same texts for the same seed, one rank for all.
+    # HTTP: n choices, index 0..n-1, one rank for all; usage says what the prefix cache served.
+    fresh = "Zebras graze on a prompt that no rank has seen yet. " * 3
     raw = api.completions.with_raw_response.create(
-        model=MODEL, prompt=prompt + "?", n=4, max_tokens=8, seed=5, temperature=1.0
+        model=MODEL, prompt=fresh, n=4, max_tokens=8, seed=5, temperature=1.0
     )
     response = raw.parse()
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert response.usage is not None and response.usage.prompt_tokens_details is not None
+    assert response.usage.prompt_tokens_details.cached_tokens == 0, "a new prompt, computed once"
+    cached = []  # round robin: one of two requests in a row goes to the rank that holds the prompt
+    for _ in range(2):
+        repeat = api.completions.create(model=MODEL, prompt=fresh, max_tokens=2)
+        assert repeat.usage is not None and repeat.usage.prompt_tokens_details is not None
+        cached.append(repeat.usage.prompt_tokens_details.cached_tokens)
+    assert 0 < max(cached) < repeat.usage.prompt_tokens, "served from the rank's prefix cache"
     routes = raw.headers["x-dpinfer-routing"].split(", ")
     assert len(routes) == 4 and len({r.split("; ")[1] for r in routes}) == 1, routes
 

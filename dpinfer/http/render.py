@@ -29,11 +29,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{_ID_PREFIX}{next(_ids):x}"
 
 
-def usage(results: Sequence[GenerationResult], n: int) -> dict[str, int]:
-    """Prompt tokens once per prompt (not per choice, as OpenAI counts), completion tokens of all."""
+def usage(results: Sequence[GenerationResult], n: int) -> dict[str, object]:
+    """Prompt tokens once per prompt (not per choice, as OpenAI counts), completion tokens of all;
+    ``prompt_tokens_details.cached_tokens``: of the prompt tokens, those the prefix cache served
+    (per prompt, its choice that read the fewest: the one that prefilled it for the others)."""
     prompt = sum(r.prompt_tokens for r in results[::n])
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(min(r.cached_tokens for r in results[i : i + n]) for i in range(0, len(results), n))
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }  # fmt: skip
 
 
 @dataclass(slots=True)

@@ -122,10 +122,16 @@ class UpdateWeightsRequest(msgspec.Struct, forbid_unknown_fields=True):
 # ---------------------------------------------------------------------------- responses (docs only)
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+    """Prompt tokens served from the rank's prefix cache (once per prompt, as ``prompt_tokens``)."""
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(msgspec.Struct):
