@@ -18,5 +18,6 @@ class RouteInfo(NamedTuple):
     reason: str
     """``match`` (the best-matching rank), ``pending`` (the best match is a prefix the rank
     was sent and has not reported yet), ``spread`` (the best match was loaded past the
-    anti-hotspot threshold), ``load`` (no rank holds a prefix), ``pinned``, or ``credit``
-    (the choice was full; the least-loaded rank with credit took it)."""
+    anti-hotspot threshold), ``load`` (no rank holds a prefix), ``pinned``, ``credit``
+    (the choice was full; the least-loaded rank with credit took it), or ``group`` (a
+    completion of ``SamplingParams.n`` sent where the group's first went)."""

@@ -82,8 +82,7 @@ class KVManager:
         self.req_to_token[row, :n] = self.req_to_token[parent.req_pool_idx, :n]
         self.tree.inc_lock_ref(parent.last_node)
         req.req_pool_idx, req.last_node = row, parent.last_node
-        req.kv_len = req.locked_len = n
-        req.cached_len = min(n, req.prompt_len)
+        req.kv_len = req.locked_len = req.cached_len = n  # the same prompt: all of it cached
         req.admitted_once = True
         return True
 

@@ -106,9 +106,7 @@ class OutputProcessor:
         # their first token from its logits, and join the running batch with it.
         room = self.config.max_running_requests - len(self.running or ()) - len(batch.sampling_reqs)
         sampling_reqs, logits = self.parallel.fork(batch.sampling_reqs, logits, self.kv, room)
-        for req in sampling_reqs[len(batch.sampling_reqs) :]:
-            self.waiting.remove(req)
-            self.recorder.scheduled(req.request_id, req.prompt_len, req.cached_len, now)
+        self._forked(sampling_reqs[len(batch.sampling_reqs) :], now)
         sampling = batch.sampling if sampling_reqs is batch.sampling_reqs else None
         self._sample_first(sampling_reqs, logits, sampling, outputs, now)
 
@@ -119,12 +117,16 @@ class OutputProcessor:
         reqs, logits = self.parallel.fork_late(self.kv, room)
         if logits is None:
             return []
-        for req in reqs:
-            self.waiting.remove(req)
-            self.recorder.scheduled(req.request_id, req.prompt_len, req.cached_len, now)
+        self._forked(reqs, now)
         outputs: list[SchedulerOutput] = []
         self._sample_first(reqs, logits, None, outputs, now)
         return outputs
+
+    def _forked(self, reqs: list[Req], now: float) -> None:
+        """``reqs`` forked from their leader: out of the waiting queue, and scheduled now."""
+        for req in reqs:
+            self.waiting.remove(req)
+            self.recorder.scheduled(req.request_id, req.prompt_len, req.cached_len, now)
 
     def _sample_first(
         self, reqs: list[Req], logits: torch.Tensor, sampling: SamplingInfo | None,
