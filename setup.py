@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["dpinfer", "dpinfer.*"]),
+    package_data={"dpinfer.runner": ["paged_attention.c"]},
     install_requires=[
         "torch==2.13.0",
         "transformers==5.23.0",

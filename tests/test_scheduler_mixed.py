@@ -16,7 +16,7 @@ import torch
 
 from dpinfer.config import ModelConfig, SchedulerConfig
 from dpinfer.protocol.local import TokenizedRequest
-from dpinfer.runner.attention import ForwardBatch, ForwardMode, mixed_forward_batch
+from dpinfer.runner.attention import DecodeLayout, ForwardBatch, ForwardMode, mixed_forward_batch
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.sampling import SamplingParams
 from dpinfer.scheduler.scheduler import Scheduler
@@ -135,9 +135,13 @@ def test_mixed_pass_equals_its_parts(runner: ModelRunner) -> None:
     torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-4)
 
 
-def test_padded_and_ragged_decode_agree(runner: ModelRunner) -> None:
-    """The GPU's padded decode attention (one call, masked) equals the CPU's ragged one
-    (a call per request) on a GQA model, alone and inside a mixed pass."""
+@pytest.mark.parametrize("layout", [DecodeLayout.PADDED, DecodeLayout.KERNEL])
+def test_decode_layouts_agree(runner: ModelRunner, layout: DecodeLayout) -> None:
+    """The GPU's padded decode attention (one call, masked) and the CPU's C kernel (the KV
+    read in place) equal the ragged torch path (a call per request) on a GQA model, alone
+    and inside a mixed pass."""
+    if layout is DecodeLayout.KERNEL and runner.decode_kernel is None:
+        pytest.skip("no C compiler here: the CPU decode kernel is not built")
     assert runner.layout.num_kv_heads < runner.model.config.num_attention_heads, "a GQA model"
     s = Scheduler(runner, SchedulerConfig(max_kv_tokens=4096, max_prefill_tokens=96))
     start_short_requests(s)
@@ -146,14 +150,16 @@ def test_padded_and_ragged_decode_agree(runner: ModelRunner) -> None:
     slots = s._reserve_decode()
     extend = s._schedule_prefill(s.config.max_prefill_tokens - len(s.running))
     assert extend is not None
-    ragged = s.running.prepare_for_decode(slots, padded=False)
+    ragged = s.running.prepare_for_decode(slots, DecodeLayout.RAGGED)
     s.running.seq_lens -= 1  # prepare the same step again, the other way
-    padded = s.running.prepare_for_decode(slots, padded=True)
-    assert ragged.kv_rows is not None and padded.kv_indices is not None and padded.kv_rows is None
-    torch.testing.assert_close(runner.forward(padded), runner.forward(ragged), rtol=1e-4, atol=1e-4)
+    other = s.running.prepare_for_decode(slots, layout)
+    assert ragged.kv_rows is not None and other.kv_rows is None
+    assert (other.kv_indices is not None) == (layout is DecodeLayout.PADDED)
+    assert (other.decode_kernel is not None) == (layout is DecodeLayout.KERNEL)
+    torch.testing.assert_close(runner.forward(other), runner.forward(ragged), rtol=1e-4, atol=1e-4)
     prefill = extend.prepare_for_extend()
     torch.testing.assert_close(
-        runner.forward(mixed_forward_batch(padded, prefill)),
+        runner.forward(mixed_forward_batch(other, prefill)),
         runner.forward(mixed_forward_batch(ragged, prefill)),
         rtol=1e-4,
         atol=1e-4,

@@ -25,6 +25,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
+from dpinfer.runner.cpu_kernel import DecodeKernel
 from dpinfer.runner.kv_pool import KVPool
 
 ATTENTION_NAME = "dpinfer_paged"
@@ -37,6 +38,17 @@ class ForwardMode(enum.Enum):
     """Exactly one new token per request."""
     MIXED = "mixed"
     """``num_decode`` decode tokens (one per running request), then extend sequences."""
+
+
+class DecodeLayout(enum.Enum):
+    """How a decode batch describes each request's KV to the attention."""
+
+    PADDED = "padded"
+    """``kv_indices [B, Lmax]`` and ``kv_mask``: one masked call (GPU: one launch)."""
+    RAGGED = "ragged"
+    """``kv_rows``: a slot view and a small attention call per request (CPU, torch only)."""
+    KERNEL = "kernel"
+    """``kv_table`` rows and ``kv_lens``: the C kernel reads the KV in place (CPU)."""
 
 
 @dataclass
@@ -75,6 +87,11 @@ class ForwardBatch:
     """Padded decode: ``[B, 1, 1, Lmax]`` True where ``kv_indices`` is a real token."""
     kv_rows: list[torch.Tensor] | None = None
     """Ragged decode: the slots of each request's tokens (one tensor per request)."""
+    decode_kernel: DecodeKernel | None = None
+    """Kernel decode: request ``b`` sees slots ``kv_table[kv_table_rows[b], :kv_lens[b]]``."""
+    kv_table: torch.Tensor | None = None
+    kv_table_rows: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
     image_positions: torch.Tensor | None = None
     """Extend with images: ``[K]`` rows of ``[T]`` whose input embedding is an image feature."""
     image_embeds: torch.Tensor | None = None
@@ -109,6 +126,10 @@ def mixed_forward_batch(decode: ForwardBatch, extend: ForwardBatch) -> ForwardBa
         kv_indices=decode.kv_indices,
         kv_mask=decode.kv_mask,
         kv_rows=decode.kv_rows,
+        decode_kernel=decode.decode_kernel,
+        kv_table=decode.kv_table,
+        kv_table_rows=decode.kv_table_rows,
+        kv_lens=decode.kv_lens,
         image_positions=None if extend.image_positions is None else extend.image_positions + b,
         image_embeds=extend.image_embeds,
         num_decode=b,
@@ -167,6 +188,27 @@ def _decode_ragged(
     return out
 
 
+def _decode_kernel(
+    query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None
+) -> torch.Tensor:
+    # One C call per layer over every request's KV in place (see paged_attention.c).
+    assert batch.decode_kernel is not None and batch.kv_table is not None
+    assert batch.kv_table_rows is not None and batch.kv_lens is not None
+    _, num_heads, bsz, head_dim = query.shape
+    out = query.new_empty(1, bsz, num_heads, head_dim)
+    batch.decode_kernel(
+        query[0].transpose(0, 1).contiguous(),
+        batch.kv_pool.k_buffers[layer],
+        batch.kv_pool.v_buffers[layer],
+        batch.kv_table,
+        batch.kv_table_rows,
+        batch.kv_lens,
+        scaling if scaling is not None else head_dim**-0.5,
+        out[0],
+    )
+    return out
+
+
 def _decode(query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None) -> torch.Tensor:
     """Attention of one new token per request, ``query [1, H, B, D]`` -> ``[1, B, H, D]``.
 
@@ -174,6 +216,8 @@ def _decode(query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float
     head's query rows (``[Hkv, G, D]``): one token sees every key, so no mask is needed and
     the KV heads are never repeated (measured 1.5-2x faster than ``enable_gqa`` on CPU).
     """
+    if batch.decode_kernel is not None:
+        return _decode_kernel(query, batch, layer, scaling)
     if batch.kv_rows is not None:
         return _decode_ragged(query, batch, layer, scaling)
     assert batch.kv_indices is not None and batch.kv_mask is not None

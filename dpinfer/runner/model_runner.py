@@ -22,7 +22,8 @@ from dpinfer.config import ConfigError, ModelConfig, SchedulerConfig
 from dpinfer.log import get_logger
 from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.runner import attention
-from dpinfer.runner.attention import ForwardBatch
+from dpinfer.runner.attention import DecodeLayout, ForwardBatch
+from dpinfer.runner.cpu_kernel import load_decode_kernel
 from dpinfer.runner.kv_pool import KVLayout, KVPool, ReqToTokenPool, SlotAllocator, kv_pool_tokens
 from dpinfer.runner.registry import ModelSpec, load_model, resolve_model
 from dpinfer.runner.sampler import SamplingInfo, logprobs, sample
@@ -61,6 +62,19 @@ class ModelRunner:
             num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             head_dim=head_dim,
             dtype=self.dtype,
+        )
+        self.decode_kernel = (
+            load_decode_kernel(model_config.cache_dir)
+            if self.device.type == "cpu" and self.dtype == torch.float32
+            else None
+        )
+        """The C decode-attention kernel (fp32 on CPU, when it builds here), else ``None``."""
+        self.decode_layout = (
+            DecodeLayout.PADDED
+            if self.device.type != "cpu"
+            else DecodeLayout.KERNEL
+            if self.decode_kernel is not None
+            else DecodeLayout.RAGGED
         )
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.num_slots = kv_pool_tokens(scheduler_config, self.layout, self.device)

@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from dpinfer.runner.attention import ExtendSeq, ForwardBatch, ForwardMode, bottom_right_causal_mask
+from dpinfer.runner.attention import (
+    DecodeLayout,
+    ExtendSeq,
+    ForwardBatch,
+    ForwardMode,
+    bottom_right_causal_mask,
+)
 from dpinfer.runner.logprobs import position_logprobs
 from dpinfer.runner.model_runner import ModelRunner
 from dpinfer.runner.sampler import SamplingInfo
@@ -182,12 +188,14 @@ class ScheduleBatch:
         batch.sampling = build_sampling_info(reqs, runner)
         return batch
 
-    def prepare_for_decode(self, out_cache_loc: torch.Tensor, padded: bool | None = None) -> ForwardBatch:
+    def prepare_for_decode(
+        self, out_cache_loc: torch.Tensor, layout: DecodeLayout | None = None
+    ) -> ForwardBatch:
         """One decode step: each request's next token goes to its slot in ``out_cache_loc``.
 
-        On CPU attention runs per request over exactly its tokens (``kv_rows``); on GPU one
-        padded call (``kv_indices`` + ``kv_mask``) avoids a launch per request. ``padded``
-        picks one explicitly (tests compare the two).
+        The attention's view of each request's KV is the runner's ``decode_layout`` (on CPU
+        the C kernel reading the table in place, or a slot view per request without it; on
+        GPU one padded, masked call), or ``layout`` (tests compare them).
         """
         table = self.runner.req_to_token_pool.req_to_token
         positions = self.seq_lens.clone()
@@ -200,7 +208,13 @@ class ScheduleBatch:
             positions=positions,
             out_cache_loc=out_cache_loc,
         )
-        if not (padded if padded is not None else self.device.type != "cpu"):
+        layout = layout or self.runner.decode_layout
+        if layout is DecodeLayout.KERNEL:
+            assert self.runner.decode_kernel is not None, "the kernel layout needs the CPU kernel"
+            batch.decode_kernel = self.runner.decode_kernel
+            batch.kv_table, batch.kv_table_rows, batch.kv_lens = table, self.req_pool_indices, positions + 1
+            return batch
+        if layout is DecodeLayout.RAGGED:
             rows, lens = self.req_pool_indices.tolist(), self.seq_lens.tolist()
             batch.kv_rows = [table[row, :n] for row, n in zip(rows, lens, strict=True)]
             return batch
