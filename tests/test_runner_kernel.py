@@ -80,7 +80,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.T
 
 @pytest.mark.parametrize(
     ("num_heads", "num_kv", "head_dim", "num_threads"),
-    [(4, 2, 64, 1), (9, 3, 64, 1), (4, 4, 32, 1), (8, 1, 16, 2), (6, 2, 48, 2)],
+    [(4, 2, 64, 1), (9, 3, 64, 1), (4, 4, 128, 1), (8, 1, 16, 2), (6, 2, 48, 2), (4, 2, 20, 1)],
 )
 def test_kernel_equals_sdpa(
     kernel: DecodeKernel, threads: None, num_heads: int, num_kv: int, head_dim: int, num_threads: int

@@ -39,7 +39,7 @@ ENV_SWITCH = "DPINFER_CPU_KERNEL"
 
 
 class KernelError(RuntimeError):
-    """The kernel reported a failure (a score buffer it could not allocate)."""
+    """The kernel reported a failure (a work buffer it could not allocate)."""
 
 
 class DecodeKernel:
@@ -83,7 +83,7 @@ class DecodeKernel:
             scale, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if rc:
-            raise KernelError("decode attention kernel: out of memory for its score buffers")
+            raise KernelError("decode attention kernel: out of memory for its work buffers")
 
 
 def _cpu_flags() -> str:

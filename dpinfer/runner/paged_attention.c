@@ -16,18 +16,19 @@
  *
  * Grouped-query attention: query head h reads KV head h / (num_heads / num_kv_heads).
  * Softmax is exact (max-subtracted, fp32 accumulation), as in scaled_dot_product_attention.
- * Returns 0, or -1 when a request's score buffer could not be allocated (out is then
+ * Returns 0, or -1 when a request's work buffer could not be allocated (out is then
  * incomplete and the caller raises).
+ *
+ * Where the time goes: a decode step reads every running request's whole KV, so the
+ * kernel is bound by memory bandwidth once the pool outgrows the caches; it reads the
+ * pool in slot order (token-major, every head of a row at once) and prefetches the rows
+ * of a request's scattered decode tokens ahead of use.
  */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* Widest head the vector path takes (head_dim <= 8 * MAX_CHUNKS); wider ones go scalar. */
-#define MAX_CHUNKS 32
-
 
 /* Eight floats; loads and stores through memcpy are unaligned-safe and compile to one
  * vector move (two on 128-bit machines). */
@@ -49,9 +50,9 @@ static inline float hsum8(v8 x)
  * through the pool (its decode tokens one per step), beyond the hardware prefetcher. */
 #define PREFETCH 8
 
-static inline void prefetch_row(const float *row, int64_t head_dim)
+static inline void prefetch_row(const float *row, int64_t floats)
 {
-    for (int64_t at = 0; at < head_dim; at += 16) /* one 64-byte line per 16 floats */
+    for (int64_t at = 0; at < floats; at += 16) /* one 64-byte line per 16 floats */
         __builtin_prefetch(row + at);
 }
 
@@ -106,61 +107,59 @@ static inline float softmax_unnormalised(float *s, int64_t len)
     return sum;
 }
 
-/* One query head of one request against its ``len`` tokens, ``head_dim`` a multiple of 8
- * (a constant where inlined for the common sizes, so the accumulators live in registers).
- * Scores go to ``s``; the head's output to ``oh``. */
+/* One request, every query head, ``head_dim`` a multiple of 8 (a constant where inlined
+ * for the common sizes). Token-major: each token's key row (every KV head) is read once,
+ * for every query head, then its value row likewise, so the pool streams through memory
+ * in slot order; query head h reads KV head h / group. ``s`` holds ``num_heads * len``
+ * scores, ``acc`` ``num_heads * head_dim`` partial outputs. */
 static inline __attribute__((always_inline)) void
-attend_head(const float *restrict qh, const float *restrict kh, const float *restrict vh,
-            const int64_t *restrict slots, int64_t len, int64_t slot_elems, int64_t head_dim,
-            float scale, float *restrict oh, float *restrict s)
+attend_vector(const float *restrict qb, const float *restrict k, const float *restrict v,
+              const int64_t *restrict slots, int64_t len, int64_t num_heads, int64_t num_kv_heads,
+              int64_t head_dim, float scale, float *restrict ob, float *restrict s,
+              float *restrict acc)
 {
-    const int64_t chunks = head_dim / 8;
-    /* Scores four tokens at a time: four independent dot products keep the FMA units busy. */
-    int64_t j = 0;
-    for (; j + 4 <= len; j += 4) {
-        const float *k0 = kh + slots[j] * slot_elems, *k1 = kh + slots[j + 1] * slot_elems;
-        const float *k2 = kh + slots[j + 2] * slot_elems, *k3 = kh + slots[j + 3] * slot_elems;
-        if (j + PREFETCH + 4 <= len)
-            for (int64_t t = j + PREFETCH; t < j + PREFETCH + 4; ++t)
-                prefetch_row(kh + slots[t] * slot_elems, head_dim);
-        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t c = 0; c < chunks; ++c) {
-            const v8 qv = load8(qh + 8 * c);
-            a0 += qv * load8(k0 + 8 * c);
-            a1 += qv * load8(k1 + 8 * c);
-            a2 += qv * load8(k2 + 8 * c);
-            a3 += qv * load8(k3 + 8 * c);
+    const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 8;
+    const int64_t slot_elems = num_kv_heads * head_dim;
+    for (int64_t j = 0; j < len; ++j) {
+        if (j + PREFETCH < len)
+            prefetch_row(k + slots[j + PREFETCH] * slot_elems, slot_elems);
+        const float *kr = k + slots[j] * slot_elems;
+        for (int64_t h = 0; h < num_heads; ++h) {
+            const float *kh = kr + (h / group) * head_dim, *qh = qb + h * head_dim;
+            v8 a = {0}, b = {0}; /* two chains: half the latency of one */
+            int64_t c = 0;
+            for (; c + 2 <= chunks; c += 2) {
+                a += load8(qh + 8 * c) * load8(kh + 8 * c);
+                b += load8(qh + 8 * c + 8) * load8(kh + 8 * c + 8);
+            }
+            if (c < chunks)
+                a += load8(qh + 8 * c) * load8(kh + 8 * c);
+            s[h * len + j] = hsum8(a + b) * scale;
         }
-        s[j] = hsum8(a0) * scale;
-        s[j + 1] = hsum8(a1) * scale;
-        s[j + 2] = hsum8(a2) * scale;
-        s[j + 3] = hsum8(a3) * scale;
     }
-    for (; j < len; ++j) {
-        const float *kr = kh + slots[j] * slot_elems;
-        v8 a = {0};
-        for (int64_t c = 0; c < chunks; ++c)
-            a += load8(qh + 8 * c) * load8(kr + 8 * c);
-        s[j] = hsum8(a) * scale;
+    for (int64_t h = 0; h < num_heads; ++h)
+        acc[h] = 1.0f / softmax_unnormalised(s + h * len, len);
+    float *out = acc + num_heads; /* [num_heads, head_dim] */
+    memset(out, 0, sizeof(float) * (size_t)(num_heads * head_dim));
+    for (int64_t j = 0; j < len; ++j) {
+        if (j + PREFETCH < len)
+            prefetch_row(v + slots[j + PREFETCH] * slot_elems, slot_elems);
+        const float *vr = v + slots[j] * slot_elems;
+        for (int64_t h = 0; h < num_heads; ++h) {
+            const float *vh = vr + (h / group) * head_dim;
+            float *oh = out + h * head_dim;
+            const float p = s[h * len + j];
+            for (int64_t c = 0; c < chunks; ++c) {
+                const v8 o = load8(oh + 8 * c) + p * load8(vh + 8 * c);
+                memcpy(oh + 8 * c, &o, sizeof o);
+            }
+        }
     }
-
-    const float sum = softmax_unnormalised(s, len);
-
-    /* Values: the head's output accumulates in registers while the tokens stream by. */
-    v8 acc[MAX_CHUNKS] = {{0}};
-    for (int64_t i = 0; i < len; ++i) {
-        const float *vr = vh + slots[i] * slot_elems;
-        if (i + PREFETCH < len)
-            prefetch_row(vh + slots[i + PREFETCH] * slot_elems, head_dim);
-        const float p = s[i];
-        for (int64_t c = 0; c < chunks; ++c)
-            acc[c] += p * load8(vr + 8 * c);
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t c = 0; c < chunks; ++c) {
-        const v8 o = acc[c] * inv;
-        memcpy(oh + 8 * c, &o, sizeof o);
-    }
+    for (int64_t h = 0; h < num_heads; ++h)
+        for (int64_t c = 0; c < chunks; ++c) {
+            const v8 o = load8(out + h * head_dim + 8 * c) * acc[h];
+            memcpy(ob + h * head_dim + 8 * c, &o, sizeof o);
+        }
 }
 
 /* The same for any ``head_dim``, one float at a time. */
@@ -187,27 +186,31 @@ static void attend_head_scalar(const float *qh, const float *kh, const float *vh
         oh[d] /= sum;
 }
 
-/* One request, every query head (query head h reads KV head h / group). A KV head's rows
- * are read once per query head of its group; the later reads come from cache. */
+/* One request: the vector path (unrolled for head sizes 64 and 128), else one float at a
+ * time, one query head after another. ``work`` holds ``workspace_floats`` floats. */
 static void attend_request(const float *qb, const float *k, const float *v, const int64_t *slots,
                            int64_t len, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                           float scale, float *ob, float *s)
+                           float scale, float *ob, float *work)
 {
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t slot_elems = num_kv_heads * head_dim;
-    for (int64_t h = 0; h < num_heads; ++h) {
-        const float *qh = qb + h * head_dim, *kh = k + (h / group) * head_dim;
-        const float *vh = v + (h / group) * head_dim;
-        float *oh = ob + h * head_dim;
-        if (head_dim == 64)
-            attend_head(qh, kh, vh, slots, len, slot_elems, 64, scale, oh, s);
-        else if (head_dim == 128)
-            attend_head(qh, kh, vh, slots, len, slot_elems, 128, scale, oh, s);
-        else if (head_dim % 8 == 0 && head_dim <= 8 * MAX_CHUNKS)
-            attend_head(qh, kh, vh, slots, len, slot_elems, head_dim, scale, oh, s);
-        else
-            attend_head_scalar(qh, kh, vh, slots, len, slot_elems, head_dim, scale, oh, s);
+    float *s = work, *acc = work + num_heads * len;
+    if (head_dim == 64)
+        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, 64, scale, ob, s, acc);
+    else if (head_dim == 128)
+        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, 128, scale, ob, s, acc);
+    else if (head_dim % 8 == 0)
+        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, head_dim, scale, ob, s, acc);
+    else {
+        const int64_t group = num_heads / num_kv_heads, slot_elems = num_kv_heads * head_dim;
+        for (int64_t h = 0; h < num_heads; ++h)
+            attend_head_scalar(qb + h * head_dim, k + (h / group) * head_dim,
+                               v + (h / group) * head_dim, slots, len, slot_elems, head_dim,
+                               scale, ob + h * head_dim, s);
     }
+}
+
+static size_t workspace_floats(int64_t len, int64_t num_heads, int64_t head_dim)
+{
+    return (size_t)(num_heads * len + num_heads + num_heads * head_dim);
 }
 
 int dpinfer_decode_attention_f32(const float *q, const float *k, const float *v,
@@ -221,16 +224,15 @@ int dpinfer_decode_attention_f32(const float *q, const float *k, const float *v,
     reduction(| : failed)
     for (int64_t b = 0; b < num_reqs; ++b) {
         const int64_t len = lens[b];
-        float *scores = malloc(sizeof(float) * (size_t)(len > 0 ? len : 1));
-        if (scores == NULL || len <= 0) {
+        float *work = len > 0 ? malloc(sizeof(float) * workspace_floats(len, num_heads, head_dim)) : NULL;
+        if (work == NULL) {
             failed |= 1;
-            free(scores);
             continue;
         }
         attend_request(q + b * num_heads * head_dim, k, v, table + rows[b] * table_stride, len,
                        num_heads, num_kv_heads, head_dim, scale, out + b * num_heads * head_dim,
-                       scores);
-        free(scores);
+                       work);
+        free(work);
     }
     return failed ? -1 : 0;
 }
