@@ -11,6 +11,10 @@ extend batch in one pass: the ``num_decode`` decode tokens come first (one per r
 request, attended like a decode batch), the prompt chunks after them (attended like an
 extend batch), so prefilling a prompt never stops the running requests' streams.
 
+A decode batch describes each request's KV in one of three ``DecodeLayout``s: padded (GPU),
+the C kernel's table rows and lengths (CPU, ``paged_attention.c``), or a slot view per
+request (CPU without a C compiler).
+
 Contract of the attention function (checked against transformers 5.23): it receives
 ``query [1, H, T, D]`` and ``key/value [1, Hkv, T, D]`` with rotary embeddings applied, and
 returns ``(out, None)`` with ``out`` laid out ``[1, T, H, D]``.

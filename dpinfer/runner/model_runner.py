@@ -69,13 +69,7 @@ class ModelRunner:
             else None
         )
         """The C decode-attention kernel (fp32 on CPU, when it builds here), else ``None``."""
-        self.decode_layout = (
-            DecodeLayout.PADDED
-            if self.device.type != "cpu"
-            else DecodeLayout.KERNEL
-            if self.decode_kernel is not None
-            else DecodeLayout.RAGGED
-        )
+        self.decode_layout = _decode_layout(self.device, self.decode_kernel is not None)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.num_slots = kv_pool_tokens(scheduler_config, self.layout, self.device)
         self.max_context_len = min(
@@ -186,6 +180,13 @@ class ModelRunner:
                 params[name].copy_(tensor)
         logger.info("loaded %d tensors from %s", len(loaded), path)
         return len(loaded)
+
+
+def _decode_layout(device: torch.device, have_kernel: bool) -> DecodeLayout:
+    """GPU: one padded call; CPU: the C kernel, else a small torch call per request."""
+    if device.type != "cpu":
+        return DecodeLayout.PADDED
+    return DecodeLayout.KERNEL if have_kernel else DecodeLayout.RAGGED
 
 
 def _sliding_window(text_config: object, context_len: int) -> int:

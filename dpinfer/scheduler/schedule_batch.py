@@ -9,8 +9,9 @@ Two shapes, named as in SGLang:
   per-request state lives in tensors (table rows, KV lengths, next input token, sampling
   parameters) that are updated in place each step and only re-indexed when membership
   changes (``filter``/``merge``), because rebuilding them from Python lists every step costs
-  as much as the model itself on small models. (On CPU the attention still gets one slot
-  view per request each step: B cheap slices, which measured faster than one padded call.)
+  as much as the model itself on small models. (On CPU the C decode kernel reads those
+  tensors and the request->slot table directly; without it the attention gets one slot view
+  per request each step, B cheap slices, which measured faster than one padded call.)
 """
 
 from __future__ import annotations
