@@ -147,3 +147,10 @@ def test_failed_build_falls_back(
     assert load_decode_kernel.__wrapped__(str(tmp_path)) is None
     assert "error: nope" in warnings.text
     assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_unwritable_cache_falls_back(tmp_path: Path, warnings: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder would go")
+    assert load_decode_kernel.__wrapped__(str(blocker)) is None
+    assert "using the torch path" in warnings.text

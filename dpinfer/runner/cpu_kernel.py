@@ -113,24 +113,28 @@ def _compiler() -> tuple[str, str] | None:
 
 def _build(cc: str, target: Path) -> str | None:
     """Compile ``SOURCE`` into ``target`` (atomically); the compiler's complaint, or ``None``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        error = ""
-        for extra in ((OPENMP,), ()):  # without OpenMP the kernel runs on one thread
-            cmd = [cc, *FLAGS, *extra, "-o", str(built), str(SOURCE), "-lm"]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-            except (OSError, subprocess.SubprocessError) as e:
-                return str(e)
-            if done.returncode == 0:
-                os.replace(built, target)  # concurrent builders: the last rename wins, all equal
-                return None
-            lines = done.stderr.strip().splitlines()
-            error = next(
-                (ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}"
-            )
-        return error
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            return _compile(cc, Path(tmp) / target.name, target)
+    except OSError as e:  # an unwritable cache: the torch path still works
+        return str(e)
+
+
+def _compile(cc: str, built: Path, target: Path) -> str | None:
+    error = ""
+    for extra in ((OPENMP,), ()):  # without OpenMP the kernel runs on one thread
+        cmd = [cc, *FLAGS, *extra, "-o", str(built), str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.SubprocessError as e:
+            return str(e)
+        if done.returncode == 0:
+            os.replace(built, target)  # concurrent builders: the last rename wins, all equal
+            return None
+        lines = done.stderr.strip().splitlines()
+        error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}")
+    return error
 
 
 @functools.cache
