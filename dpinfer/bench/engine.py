@@ -96,6 +96,9 @@ class EngineReport(TypedDict):
     torch_threads: int
     step_tokens: int
     mixed_steps: bool
+    decode_attention: str
+    """How decode attention ran: ``kernel`` (the C kernel), ``ragged`` (torch, per request) or
+    ``padded`` (GPU)."""
     machine: MachineInfo
     cases: list[Case]
     speedup: dict[str, float]
@@ -215,6 +218,7 @@ def run_bench(
         "torch_threads": setup.threads,
         "step_tokens": setup.step_tokens,
         "mixed_steps": setup.mixed_steps,
+        "decode_attention": runner.decode_layout.value,
         "machine": machine_info(),
         "cases": cases,
         "speedup": speedup,
@@ -271,7 +275,8 @@ COLUMNS = [
 def _tables(report: EngineReport) -> list[Table]:
     title = (
         f"engine: {report['model']}, {report['device']} {report['dtype']}, "
-        f"{report['torch_threads']} torch threads, {report['step_tokens']} tokens per step"
+        f"{report['torch_threads']} torch threads, {report['step_tokens']} tokens per step, "
+        f"decode attention: {report['decode_attention']}"
     )
     rows: list[Mapping[str, object]] = [*report["cases"]]
     rows += [
