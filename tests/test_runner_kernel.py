@@ -93,11 +93,28 @@ def test_kernel_equals_sdpa(
     torch.testing.assert_close(out, _reference(q, k, v, table, rows, lens, scale), rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_reads_a_bfloat16_pool(kernel: DecodeKernel) -> None:
+    """A bf16 pool is widened exactly (bf16 is the top half of an fp32), so the kernel equals
+    fp32 attention over the same, widened values."""
+    q, k, v, table, rows, lens = _case(7, 11, 8, 2, 64, 200)
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    out = torch.full_like(q, float("nan"))
+    kernel(q, k16, v16, table, rows, lens, 0.125, out)
+    expected = _reference(q, k16.float(), v16.float(), table, rows, lens, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel(q, k16, v, table, rows, lens, 0.125, out)  # mixed pool dtypes
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel(q, k.half(), v.half(), table, rows, lens, 0.125, out)
+
+
 def test_kernel_refuses_what_it_cannot_read(kernel: DecodeKernel) -> None:
     q, k, v, table, rows, lens = _case(1, 3, 4, 2, 16, 20)
     out = torch.empty_like(q)
     with pytest.raises(ValueError, match="float32"):
         kernel(q.double(), k, v, table, rows, lens, 1.0, out)
+    with pytest.raises(ValueError, match="float32"):
+        kernel(q.bfloat16(), k, v, table, rows, lens, 1.0, out)
     with pytest.raises(ValueError, match="contiguous"):
         kernel(q.transpose(0, 1), k, v, table, rows, lens, 1.0, out)
     with pytest.raises(ValueError, match="int64"):

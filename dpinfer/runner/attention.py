@@ -195,22 +195,23 @@ def _decode_ragged(
 def _decode_kernel(
     query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None
 ) -> torch.Tensor:
-    # One C call per layer over every request's KV in place (see paged_attention.c).
+    # One C call per layer over every request's KV in place (see paged_attention.c); it
+    # computes in fp32 whatever the pool holds.
     assert batch.decode_kernel is not None and batch.kv_table is not None
     assert batch.kv_table_rows is not None and batch.kv_lens is not None
     _, num_heads, bsz, head_dim = query.shape
-    out = query.new_empty(1, bsz, num_heads, head_dim)
+    out = torch.empty(bsz, num_heads, head_dim, dtype=torch.float32, device=query.device)
     batch.decode_kernel(
-        query[0].transpose(0, 1).contiguous(),
+        query[0].transpose(0, 1).contiguous().float(),
         batch.kv_pool.k_buffers[layer],
         batch.kv_pool.v_buffers[layer],
         batch.kv_table,
         batch.kv_table_rows,
         batch.kv_lens,
         scaling if scaling is not None else head_dim**-0.5,
-        out[0],
+        out,
     )
-    return out
+    return out.to(query.dtype).unsqueeze(0)
 
 
 def _decode(query: torch.Tensor, batch: ForwardBatch, layer: int, scaling: float | None) -> torch.Tensor:

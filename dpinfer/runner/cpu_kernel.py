@@ -43,15 +43,19 @@ class KernelError(RuntimeError):
 
 
 class DecodeKernel:
-    """``paged_attention.c``'s ``dpinfer_decode_attention_f32`` with its arguments checked."""
+    """``paged_attention.c``'s decode attention (a pool in fp32 or bfloat16), arguments checked."""
+
+    POOL_DTYPES = (torch.float32, torch.bfloat16)
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        fn = library.dpinfer_decode_attention_f32
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        self._fns = {}
+        for dtype, name in zip(self.POOL_DTYPES, ("f32", "bf16"), strict=True):
+            fn = getattr(library, f"dpinfer_decode_attention_{name}")
+            fn.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            self._fns[dtype] = fn
 
     def __call__(
         self,
@@ -65,11 +69,16 @@ class DecodeKernel:
         out: torch.Tensor,
     ) -> None:
         """``out [B, H, D]`` = attention of ``q [B, H, D]`` over each request's KV in ``k``/``v``
-        ``[S, Hkv, D]``: request ``b`` sees slots ``table[rows[b], :lens[b]]`` (``lens`` > 0)."""
+        ``[S, Hkv, D]``: request ``b`` sees slots ``table[rows[b], :lens[b]]`` (``lens`` > 0).
+        ``q`` and ``out`` are float32; ``k`` and ``v`` float32 or bfloat16."""
         num_reqs, num_heads, head_dim = q.shape
-        for t in (q, k, v, out):
+        for t in (q, out):
             if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("the decode kernel takes contiguous float32 CPU tensors")
+                raise ValueError("the decode kernel takes contiguous float32 CPU queries and output")
+        fn = self._fns.get(k.dtype)
+        for t in (k, v):
+            if fn is None or t.dtype != k.dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("the decode kernel takes a contiguous float32 or bfloat16 CPU pool")
         for t in (table, rows, lens):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("the decode kernel takes contiguous int64 CPU index tensors")
@@ -77,7 +86,8 @@ class DecodeKernel:
             raise ValueError(f"decode kernel: q {tuple(q.shape)}, out {tuple(out.shape)}, {len(rows)} rows")
         if k.shape[1:] != v.shape[1:] or k.shape[2] != head_dim or num_heads % k.shape[1]:
             raise ValueError(f"decode kernel: q {tuple(q.shape)} against k/v {tuple(k.shape)}")
-        rc = self._fn(
+        assert fn is not None
+        rc = fn(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.stride(0),
             rows.data_ptr(), lens.data_ptr(), num_reqs, num_heads, k.shape[1], head_dim,
             scale, out.data_ptr(), torch.get_num_threads(),

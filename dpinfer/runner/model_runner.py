@@ -23,7 +23,7 @@ from dpinfer.log import get_logger
 from dpinfer.protocol.bodies import PositionLogprobs
 from dpinfer.runner import attention
 from dpinfer.runner.attention import DecodeLayout, ForwardBatch
-from dpinfer.runner.cpu_kernel import load_decode_kernel
+from dpinfer.runner.cpu_kernel import DecodeKernel, load_decode_kernel
 from dpinfer.runner.kv_pool import KVLayout, KVPool, ReqToTokenPool, SlotAllocator, kv_pool_tokens
 from dpinfer.runner.registry import ModelSpec, load_model, resolve_model
 from dpinfer.runner.sampler import SamplingInfo, logprobs, sample
@@ -65,10 +65,10 @@ class ModelRunner:
         )
         self.decode_kernel = (
             load_decode_kernel(model_config.cache_dir)
-            if self.device.type == "cpu" and self.dtype == torch.float32
+            if self.device.type == "cpu" and self.dtype in DecodeKernel.POOL_DTYPES
             else None
         )
-        """The C decode-attention kernel (fp32 on CPU, when it builds here), else ``None``."""
+        """The C decode-attention kernel (fp32 or bf16 on CPU, when it builds here), else ``None``."""
         self.decode_layout = _decode_layout(self.device, self.decode_kernel is not None)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.num_slots = kv_pool_tokens(scheduler_config, self.layout, self.device)

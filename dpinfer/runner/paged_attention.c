@@ -1,5 +1,6 @@
 /*
- * Decode attention over dpinfer's paged KV pool (page size 1), fp32, on CPU.
+ * Decode attention over dpinfer's paged KV pool (page size 1), on CPU: the pool in fp32 or
+ * bfloat16, queries, softmax and output in fp32.
  *
  * Built once per machine by cpu_kernel.py with the system C compiler and called through
  * ctypes. One call computes a whole layer's decode attention: for every request, its one
@@ -9,7 +10,7 @@
  *
  * Layouts (all contiguous):
  *   q     [num_reqs, num_heads, head_dim]      the new tokens' queries (rotary applied)
- *   k, v  [num_slots + 1, num_kv_heads, head_dim]   one layer of the pool
+ *   k, v  [num_slots + 1, num_kv_heads, head_dim]   one layer of the pool (fp32 or bf16)
  *   table [*, table_stride]                    slot of token t of a request: table[row][t]
  *   rows, lens [num_reqs]                      each request's table row and KV length
  *   out   [num_reqs, num_heads, head_dim]
@@ -49,12 +50,6 @@ static inline float hsum8(v8 x)
 /* Tokens ahead whose key or value rows are fetched early: a request's slots are scattered
  * through the pool (its decode tokens one per step), beyond the hardware prefetcher. */
 #define PREFETCH 8
-
-static inline void prefetch_row(const float *row, int64_t floats)
-{
-    for (int64_t at = 0; at < floats; at += 16) /* one 64-byte line per 16 floats */
-        __builtin_prefetch(row + at);
-}
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -107,33 +102,68 @@ static inline float softmax_unnormalised(float *s, int64_t len)
     return sum;
 }
 
+/* Key and value elements are fp32, or bfloat16 (``bf16``, a constant in every inlined copy):
+ * the upper half of an fp32, so widening one is a 16-bit shift. Offsets count elements. */
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v8 load_kv8(const void *base, int64_t at, int bf16)
+{
+    if (bf16) {
+        v8h x;
+        memcpy(&x, (const uint16_t *)base + at, sizeof x);
+        return (v8)(__builtin_convertvector(x, v8u) << 16);
+    }
+    return load8((const float *)base + at);
+}
+
+static inline __attribute__((always_inline)) float load_kv(const void *base, int64_t at, int bf16)
+{
+    if (bf16) {
+        const uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    return ((const float *)base)[at];
+}
+
+static inline __attribute__((always_inline)) void prefetch_kv(const void *base, int64_t at,
+                                                              int64_t elems, int bf16)
+{
+    const char *row = (const char *)base + at * (bf16 ? 2 : 4);
+    for (int64_t off = 0; off < elems * (bf16 ? 2 : 4); off += 64) /* one line at a time */
+        __builtin_prefetch(row + off);
+}
+
 /* One request, every query head, ``head_dim`` a multiple of 8 (a constant where inlined
  * for the common sizes). Token-major: each token's key row (every KV head) is read once,
  * for every query head, then its value row likewise, so the pool streams through memory
  * in slot order; query head h reads KV head h / group. ``s`` holds ``num_heads * len``
  * scores, ``acc`` ``num_heads * head_dim`` partial outputs. */
 static inline __attribute__((always_inline)) void
-attend_vector(const float *restrict qb, const float *restrict k, const float *restrict v,
+attend_vector(const float *restrict qb, const void *k, const void *v,
               const int64_t *restrict slots, int64_t len, int64_t num_heads, int64_t num_kv_heads,
               int64_t head_dim, float scale, float *restrict ob, float *restrict s,
-              float *restrict acc)
+              float *restrict acc, int bf16)
 {
     const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 8;
     const int64_t slot_elems = num_kv_heads * head_dim;
     for (int64_t j = 0; j < len; ++j) {
         if (j + PREFETCH < len)
-            prefetch_row(k + slots[j + PREFETCH] * slot_elems, slot_elems);
-        const float *kr = k + slots[j] * slot_elems;
+            prefetch_kv(k, slots[j + PREFETCH] * slot_elems, slot_elems, bf16);
+        const int64_t row = slots[j] * slot_elems;
         for (int64_t h = 0; h < num_heads; ++h) {
-            const float *kh = kr + (h / group) * head_dim, *qh = qb + h * head_dim;
+            const int64_t kh = row + (h / group) * head_dim;
+            const float *qh = qb + h * head_dim;
             v8 a = {0}, b = {0}; /* two chains: half the latency of one */
             int64_t c = 0;
             for (; c + 2 <= chunks; c += 2) {
-                a += load8(qh + 8 * c) * load8(kh + 8 * c);
-                b += load8(qh + 8 * c + 8) * load8(kh + 8 * c + 8);
+                a += load8(qh + 8 * c) * load_kv8(k, kh + 8 * c, bf16);
+                b += load8(qh + 8 * c + 8) * load_kv8(k, kh + 8 * c + 8, bf16);
             }
             if (c < chunks)
-                a += load8(qh + 8 * c) * load8(kh + 8 * c);
+                a += load8(qh + 8 * c) * load_kv8(k, kh + 8 * c, bf16);
             s[h * len + j] = hsum8(a + b) * scale;
         }
     }
@@ -143,14 +173,14 @@ attend_vector(const float *restrict qb, const float *restrict k, const float *re
     memset(out, 0, sizeof(float) * (size_t)(num_heads * head_dim));
     for (int64_t j = 0; j < len; ++j) {
         if (j + PREFETCH < len)
-            prefetch_row(v + slots[j + PREFETCH] * slot_elems, slot_elems);
-        const float *vr = v + slots[j] * slot_elems;
+            prefetch_kv(v, slots[j + PREFETCH] * slot_elems, slot_elems, bf16);
+        const int64_t row = slots[j] * slot_elems;
         for (int64_t h = 0; h < num_heads; ++h) {
-            const float *vh = vr + (h / group) * head_dim;
+            const int64_t vh = row + (h / group) * head_dim;
             float *oh = out + h * head_dim;
             const float p = s[h * len + j];
             for (int64_t c = 0; c < chunks; ++c) {
-                const v8 o = load8(oh + 8 * c) + p * load8(vh + 8 * c);
+                const v8 o = load8(oh + 8 * c) + p * load_kv8(v, vh + 8 * c, bf16);
                 memcpy(oh + 8 * c, &o, sizeof o);
             }
         }
@@ -162,25 +192,26 @@ attend_vector(const float *restrict qb, const float *restrict k, const float *re
         }
 }
 
-/* The same for any ``head_dim``, one float at a time. */
-static void attend_head_scalar(const float *qh, const float *kh, const float *vh,
-                               const int64_t *slots, int64_t len, int64_t slot_elems,
-                               int64_t head_dim, float scale, float *oh, float *s)
+/* The same for any ``head_dim``, one query head, one float at a time. */
+static inline __attribute__((always_inline)) void
+attend_head_scalar(const float *qh, const void *k, const void *v, int64_t head_off,
+                   const int64_t *slots, int64_t len, int64_t slot_elems, int64_t head_dim,
+                   float scale, float *oh, float *s, int bf16)
 {
     for (int64_t j = 0; j < len; ++j) {
-        const float *kr = kh + slots[j] * slot_elems;
+        const int64_t kr = slots[j] * slot_elems + head_off;
         float acc = 0.0f;
         for (int64_t d = 0; d < head_dim; ++d)
-            acc += qh[d] * kr[d];
+            acc += qh[d] * load_kv(k, kr + d, bf16);
         s[j] = acc * scale;
     }
     const float sum = softmax_unnormalised(s, len);
     for (int64_t d = 0; d < head_dim; ++d)
         oh[d] = 0.0f;
     for (int64_t j = 0; j < len; ++j) {
-        const float *vr = vh + slots[j] * slot_elems;
+        const int64_t vr = slots[j] * slot_elems + head_off;
         for (int64_t d = 0; d < head_dim; ++d)
-            oh[d] += s[j] * vr[d];
+            oh[d] += s[j] * load_kv(v, vr + d, bf16);
     }
     for (int64_t d = 0; d < head_dim; ++d)
         oh[d] /= sum;
@@ -188,24 +219,41 @@ static void attend_head_scalar(const float *qh, const float *kh, const float *vh
 
 /* One request: the vector path (unrolled for head sizes 64 and 128), else one float at a
  * time, one query head after another. ``work`` holds ``workspace_floats`` floats. */
-static void attend_request(const float *qb, const float *k, const float *v, const int64_t *slots,
-                           int64_t len, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                           float scale, float *ob, float *work)
+static inline __attribute__((always_inline)) void
+attend_request(const float *qb, const void *k, const void *v, const int64_t *slots, int64_t len,
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, float *ob,
+               float *work, int bf16)
 {
     float *s = work, *acc = work + num_heads * len;
     if (head_dim == 64)
-        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, 64, scale, ob, s, acc);
+        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, 64, scale, ob, s, acc, bf16);
     else if (head_dim == 128)
-        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, 128, scale, ob, s, acc);
+        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, 128, scale, ob, s, acc, bf16);
     else if (head_dim % 8 == 0)
-        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, head_dim, scale, ob, s, acc);
+        attend_vector(qb, k, v, slots, len, num_heads, num_kv_heads, head_dim, scale, ob, s, acc,
+                      bf16);
     else {
         const int64_t group = num_heads / num_kv_heads, slot_elems = num_kv_heads * head_dim;
         for (int64_t h = 0; h < num_heads; ++h)
-            attend_head_scalar(qb + h * head_dim, k + (h / group) * head_dim,
-                               v + (h / group) * head_dim, slots, len, slot_elems, head_dim,
-                               scale, ob + h * head_dim, s);
+            attend_head_scalar(qb + h * head_dim, k, v, (h / group) * head_dim, slots, len,
+                               slot_elems, head_dim, scale, ob + h * head_dim, s, bf16);
     }
+}
+
+/* The two element types as separate functions, so each inlined copy knows its own. */
+static void attend_request_f32(const float *qb, const void *k, const void *v, const int64_t *slots,
+                               int64_t len, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, float scale, float *ob, float *work)
+{
+    attend_request(qb, k, v, slots, len, num_heads, num_kv_heads, head_dim, scale, ob, work, 0);
+}
+
+static void attend_request_bf16(const float *qb, const void *k, const void *v,
+                                const int64_t *slots, int64_t len, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, float scale, float *ob,
+                                float *work)
+{
+    attend_request(qb, k, v, slots, len, num_heads, num_kv_heads, head_dim, scale, ob, work, 1);
 }
 
 static size_t workspace_floats(int64_t len, int64_t num_heads, int64_t head_dim)
@@ -213,11 +261,10 @@ static size_t workspace_floats(int64_t len, int64_t num_heads, int64_t head_dim)
     return (size_t)(num_heads * len + num_heads + num_heads * head_dim);
 }
 
-int dpinfer_decode_attention_f32(const float *q, const float *k, const float *v,
-                                 const int64_t *table, int64_t table_stride, const int64_t *rows,
-                                 const int64_t *lens, int64_t num_reqs, int64_t num_heads,
-                                 int64_t num_kv_heads, int64_t head_dim, float scale, float *out,
-                                 int num_threads)
+static int decode_attention(const float *q, const void *k, const void *v, const int64_t *table,
+                            int64_t table_stride, const int64_t *rows, const int64_t *lens,
+                            int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t head_dim, float scale, float *out, int num_threads, int bf16)
 {
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1) \
@@ -229,10 +276,32 @@ int dpinfer_decode_attention_f32(const float *q, const float *k, const float *v,
             failed |= 1;
             continue;
         }
-        attend_request(q + b * num_heads * head_dim, k, v, table + rows[b] * table_stride, len,
-                       num_heads, num_kv_heads, head_dim, scale, out + b * num_heads * head_dim,
-                       work);
+        (bf16 ? attend_request_bf16 : attend_request_f32)(
+            q + b * num_heads * head_dim, k, v, table + rows[b] * table_stride, len, num_heads,
+            num_kv_heads, head_dim, scale, out + b * num_heads * head_dim, work);
         free(work);
     }
     return failed ? -1 : 0;
+}
+
+/* The pool in fp32. */
+int dpinfer_decode_attention_f32(const float *q, const float *k, const float *v,
+                                 const int64_t *table, int64_t table_stride, const int64_t *rows,
+                                 const int64_t *lens, int64_t num_reqs, int64_t num_heads,
+                                 int64_t num_kv_heads, int64_t head_dim, float scale, float *out,
+                                 int num_threads)
+{
+    return decode_attention(q, k, v, table, table_stride, rows, lens, num_reqs, num_heads,
+                            num_kv_heads, head_dim, scale, out, num_threads, 0);
+}
+
+/* The pool in bfloat16 (queries and output still fp32). */
+int dpinfer_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v,
+                                  const int64_t *table, int64_t table_stride, const int64_t *rows,
+                                  const int64_t *lens, int64_t num_reqs, int64_t num_heads,
+                                  int64_t num_kv_heads, int64_t head_dim, float scale, float *out,
+                                  int num_threads)
+{
+    return decode_attention(q, k, v, table, table_stride, rows, lens, num_reqs, num_heads,
+                            num_kv_heads, head_dim, scale, out, num_threads, 1);
 }
