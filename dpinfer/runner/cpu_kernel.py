@@ -49,13 +49,11 @@ class DecodeKernel:
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._fns = {}
-        for dtype, name in zip(self.POOL_DTYPES, ("f32", "bf16"), strict=True):
-            fn = getattr(library, f"dpinfer_decode_attention_{name}")
-            fn.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            self._fns[dtype] = fn
+        fn = library.dpinfer_decode_attention
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        fn.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float, p, i32, i32]
+        fn.restype = i32
+        self._fn = fn
 
     def __call__(
         self,
@@ -75,9 +73,13 @@ class DecodeKernel:
         for t in (q, out):
             if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("the decode kernel takes contiguous float32 CPU queries and output")
-        fn = self._fns.get(k.dtype)
         for t in (k, v):
-            if fn is None or t.dtype != k.dtype or not t.is_contiguous() or t.device.type != "cpu":
+            if (
+                t.dtype not in self.POOL_DTYPES
+                or t.dtype != k.dtype
+                or not t.is_contiguous()
+                or t.device.type != "cpu"
+            ):
                 raise ValueError("the decode kernel takes a contiguous float32 or bfloat16 CPU pool")
         for t in (table, rows, lens):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu":
@@ -86,11 +88,10 @@ class DecodeKernel:
             raise ValueError(f"decode kernel: q {tuple(q.shape)}, out {tuple(out.shape)}, {len(rows)} rows")
         if k.shape[1:] != v.shape[1:] or k.shape[2] != head_dim or num_heads % k.shape[1]:
             raise ValueError(f"decode kernel: q {tuple(q.shape)} against k/v {tuple(k.shape)}")
-        assert fn is not None
-        rc = fn(
+        rc = self._fn(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.stride(0),
             rows.data_ptr(), lens.data_ptr(), num_reqs, num_heads, k.shape[1], head_dim,
-            scale, out.data_ptr(), torch.get_num_threads(),
+            scale, out.data_ptr(), torch.get_num_threads(), k.dtype == torch.bfloat16,
         )  # fmt: skip
         if rc:
             raise KernelError("decode attention kernel: out of memory for its work buffers")

@@ -261,10 +261,13 @@ static size_t workspace_floats(int64_t len, int64_t num_heads, int64_t head_dim)
     return (size_t)(num_heads * len + num_heads + num_heads * head_dim);
 }
 
-static int decode_attention(const float *q, const void *k, const void *v, const int64_t *table,
-                            int64_t table_stride, const int64_t *rows, const int64_t *lens,
-                            int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t head_dim, float scale, float *out, int num_threads, int bf16)
+/* The entry point: ``kv_bf16`` nonzero when ``k`` and ``v`` hold bfloat16, else fp32
+ * (queries and output are fp32 either way). */
+int dpinfer_decode_attention(const float *q, const void *k, const void *v, const int64_t *table,
+                             int64_t table_stride, const int64_t *rows, const int64_t *lens,
+                             int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
+                             int64_t head_dim, float scale, float *out, int num_threads,
+                             int kv_bf16)
 {
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1) \
@@ -276,32 +279,10 @@ static int decode_attention(const float *q, const void *k, const void *v, const 
             failed |= 1;
             continue;
         }
-        (bf16 ? attend_request_bf16 : attend_request_f32)(
+        (kv_bf16 ? attend_request_bf16 : attend_request_f32)(
             q + b * num_heads * head_dim, k, v, table + rows[b] * table_stride, len, num_heads,
             num_kv_heads, head_dim, scale, out + b * num_heads * head_dim, work);
         free(work);
     }
     return failed ? -1 : 0;
-}
-
-/* The pool in fp32. */
-int dpinfer_decode_attention_f32(const float *q, const float *k, const float *v,
-                                 const int64_t *table, int64_t table_stride, const int64_t *rows,
-                                 const int64_t *lens, int64_t num_reqs, int64_t num_heads,
-                                 int64_t num_kv_heads, int64_t head_dim, float scale, float *out,
-                                 int num_threads)
-{
-    return decode_attention(q, k, v, table, table_stride, rows, lens, num_reqs, num_heads,
-                            num_kv_heads, head_dim, scale, out, num_threads, 0);
-}
-
-/* The pool in bfloat16 (queries and output still fp32). */
-int dpinfer_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v,
-                                  const int64_t *table, int64_t table_stride, const int64_t *rows,
-                                  const int64_t *lens, int64_t num_reqs, int64_t num_heads,
-                                  int64_t num_kv_heads, int64_t head_dim, float scale, float *out,
-                                  int num_threads)
-{
-    return decode_attention(q, k, v, table, table_stride, rows, lens, num_reqs, num_heads,
-                            num_kv_heads, head_dim, scale, out, num_threads, 1);
 }
