@@ -69,7 +69,6 @@ class ModelRunner:
             else None
         )
         """The C decode-attention kernel (fp32 or bf16 on CPU, when it builds here), else ``None``."""
-        self.decode_layout = _decode_layout(self.device, self.decode_kernel is not None)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.num_slots = kv_pool_tokens(scheduler_config, self.layout, self.device)
         self.max_context_len = min(
@@ -90,6 +89,13 @@ class ModelRunner:
             self.kv_pool.size_bytes / 2**20,
             self.max_context_len,
         )
+
+    @property
+    def decode_layout(self) -> DecodeLayout:
+        """GPU: one padded call; CPU: the C kernel, else a small torch call per request."""
+        if self.device.type != "cpu":
+            return DecodeLayout.PADDED
+        return DecodeLayout.KERNEL if self.decode_kernel is not None else DecodeLayout.RAGGED
 
     # ------------------------------------------------------------------ compute
 
@@ -180,13 +186,6 @@ class ModelRunner:
                 params[name].copy_(tensor)
         logger.info("loaded %d tensors from %s", len(loaded), path)
         return len(loaded)
-
-
-def _decode_layout(device: torch.device, have_kernel: bool) -> DecodeLayout:
-    """GPU: one padded call; CPU: the C kernel, else a small torch call per request."""
-    if device.type != "cpu":
-        return DecodeLayout.PADDED
-    return DecodeLayout.KERNEL if have_kernel else DecodeLayout.RAGGED
 
 
 def _sliding_window(text_config: object, context_len: int) -> int:

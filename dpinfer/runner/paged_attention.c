@@ -136,6 +136,17 @@ static inline __attribute__((always_inline)) void prefetch_kv(const void *base, 
         __builtin_prefetch(row + off);
 }
 
+/* The element offset of token ``j``'s row, the row ``PREFETCH`` tokens ahead fetched early. */
+static inline __attribute__((always_inline)) int64_t row_at(const void *base,
+                                                            const int64_t *slots, int64_t j,
+                                                            int64_t len, int64_t slot_elems,
+                                                            int bf16)
+{
+    if (j + PREFETCH < len)
+        prefetch_kv(base, slots[j + PREFETCH] * slot_elems, slot_elems, bf16);
+    return slots[j] * slot_elems;
+}
+
 /* One request, every query head, ``head_dim`` a multiple of 8 (a constant where inlined
  * for the common sizes). Token-major: each token's key row (every KV head) is read once,
  * for every query head, then its value row likewise, so the pool streams through memory
@@ -150,9 +161,7 @@ attend_vector(const float *restrict qb, const void *k, const void *v,
     const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 8;
     const int64_t slot_elems = num_kv_heads * head_dim;
     for (int64_t j = 0; j < len; ++j) {
-        if (j + PREFETCH < len)
-            prefetch_kv(k, slots[j + PREFETCH] * slot_elems, slot_elems, bf16);
-        const int64_t row = slots[j] * slot_elems;
+        const int64_t row = row_at(k, slots, j, len, slot_elems, bf16);
         for (int64_t h = 0; h < num_heads; ++h) {
             const int64_t kh = row + (h / group) * head_dim;
             const float *qh = qb + h * head_dim;
@@ -172,9 +181,7 @@ attend_vector(const float *restrict qb, const void *k, const void *v,
     float *out = acc + num_heads; /* [num_heads, head_dim] */
     memset(out, 0, sizeof(float) * (size_t)(num_heads * head_dim));
     for (int64_t j = 0; j < len; ++j) {
-        if (j + PREFETCH < len)
-            prefetch_kv(v, slots[j + PREFETCH] * slot_elems, slot_elems, bf16);
-        const int64_t row = slots[j] * slot_elems;
+        const int64_t row = row_at(v, slots, j, len, slot_elems, bf16);
         for (int64_t h = 0; h < num_heads; ++h) {
             const int64_t vh = row + (h / group) * head_dim;
             float *oh = out + h * head_dim;
