@@ -187,6 +187,11 @@ class SchedulerConfig:
     """Fraction of free device memory for the KV pool when ``kv_cache_bytes`` is 0."""
     max_kv_tokens: int = 0
     """Cap on KV pool tokens (0: no cap); handy for tests that force retraction."""
+    kv_prefault: bool = False
+    """Write the whole KV pool once when it is allocated (and on resume). On CPU the pool's
+    pages are otherwise mapped on first use, which slows the first requests down (about a
+    second per GiB, paid inside their steps) and can hit the memory limit mid-run; with it
+    the memory is committed, and that second per GiB paid, at start."""
     max_running_requests: int = 64
     """Most requests decoding at once."""
     max_prefill_tokens: int = 2048

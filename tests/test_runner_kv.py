@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -80,6 +82,30 @@ def test_kv_pool_release_and_allocate_keep_shape_and_zero_pad_slot() -> None:
     pool.allocate()
     assert pool.allocated and pool.v_buffers[0].shape == (33, 2, 64)
     assert torch.count_nonzero(pool.k_buffers[0][0]) == 0
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_kv_pool_prefault_commits_the_memory_at_allocation() -> None:
+    slots = 16383  # 8 buffers of 8 MiB (with slot 0): far above what touching slot 0 maps
+    before = _resident_bytes()
+    lazy = KVPool(LAYOUT, slots, CPU)
+    lazy_growth = _resident_bytes() - before
+    assert lazy_growth < lazy.size_bytes // 2, "without prefault only slot 0 is written"
+    del lazy
+    before = _resident_bytes()
+    pool = KVPool(LAYOUT, slots, CPU, prefault=True)
+    assert _resident_bytes() - before >= 0.9 * pool.size_bytes
+    assert all(torch.count_nonzero(b) == 0 for b in pool.k_buffers + pool.v_buffers)
+    for b in pool.k_buffers + pool.v_buffers:
+        b.fill_(1.0)
+    pool.release()
+    pool.allocate()  # resume writes every buffer again (the allocator may hand back old memory)
+    assert all(torch.count_nonzero(b) == 0 for b in pool.k_buffers + pool.v_buffers)
 
 
 def test_req_to_token_rows_are_reused() -> None:

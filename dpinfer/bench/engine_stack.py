@@ -34,7 +34,7 @@ def _start_rank(address: str, setup: EngineSetup) -> subprocess.Popen[bytes]:
         "--max-running-requests", str(setup.max_running_requests),
         "--max-prefill-tokens", str(setup.step_tokens),
         "--mixed-steps" if setup.mixed_steps else "--no-mixed-steps",
-        "--kv-cache-bytes", str(setup.kv_cache_bytes or 512 << 20),
+        "--kv-cache-bytes", str(setup.kv_cache_bytes or 512 << 20), "--kv-prefault",
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -42,6 +42,8 @@ ENGINE_OPTIONS: list[Callable[[F], F]] = [
                  help="Fraction of free memory for the KV pool when --kv-cache-bytes is 0."),
     click.option("--max-kv-tokens", default=_SCHED.max_kv_tokens, show_default=True,
                  help="Cap on KV pool tokens per rank (0: no cap)."),
+    click.option("--kv-prefault/--no-kv-prefault", default=_SCHED.kv_prefault, show_default=True,
+                 help="Commit the KV pool's memory at start (CPU: ~1 s per GiB), not in the first steps."),
     click.option("--max-running-requests", default=_SCHED.max_running_requests, show_default=True,
                  help="Most requests decoding at once per rank."),
     click.option("--max-prefill-tokens", default=_SCHED.max_prefill_tokens, show_default=True,
@@ -78,6 +80,7 @@ class EngineOptions(TypedDict):
     kv_cache_bytes: int
     kv_cache_fraction: float
     max_kv_tokens: int
+    kv_prefault: bool
     max_running_requests: int
     max_prefill_tokens: int
     mixed_steps: bool
@@ -107,6 +110,7 @@ def rank_config_from_options(
         kv_cache_bytes=opts["kv_cache_bytes"],
         kv_cache_fraction=opts["kv_cache_fraction"],
         max_kv_tokens=opts["max_kv_tokens"],
+        kv_prefault=opts["kv_prefault"],
         max_running_requests=opts["max_running_requests"],
         max_prefill_tokens=opts["max_prefill_tokens"],
         mixed_steps=opts["mixed_steps"],

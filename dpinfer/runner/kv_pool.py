@@ -66,12 +66,17 @@ def kv_pool_tokens(config: SchedulerConfig, layout: KVLayout, device: torch.devi
 
 class KVPool:
     """Per-layer key/value buffers indexed by slot. ``release``/``allocate`` drop and rebuild
-    the memory (suspend/resume); the slot count never changes."""
+    the memory (suspend/resume); the slot count never changes. With ``prefault`` every buffer
+    is written (zeroed) when allocated, so its memory is committed then (see
+    ``SchedulerConfig.kv_prefault``); otherwise only slot 0 is."""
 
-    def __init__(self, layout: KVLayout, num_slots: int, device: torch.device) -> None:
+    def __init__(
+        self, layout: KVLayout, num_slots: int, device: torch.device, prefault: bool = False
+    ) -> None:
         self.layout = layout
         self.num_slots = num_slots
         self.device = device
+        self.prefault = prefault
         self.k_buffers: list[torch.Tensor] = []
         self.v_buffers: list[torch.Tensor] = []
         self.allocate()
@@ -92,7 +97,7 @@ class KVPool:
         for _ in range(lay.num_layers):
             for buffers in (self.k_buffers, self.v_buffers):
                 buf = torch.empty(shape, dtype=lay.dtype, device=self.device)
-                buf[0].zero_()
+                (buf if self.prefault else buf[0]).zero_()
                 buffers.append(buf)
 
     def release(self) -> None:

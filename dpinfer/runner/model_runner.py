@@ -75,18 +75,19 @@ class ModelRunner:
             self.spec.context_len, self.num_slots, _sliding_window(text, self.spec.context_len)
         )
         """Longest prompt + output a request may reach (model limit or whole pool, if smaller)."""
-        self.kv_pool = KVPool(self.layout, self.num_slots, self.device)
+        self.kv_pool = KVPool(self.layout, self.num_slots, self.device, scheduler_config.kv_prefault)
         self.allocator = SlotAllocator(self.num_slots, self.device)
         self.req_to_token_pool = ReqToTokenPool(
             scheduler_config.max_running_requests + 2, self.max_context_len, self.device
         )
         logger.info(
-            "model %s on %s (%s): KV pool %d tokens (%.1f MiB), max context %d",
+            "model %s on %s (%s): KV pool %d tokens (%.1f MiB%s), max context %d",
             self.spec.name,
             self.device,
             model_config.dtype,
             self.num_slots,
             self.kv_pool.size_bytes / 2**20,
+            ", prefaulted" if scheduler_config.kv_prefault else "",
             self.max_context_len,
         )
 
