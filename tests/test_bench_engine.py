@@ -75,3 +75,35 @@ def test_bench_engine_json_shape() -> None:
     assert report["targets"]["matmul_peak_fraction"] == 0.7 and report["targets"]["mixed_through_rank"] == 3.0
     cached = {c["system"]: c["cached_tokens"] for c in report["cases"] if c["workload"] == "shared_prefix"}
     assert cached["dpinfer"] > 0 and cached["dpinfer_no_cache"] == 0
+
+
+def test_breakdown_clock_times_each_part_exclusively() -> None:
+    from dpinfer.bench.engine_breakdown import _Clock
+
+    ticks = iter([0.0, 1.0, 3.0, 4.0, 4.5, 10.0])  # model [0, 10]: linear [1, 3], norm [4, 4.5]
+    clock = _Clock(now=lambda: next(ticks))
+    clock.enter()
+    clock.enter()
+    clock.leave("linear")
+    clock.enter()
+    clock.leave("norm")
+    assert clock.leave("other_forward") == 10.0
+    assert clock.seconds == {"linear": 2.0, "norm": 0.5, "other_forward": 7.5}
+
+
+def test_bench_engine_breakdown() -> None:
+    from dpinfer.bench.engine_breakdown import PARTS
+
+    args = ["--workload=mixed", "--no-through-rank", "--breakdown", "--num-requests=4"]
+    args += ["--prompt-len=8-40", "--output-len=3-6", "--step-tokens=32", "--json"]
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    breakdown = json.loads(result.stdout)["breakdown"]
+    parts = breakdown["parts"]
+    assert tuple(parts) == PARTS and all(p["seconds"] >= 0 for p in parts.values())
+    assert parts["linear"]["seconds"] > 0 and parts["attention"]["seconds"] > 0
+    total = sum(p["seconds"] for p in parts.values())
+    assert abs(total - breakdown["duration_s"]) <= 0.02 + 0.01 * breakdown["duration_s"]
+    steps = breakdown["steps"]
+    assert sum(b["steps"] for b in steps) >= 6, "at least one pass per token of the longest request"
+    assert all(b["matmul_peak_fraction"] > 0 for b in steps) and breakdown["linear_ceiling"] > 0

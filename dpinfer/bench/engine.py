@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import click
 
+from dpinfer.bench.engine_breakdown import Breakdown
 from dpinfer.bench.hf_baseline import HFGenerator, run_hf_generate
-from dpinfer.bench.matmul_peak import MatmulPeak, best_of, measure_peak, model_gflop
+from dpinfer.bench.matmul_peak import MatmulReport, best_of, compute_figures, measure_peak
 from dpinfer.bench.report import Column, MachineInfo, emit, json_option, machine_info, render_table
 from dpinfer.bench.workloads import (
     DEFAULT_STEP_TOKENS,
@@ -77,15 +78,6 @@ class Sizes(TypedDict):
     shared_output: tuple[int, int]
 
 
-class MatmulReport(MatmulPeak):
-    """The in-process ``mixed`` run against the matmul peak."""
-
-    system: str
-    model_gflop: float
-    model_gflop_per_s: float
-    matmul_peak_fraction: float
-
-
 class EngineReport(TypedDict):
     """What ``dpinfer bench engine --json`` prints."""
 
@@ -108,6 +100,8 @@ class EngineReport(TypedDict):
     least ``matmul_peak_fraction`` should be (on smollm2-135m)."""
     matmul: NotRequired[MatmulReport]
     matmul_peak_fraction: NotRequired[float]
+    breakdown: NotRequired[Breakdown]
+    """``--breakdown``: where one more in-process ``mixed`` run spent its time."""
 
 
 def run_dpinfer(
@@ -162,20 +156,6 @@ def warm_up(runner: ModelRunner, model: HFGenerator, setup: EngineSetup) -> None
     run_hf_generate(model, warm, pad_id=0, device=setup.device)
 
 
-def _compute_figures(peak: MatmulPeak, workload: Workload, case: Case) -> MatmulReport:
-    """``case``'s model FLOP rate against the matmul peak (see ``matmul_peak.py``)."""
-    prompt_tokens = sum(len(p) for p in workload.prompts) - case.get("cached_tokens", 0)
-    body_tokens = prompt_tokens + case["output_tokens"] - case["num_requests"]
-    gflop, peak_s = model_gflop(peak, body_tokens, case["output_tokens"])
-    return {
-        **peak,
-        "system": case["system"],
-        "model_gflop": round(gflop, 1),
-        "model_gflop_per_s": round(gflop / case["duration_s"], 2),
-        "matmul_peak_fraction": round(peak_s / case["duration_s"], 3),
-    }
-
-
 def run_bench(
     setup: EngineSetup,
     workloads: list[str],
@@ -183,6 +163,7 @@ def run_bench(
     sizes: Sizes,
     seed: int,
     through_rank: bool = True,
+    breakdown: bool = False,
 ) -> EngineReport:
     import torch
     from transformers import AutoModelForCausalLM
@@ -236,8 +217,15 @@ def run_bench(
         base = run_hf_generate(model, wl, pad_id, setup.device)
         cases += [ours, base]
         speedup["mixed"] = round(ours["output_tok_per_s"] / base["output_tok_per_s"], 2)
-        report["matmul"] = _compute_figures(best_of(peak, measure_peak(runner.model)), wl, ours)
+        peak = best_of(peak, measure_peak(runner.model))
+        report["matmul"] = compute_figures(peak, wl, ours)
         report["matmul_peak_fraction"] = report["matmul"]["matmul_peak_fraction"]
+        if breakdown:
+            from dpinfer.bench import engine_breakdown
+
+            report["breakdown"] = engine_breakdown.measure(
+                runner.model, peak, wl, lambda: run_dpinfer(runner, wl, True, "dpinfer", setup)
+            )
         with_logprobs = run_dpinfer(
             runner, wl, radix=True, system="dpinfer_logprobs", setup=setup, logprobs=LOGPROBS_K
         )
@@ -287,7 +275,12 @@ def _tables(report: EngineReport) -> list[Table]:
     rows += [
         {"workload": k, "system": "speedup", "output_tok_per_s": v} for k, v in report["speedup"].items()
     ]
-    return [render_table(title, COLUMNS, rows)]
+    tables = [render_table(title, COLUMNS, rows)]
+    if "breakdown" in report:
+        from dpinfer.bench import engine_breakdown
+
+        tables += engine_breakdown.tables(report["breakdown"])
+    return tables
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -357,6 +350,9 @@ def _range(text: str) -> tuple[int, int]:
     show_default=True,
     help="Also run mixed through a real rank stack (coordinator + rank processes).",
 )
+@click.option(
+    "--breakdown", is_flag=True, help="One more in-process mixed run, timing linear, attention and the rest."
+)
 @json_option
 def command(
     model: str,
@@ -374,6 +370,7 @@ def command(
     shared_output_len: str,
     seed: int,
     through_rank: bool,
+    breakdown: bool,
     as_json: bool,
 ) -> None:
     """The in-process Scheduler against transformers generate (static batches of 16)."""
@@ -385,9 +382,8 @@ def command(
         shared_output=_range(shared_output_len),
     )
     setup = EngineSetup(model, device, dtype, threads, step_tokens, mixed_steps)
-    report = run_bench(
-        setup, list(workloads or ("mixed", "shared_prefix")), num_requests, sizes, seed, through_rank
-    )
+    chosen = list(workloads or ("mixed", "shared_prefix"))
+    report = run_bench(setup, chosen, num_requests, sizes, seed, through_rank, breakdown)
     notes = [
         f"Both systems in one process, {threads} torch threads each; greedy, ignore_eos.",
         "speedup: mixed = dpinfer / hf_generate, shared_prefix = dpinfer / dpinfer_no_cache, "

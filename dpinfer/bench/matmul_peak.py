@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, TypedDict
 if TYPE_CHECKING:
     import torch
 
+    from dpinfer.bench.workloads import Case, Workload
+
 PEAK_ROWS = (64, 128, 512)
 REPEATS = 10
 REPEAT_BUDGET_S = 0.5
@@ -111,3 +113,31 @@ def model_gflop(peak: MatmulPeak, body_tokens: int, generated_tokens: int) -> tu
     body = 2 * peak["body_params"] * body_tokens / 1e9
     head = 2 * peak["head_params"] * generated_tokens / 1e9
     return body + head, body / peak["body_gflop_per_s"] + head / peak["head_gflop_per_s"]
+
+
+class MatmulReport(MatmulPeak):
+    """One in-process ``mixed`` run against the matmul peak."""
+
+    system: str
+    model_gflop: float
+    model_gflop_per_s: float
+    matmul_peak_fraction: float
+
+
+def peak_seconds(peak: MatmulPeak, workload: Workload, case: Case) -> tuple[float, float]:
+    """``case``'s model GFLOPs on ``workload`` and the seconds they take at the peak rates."""
+    prompt_tokens = sum(len(p) for p in workload.prompts) - case.get("cached_tokens", 0)
+    body_tokens = prompt_tokens + case["output_tokens"] - case["num_requests"]
+    return model_gflop(peak, body_tokens, case["output_tokens"])
+
+
+def compute_figures(peak: MatmulPeak, workload: Workload, case: Case) -> MatmulReport:
+    """``case``'s model FLOP rate against the matmul peak."""
+    gflop, peak_s = peak_seconds(peak, workload, case)
+    return {
+        **peak,
+        "system": case["system"],
+        "model_gflop": round(gflop, 1),
+        "model_gflop_per_s": round(gflop / case["duration_s"], 2),
+        "matmul_peak_fraction": round(peak_s / case["duration_s"], 3),
+    }
