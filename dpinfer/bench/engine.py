@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import click
 
-from dpinfer.bench.engine_breakdown import Breakdown
+from dpinfer.bench import engine_breakdown
 from dpinfer.bench.hf_baseline import HFGenerator, run_hf_generate
 from dpinfer.bench.matmul_peak import MatmulReport, best_of, compute_figures, measure_peak
 from dpinfer.bench.report import Column, MachineInfo, emit, json_option, machine_info, render_table
@@ -100,7 +100,7 @@ class EngineReport(TypedDict):
     least ``matmul_peak_fraction`` should be (on smollm2-135m)."""
     matmul: NotRequired[MatmulReport]
     matmul_peak_fraction: NotRequired[float]
-    breakdown: NotRequired[Breakdown]
+    breakdown: NotRequired[engine_breakdown.Breakdown]
     """``--breakdown``: where one more in-process ``mixed`` run spent its time."""
 
 
@@ -221,8 +221,6 @@ def run_bench(
         report["matmul"] = compute_figures(peak, wl, ours)
         report["matmul_peak_fraction"] = report["matmul"]["matmul_peak_fraction"]
         if breakdown:
-            from dpinfer.bench import engine_breakdown
-
             report["breakdown"] = engine_breakdown.measure(
                 runner.model, peak, wl, lambda: run_dpinfer(runner, wl, True, "dpinfer", setup)
             )
@@ -277,8 +275,6 @@ def _tables(report: EngineReport) -> list[Table]:
     ]
     tables = [render_table(title, COLUMNS, rows)]
     if "breakdown" in report:
-        from dpinfer.bench import engine_breakdown
-
         tables += engine_breakdown.tables(report["breakdown"])
     return tables
 

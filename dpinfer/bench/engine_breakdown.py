@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypedDict
 
-from dpinfer.bench.matmul_peak import MatmulPeak, peak_seconds
+from dpinfer.bench.matmul_peak import MatmulPeak, model_gflop, peak_seconds
 from dpinfer.bench.report import Column, render_table
 
 if TYPE_CHECKING:
@@ -158,16 +158,15 @@ def measure(
 
 
 def _buckets(peak: MatmulPeak, passes: list[tuple[int, int, float]]) -> list[StepBucket]:
-    body_s = 2 * peak["body_params"] / (peak["body_gflop_per_s"] * 1e9)
-    head_s = 2 * peak["head_params"] / (peak["head_gflop_per_s"] * 1e9)
+    groups: dict[str, list[tuple[int, int, float]]] = {label: [] for _, label in ROW_BUCKETS}
+    for one in passes:  # the first bucket, from the largest down, whose floor it reaches
+        groups[next(label for low, label in ROW_BUCKETS if one[0] >= low)].append(one)
     out: list[StepBucket] = []
-    for low, label in ROW_BUCKETS:
-        high = min([b for b, _ in ROW_BUCKETS if b > low], default=None)
-        mine = [p for p in passes if p[0] >= low and (high is None or p[0] < high)]
+    for label, mine in groups.items():
         if not mine:
             continue
         seconds = sum(p[2] for p in mine)
-        at_peak = sum(rows * body_s + kept * head_s for rows, kept, _ in mine)
+        _, at_peak = model_gflop(peak, sum(p[0] for p in mine), sum(p[1] for p in mine))
         out.append(
             {
                 "rows": label,
