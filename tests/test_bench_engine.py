@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from dpinfer.bench.engine import command
@@ -107,3 +108,43 @@ def test_bench_engine_breakdown() -> None:
     steps = breakdown["steps"]
     assert sum(b["steps"] for b in steps) >= 6, "at least one pass per token of the longest request"
     assert all(b["matmul_peak_fraction"] > 0 for b in steps) and breakdown["linear_ceiling"] > 0
+    assert all(0 <= b["linear_s"] <= b["seconds"] and b["bound"] in ("compute", "memory") for b in steps)
+    assert breakdown["stream_gb_per_s"] > 0 and breakdown["roofline_s"] > 0
+    # roofline_s is rounded to 10 ms, the fraction to 0.001 of the wall time
+    assert abs(breakdown["roofline_fraction"] * breakdown["duration_s"] - breakdown["roofline_s"]) <= 0.01
+
+
+def test_roofline_bounds_a_pass_by_its_matmuls_then_its_attention() -> None:
+    from dpinfer.bench.engine_breakdown import _Pass, _Roofline
+    from dpinfer.bench.matmul_peak import MatmulPeak
+
+    # 1 GFLOP per body row at 100 GFLOP/s; 2 GB of weights and 1 GB of KV at 10 GB/s
+    peak: MatmulPeak = {
+        "body_gflop_per_s": 100.0,
+        "head_gflop_per_s": 100.0,
+        "body_params": 500_000_000,
+        "head_params": 0,
+    }
+    roof = _Roofline(peak, stream_gb_per_s=10.0, weight_bytes=2_000_000_000)
+    small = _Pass(rows=10, logits_rows=10, seconds=1.0, linear_s=0.5, kv_bytes=1_000_000_000)
+    large = _Pass(rows=30, logits_rows=1, seconds=1.0, linear_s=0.5, kv_bytes=1_000_000_000)
+    assert roof.bound(small) == (pytest.approx(0.2 + 0.1), "memory")  # weights outlast 0.1 s of FLOPs
+    assert roof.bound(large) == (pytest.approx(0.3 + 0.1), "compute")
+
+
+def test_kv_bytes_counts_contexts_read_once_and_new_tokens_written() -> None:
+    import torch
+
+    from dpinfer.bench.engine_breakdown import kv_bytes
+    from dpinfer.runner.attention import ExtendSeq, ForwardBatch, ForwardMode
+    from dpinfer.runner.kv_pool import KVLayout, KVPool
+
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    pool = KVPool(layout, 64, torch.device("cpu"))
+    per_token = pool.layout.bytes_per_token
+    ids = torch.zeros(2 + 5, dtype=torch.int64)  # two decodes (contexts 7 and 3), a 5-token chunk
+    batch = ForwardBatch(
+        ForwardMode.MIXED, pool, ids, ids, ids, kv_lens=torch.tensor([8, 4]), num_decode=2,
+        extend_seqs=[ExtendSeq(q_start=2, q_len=5, prefix_len=6)],
+    )  # fmt: skip
+    assert kv_bytes(batch) == (7 + 3 + 6 + 7) * per_token
