@@ -220,7 +220,9 @@ def measure(
     seconds = dict(hooks.clock.seconds)
     seconds["outside_forward"] = wall - sum(p.seconds for p in hooks.passes)
     _, at_peak = peak_seconds(peak, workload, case)
-    roof = _Roofline(peak, stream, weight_bytes(model))
+    # every linear weight: the body's and the LM head's (the ones the peak was measured on)
+    weights = (peak["body_params"] + peak["head_params"]) * next(model.parameters()).element_size()
+    roof = _Roofline(peak, stream, weights)
     roofline_s = sum(roof.bound(p)[0] for p in hooks.passes)
     return {
         "system": case["system"],
@@ -236,15 +238,6 @@ def measure(
         "matmul_ceiling": round(at_peak / max(roofline_s, 1e-9), 3),
         "steps": _buckets(roof, hooks.passes),
     }
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every linear layer's weight, the LM head's included (each read once per pass)."""
-    import torch
-
-    return sum(
-        m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear)
-    )
 
 
 @dataclass(frozen=True)
@@ -274,7 +267,7 @@ def _buckets(roof: _Roofline, passes: list[_Pass]) -> list[StepBucket]:
         _, at_peak = model_gflop(roof.peak, sum(p.rows for p in mine), sum(p.logits_rows for p in mine))
         bounds = [roof.bound(p) for p in mine]
         memory_s = sum(b for b, side in bounds if side == "memory")
-        roofline_s = sum(b for b, _ in bounds)  # bound: the side of most of the roofline's time
+        roofline_s = sum(b for b, _ in bounds)
         out.append(
             {
                 "rows": label,
@@ -283,6 +276,7 @@ def _buckets(roof: _Roofline, passes: list[_Pass]) -> list[StepBucket]:
                 "linear_s": round(sum(p.linear_s for p in mine), 2),
                 "matmul_peak_fraction": round(at_peak / seconds, 3),
                 "roofline_fraction": round(roofline_s / seconds, 3),
+                # the side that bounds most of these steps' roofline time
                 "bound": "memory" if memory_s > roofline_s / 2 else "compute",
             }
         )
